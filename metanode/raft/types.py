@@ -87,7 +87,7 @@ class Membership:
         got = set(ids)
         if not self.configs:
             return False
-        return all(2 * len(got.intersection(c)) > len(c) for c in self.configs if c)
+        return all(c and 2 * len(got.intersection(c)) > len(c) for c in self.configs)
 
     def committed_index(self, matched: Mapping[int, int]) -> int:
         """The highest index stored on a majority of every configuration (§4.3)."""
@@ -166,6 +166,7 @@ class PersistedState:
     hard_state: HardState = HardState()
     snapshot: Snapshot | None = None
     entries: tuple[Entry, ...] = ()
+    purged: LogId = ZERO_LOG_ID  # the id of the entry just before entries[0]
 
 
 def bootstrap_state(voters: Iterable[int], learners: Iterable[int] = ()) -> PersistedState:
