@@ -1,0 +1,321 @@
+"""The KV state machine: databend-meta's KV model (SPEC §5), pure and deterministic.
+
+``KVStateMachine`` is fed committed log entries in order through
+``apply(cmd, log_time_ms)`` and answers local reads. It does no I/O, reads no clock and
+uses no randomness: replicas fed the same entries hold the same state and produce the
+same snapshot bytes (Reference: Raft thesis §3.5 and §5, replicated state machines).
+
+Time. Each entry carries the *log time* stamped by the leader. The state machine keeps
+``log_time_ms = max(previous, given)``, so time never goes backwards, and expiry is
+decided by that time only (SPEC §5: every replica expires the same keys at the same log
+position).
+
+Invariant. Between two calls to ``apply`` (and after ``restore``), the map holds no key
+that is expired at ``log_time_ms``: ``apply`` removes expired keys before running the
+command and again after it (a write whose expiry is already due, e.g. ``ttl_ms=0``,
+takes effect, bumps seq, and is then removed in the same apply). Reads therefore hide
+expired keys without filtering, and ``len()`` counts live keys.
+
+Indexes. A ``dict`` maps key -> ``SeqV``; a ``sortedcontainers.SortedList`` of keys makes
+prefix listing a bisect plus a walk, with O(log n) insert and delete (a plain ``list``
+with ``bisect.insort`` would cost an O(n) memmove per insert at ~1e6 keys); a second
+``SortedList`` of ``(expire_at_ms, key)`` holds only keys with an expiry, so expiring is
+a walk from its front and never a scan of all keys. Expired keys go in
+``(expire_at_ms, key)`` order, which is deterministic.
+
+Watch hook. Every key modification made by an apply, including removals by expiry, is
+recorded as a ``KeyChange(key, prev, current)`` in apply order; ``last_changes`` holds
+those of the most recent ``apply`` (empty after an ``ApplyError`` or ``restore``). The
+apply loop reads it right after each ``apply`` to feed watchers. Keeping only the last
+apply's changes bounds memory when nobody is watching.
+
+Errors. ``apply`` never raises for a bad command: it returns ``ApplyError(message)`` and
+changes nothing (not even the log time), identically on every replica. Reads raise
+``ValueError`` for bad arguments (they are local, not replicated). ``restore`` raises
+``ValueError`` for malformed snapshot bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, assert_never
+
+import msgpack
+from sortedcontainers import SortedList
+
+from metanode.sm.commands import COMMAND_TYPES, Command, Upsert
+from metanode.sm.types import ApplyError, ApplyResult, Change, KeyChange, SeqV, is_int
+
+SNAPSHOT_FORMAT = "metanode.sm.kv"
+"""The ``format`` field of a snapshot document."""
+
+SNAPSHOT_VERSION = 1
+"""The ``version`` field of a snapshot document; bump it when the layout changes."""
+
+
+class KVStateMachine:
+    """The replicated KV map with its global ``seq`` counter and log time.
+
+    Create an empty one with ``KVStateMachine()`` or load one with
+    ``KVStateMachine.restore(snapshot_bytes)``.
+    """
+
+    def __init__(self) -> None:
+        self._kv: dict[str, SeqV] = {}
+        self._keys: SortedList = SortedList()
+        self._expiry: SortedList = SortedList()  # (expire_at_ms, key), only keys with a TTL
+        self._seq = 0
+        self._log_time_ms = 0
+        self._changes: list[KeyChange] = []  # collects the changes of the running apply
+        self._last_changes: tuple[KeyChange, ...] = ()
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def last_seq(self) -> int:
+        """The seq given to the most recent insert or update (0 before any)."""
+        return self._seq
+
+    @property
+    def log_time_ms(self) -> int:
+        """The state machine's time: the largest log time applied so far (0 initially)."""
+        return self._log_time_ms
+
+    @property
+    def last_changes(self) -> tuple[KeyChange, ...]:
+        """The key changes made by the most recent ``apply``, in the order made."""
+        return self._last_changes
+
+    def __len__(self) -> int:
+        """The number of live keys."""
+        return len(self._kv)
+
+    def items(self) -> Iterator[tuple[str, SeqV]]:
+        """Every live ``(key, SeqV)`` in key order."""
+        kv = self._kv
+        for key in self._keys:
+            yield key, kv[key]
+
+    def __repr__(self) -> str:
+        return (
+            f"<KVStateMachine keys={len(self._kv)} last_seq={self._seq} "
+            f"log_time_ms={self._log_time_ms}>"
+        )
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str) -> SeqV | None:
+        """The live value of ``key``, or ``None`` if it is absent or expired."""
+        return self._kv.get(key)
+
+    def mget(self, keys: Iterable[str]) -> list[SeqV | None]:
+        """``get`` for each key, in the order given."""
+        kv = self._kv
+        return [kv.get(key) for key in keys]
+
+    def list(self, prefix: str, limit: int | None = None) -> list[tuple[str, SeqV]]:
+        """Live ``(key, SeqV)`` pairs whose key starts with ``prefix``, in key order.
+
+        At most ``limit`` pairs when ``limit`` is given. Cost: O(log n + returned).
+        Raises ``ValueError`` if ``prefix`` is not a ``str`` or ``limit`` is negative.
+        """
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
+        if limit is not None and (not is_int(limit) or limit < 0):
+            raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+        out: list[tuple[str, SeqV]] = []
+        if limit == 0:
+            return out
+        kv = self._kv
+        start = self._keys.bisect_left(prefix)
+        for key in self._keys.islice(start):
+            if not key.startswith(prefix):
+                break
+            out.append((key, kv[key]))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, cmd: Command, log_time_ms: int) -> ApplyResult:
+        """Apply one committed command stamped with the leader's ``log_time_ms``.
+
+        Steps: validate (on failure return ``ApplyError`` and change nothing); advance
+        the log time to ``max(log_time_ms, self.log_time_ms)``; remove keys expired at
+        that time; run the command; remove keys already expired by the command's own
+        writes. Returns the command's result (``Change`` for ``Upsert``). Total and
+        deterministic: it never raises because of the command or the log time.
+        """
+        self._last_changes = ()
+        error = self._check(cmd, log_time_ms)
+        if error is not None:
+            return ApplyError(error)
+        self._changes = []
+        self._log_time_ms = max(self._log_time_ms, log_time_ms)
+        self._expire()
+        result = self._dispatch(cmd)
+        self._expire()
+        self._last_changes = tuple(self._changes)
+        self._changes = []
+        return result
+
+    @staticmethod
+    def _check(cmd: object, log_time_ms: object) -> str | None:
+        """The reason ``cmd`` cannot be applied at ``log_time_ms``, or ``None``."""
+        if not is_int(log_time_ms) or log_time_ms < 0:  # type: ignore[operator]
+            return f"log time must be a non-negative int, got {log_time_ms!r}"
+        if not isinstance(cmd, COMMAND_TYPES):
+            return f"unknown command type {type(cmd).__name__}"
+        try:
+            cmd.validate()  # type: ignore[attr-defined]
+        except ValueError as e:
+            return f"invalid {type(cmd).__name__.lower()}: {e}"
+        return None
+
+    def _dispatch(self, cmd: Command) -> ApplyResult:
+        """Run a validated command; one ``case`` per command kind."""
+        match cmd:
+            case Upsert():
+                return self._upsert(cmd)
+            case _:
+                assert_never(cmd)
+
+    def _upsert(self, cmd: Upsert) -> Change:
+        """Conditional insert/update/delete of one key (also the building block of txn ops).
+
+        An absent key has seq 0 for ``match_seq``. On a mismatch, ``prev == result``.
+        Only inserts and updates bump seq; a delete does not (databend-meta).
+        """
+        prev = self._kv.get(cmd.key)
+        if cmd.match_seq is not None and not cmd.match_seq.matches(prev.seq if prev else 0):
+            return Change(prev, prev)
+        if cmd.value is None:
+            if prev is not None:
+                self._write(cmd.key, None)
+            return Change(prev, None)
+        self._seq += 1
+        new = SeqV(self._seq, cmd.value, cmd.expire_at(self._log_time_ms))
+        self._write(cmd.key, new)
+        return Change(prev, new)
+
+    def _write(self, key: str, new: SeqV | None) -> None:
+        """Set (``new``) or remove (``None``) ``key``, keep the indexes, record the change.
+
+        The only place that mutates the map. Removing an absent key is a no-op.
+        """
+        old = self._kv.get(key)
+        if old is None:
+            if new is None:
+                return
+            self._keys.add(key)
+        else:
+            if old.expire_at_ms is not None:
+                self._expiry.remove((old.expire_at_ms, key))
+            if new is None:
+                del self._kv[key]
+                self._keys.remove(key)
+        if new is not None:
+            self._kv[key] = new
+            if new.expire_at_ms is not None:
+                self._expiry.add((new.expire_at_ms, key))
+        self._changes.append(KeyChange(key, old, new))
+
+    def _expire(self) -> None:
+        """Remove every key whose ``expire_at_ms <= log_time_ms``, earliest first."""
+        expiry = self._expiry
+        now = self._log_time_ms
+        while expiry and expiry[0][0] <= now:
+            self._write(expiry[0][1], None)
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(self) -> bytes:
+        """The whole state as msgpack bytes; identical state gives identical bytes.
+
+        Layout (a map, fields in this order): ``format`` (``"metanode.sm.kv"``),
+        ``version`` (1), ``seq`` (last seq), ``log_time_ms``, ``kv``: a list in key order
+        of ``[key, seq, data, expire_at_ms | nil]``.
+        """
+        doc = {
+            "format": SNAPSHOT_FORMAT,
+            "version": SNAPSHOT_VERSION,
+            "seq": self._seq,
+            "log_time_ms": self._log_time_ms,
+            "kv": [[k, v.seq, v.data, v.expire_at_ms] for k, v in self.items()],
+        }
+        return msgpack.packb(doc, use_bin_type=True)
+
+    @classmethod
+    def restore(cls, data: bytes) -> KVStateMachine:
+        """Build a state machine from ``snapshot()`` bytes.
+
+        Raises ``ValueError`` naming the problem when ``data`` is not a well-formed
+        snapshot of a supported version (bad msgpack, missing or mistyped fields, keys
+        not strictly ascending, a key seq above the last seq). Keys already expired at
+        the snapshot's log time are dropped, so the invariant holds; a snapshot taken
+        by ``snapshot()`` never has any, and restores to identical bytes.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"snapshot must be bytes, got {type(data).__name__}")
+        try:
+            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise ValueError(f"snapshot is not valid msgpack: {e}") from e
+        if not isinstance(doc, dict):
+            raise ValueError(f"snapshot must be a msgpack map, got {type(doc).__name__}")
+        if doc.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"not a KV snapshot: format is {doc.get('format')!r}")
+        if doc.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(
+                f"unsupported KV snapshot version {doc.get('version')!r} "
+                f"(this build reads version {SNAPSHOT_VERSION})"
+            )
+        seq = _field_int(doc, "seq")
+        log_time_ms = _field_int(doc, "log_time_ms")
+        entries = doc.get("kv")
+        if not isinstance(entries, list):
+            raise ValueError("snapshot field 'kv' must be a list")
+
+        sm = cls()
+        kv: dict[str, SeqV] = {}
+        expiry: list[tuple[int, str]] = []
+        last_key: str | None = None
+        for i, entry in enumerate(entries):
+            key, value = _parse_entry(i, entry, seq)
+            if last_key is not None and key <= last_key:
+                raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
+            last_key = key
+            kv[key] = value
+            if value.expire_at_ms is not None:
+                expiry.append((value.expire_at_ms, key))
+        sm._kv = kv
+        sm._keys = SortedList(kv)
+        sm._expiry = SortedList(expiry)
+        sm._seq = seq
+        sm._log_time_ms = log_time_ms
+        sm._expire()
+        sm._changes = []
+        return sm
+
+
+def _field_int(doc: dict[str, Any], name: str) -> int:
+    value = doc.get(name)
+    if not is_int(value) or value < 0:
+        raise ValueError(f"snapshot field {name!r} must be a non-negative int, got {value!r}")
+    return value
+
+
+def _parse_entry(i: int, entry: object, last_seq: int) -> tuple[str, SeqV]:
+    if not isinstance(entry, list) or len(entry) != 4:
+        raise ValueError(f"snapshot kv entry {i} must be [key, seq, data, expire_at_ms]")
+    key, seq, data, expire_at_ms = entry
+    if not isinstance(key, str):
+        raise ValueError(f"snapshot kv entry {i}: key must be a str")
+    if not is_int(seq) or not 1 <= seq <= last_seq:
+        raise ValueError(f"snapshot kv entry {i} ({key!r}): seq {seq!r} not in 1..{last_seq}")
+    if not isinstance(data, bytes):
+        raise ValueError(f"snapshot kv entry {i} ({key!r}): data must be bytes")
+    if expire_at_ms is not None and (not is_int(expire_at_ms) or expire_at_ms < 0):
+        raise ValueError(f"snapshot kv entry {i} ({key!r}): bad expire_at_ms {expire_at_ms!r}")
+    return key, SeqV(seq, data, expire_at_ms)

@@ -1,0 +1,530 @@
+"""Unit tests of the pure KV state machine (metanode.sm; SPEC §5)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metanode.sm import (
+    SNAPSHOT_FORMAT,
+    SNAPSHOT_VERSION,
+    ApplyError,
+    Change,
+    KeyChange,
+    KVStateMachine,
+    MatchSeq,
+    SeqV,
+    Upsert,
+)
+
+
+def put(sm: KVStateMachine, key: str, value: bytes | None, t: int = 0, **kw) -> Change:
+    result = sm.apply(Upsert(key, value, **kw), t)
+    assert isinstance(result, Change), result
+    return result
+
+
+# ---------------------------------------------------------------- seq
+
+
+def test_first_write_gets_seq_1_and_every_insert_or_update_bumps_the_global_seq():
+    sm = KVStateMachine()
+    assert sm.last_seq == 0
+    assert put(sm, "a", b"1") == Change(None, SeqV(1, b"1"))
+    assert put(sm, "b", b"2") == Change(None, SeqV(2, b"2"))
+    assert put(sm, "a", b"3") == Change(SeqV(1, b"1"), SeqV(3, b"3"))
+    assert put(sm, "a", b"3").result == SeqV(4, b"3")  # same bytes still bump seq
+    assert sm.last_seq == 4
+    assert sm.get("a") == SeqV(4, b"3")
+    assert sm.get("b") == SeqV(2, b"2")
+    assert len(sm) == 2
+
+
+def test_absent_key_reads_as_none():
+    sm = KVStateMachine()
+    put(sm, "a", b"1")
+    assert sm.get("zz") is None
+    assert sm.mget(["zz", "a", "zz"]) == [None, SeqV(1, b"1"), None]
+    assert sm.mget([]) == []
+
+
+# ---------------------------------------------------------------- match_seq
+
+
+def test_match_seq_none_matches_anything():
+    sm = KVStateMachine()
+    put(sm, "a", b"1", match_seq=None)
+    assert put(sm, "a", b"2", match_seq=None).result == SeqV(2, b"2")
+
+
+def test_match_seq_exact_zero_writes_only_if_absent():
+    sm = KVStateMachine()
+    assert put(sm, "a", b"1", match_seq=MatchSeq(exact=0)) == Change(None, SeqV(1, b"1"))
+    change = put(sm, "a", b"2", match_seq=MatchSeq(exact=0))
+    assert change == Change(SeqV(1, b"1"), SeqV(1, b"1"))
+    assert not change.changed
+    assert sm.get("a") == SeqV(1, b"1")
+
+
+def test_match_seq_exact_n():
+    sm = KVStateMachine()
+    put(sm, "a", b"1")
+    put(sm, "b", b"x")
+    assert put(sm, "a", b"2", match_seq=MatchSeq(exact=2)).result == SeqV(1, b"1")
+    assert put(sm, "a", b"2", match_seq=MatchSeq(exact=1)).result == SeqV(3, b"2")
+    assert put(sm, "absent", b"v", match_seq=MatchSeq(exact=1)) == Change(None, None)
+    assert sm.get("absent") is None
+
+
+def test_match_seq_ge():
+    sm = KVStateMachine()
+    assert put(sm, "a", b"1", match_seq=MatchSeq(ge=1)) == Change(None, None)  # absent: seq 0
+    assert put(sm, "a", b"1", match_seq=MatchSeq(ge=0)).result == SeqV(1, b"1")
+    put(sm, "b", b"x")  # seq 2
+    put(sm, "a", b"2")  # seq 3
+    assert put(sm, "a", b"3", match_seq=MatchSeq(ge=4)).result == SeqV(3, b"2")
+    assert put(sm, "a", b"3", match_seq=MatchSeq(ge=3)).result == SeqV(4, b"3")
+    assert put(sm, "a", b"4", match_seq=MatchSeq(ge=1)).result == SeqV(5, b"4")
+
+
+def test_seq_mismatch_changes_nothing():
+    sm = KVStateMachine()
+    put(sm, "a", b"1", t=10)
+    before = sm.snapshot()
+    change = put(sm, "a", b"2", t=10, match_seq=MatchSeq(exact=7), ttl_ms=5)
+    assert change.prev == change.result == SeqV(1, b"1")
+    assert sm.last_changes == ()
+    assert sm.last_seq == 1
+    assert sm.snapshot() == before
+    change = put(sm, "a", None, t=10, match_seq=MatchSeq(ge=2))
+    assert change == Change(SeqV(1, b"1"), SeqV(1, b"1"))
+    assert sm.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"exact": 1, "ge": 1}, {"exact": -1}, {"ge": -3}, {"exact": True}, {"ge": 1.0}, {"exact": "1"}],
+)
+def test_match_seq_needs_exactly_one_non_negative_int(kwargs):
+    with pytest.raises(ValueError):
+        MatchSeq(**kwargs)
+
+
+def test_match_seq_matches():
+    assert MatchSeq(exact=0).matches(0) and not MatchSeq(exact=0).matches(1)
+    assert MatchSeq(ge=2).matches(2) and MatchSeq(ge=2).matches(9) and not MatchSeq(ge=2).matches(1)
+
+
+# ---------------------------------------------------------------- delete
+
+
+def test_delete_returns_prev_and_does_not_bump_seq():
+    sm = KVStateMachine()
+    put(sm, "a", b"1")
+    put(sm, "b", b"2")
+    assert put(sm, "a", None) == Change(SeqV(1, b"1"), None)
+    assert sm.last_seq == 2
+    assert sm.get("a") is None
+    assert len(sm) == 1
+    assert put(sm, "a", b"again").result == SeqV(3, b"again")
+
+
+def test_delete_of_absent_key_is_a_no_op():
+    sm = KVStateMachine()
+    put(sm, "a", b"1")
+    before = sm.snapshot()
+    assert put(sm, "nope", None) == Change(None, None)
+    assert sm.last_seq == 1
+    assert sm.last_changes == ()
+    assert sm.snapshot() == before
+
+
+def test_delete_with_match_seq():
+    sm = KVStateMachine()
+    put(sm, "a", b"1")
+    assert put(sm, "a", None, match_seq=MatchSeq(exact=2)) == Change(SeqV(1, b"1"), SeqV(1, b"1"))
+    assert put(sm, "a", None, match_seq=MatchSeq(exact=1)) == Change(SeqV(1, b"1"), None)
+
+
+def test_change_changed():
+    assert Change(None, SeqV(1, b"")).changed
+    assert Change(SeqV(1, b""), None).changed
+    assert not Change(None, None).changed
+    assert not Change(SeqV(1, b""), SeqV(1, b"")).changed
+
+
+# ---------------------------------------------------------------- TTL by log time
+
+
+def test_ttl_expires_at_log_time_plus_ttl_and_not_before():
+    sm = KVStateMachine()
+    assert put(sm, "k", b"v", t=1000, ttl_ms=100).result == SeqV(1, b"v", 1100)
+    put(sm, "other", b"o", t=1099)
+    assert sm.get("k") == SeqV(1, b"v", 1100)
+    assert len(sm) == 2
+    put(sm, "other", b"o", t=1100)
+    assert sm.get("k") is None
+    assert sm.mget(["k"]) == [None]
+    assert [k for k, _ in sm.list("")] == ["other"]
+    assert len(sm) == 1
+    assert ("k" in {c.key for c in sm.last_changes})
+
+
+def test_expire_at_ms_is_absolute():
+    sm = KVStateMachine()
+    assert put(sm, "k", b"v", t=10, expire_at_ms=500).result == SeqV(1, b"v", 500)
+    put(sm, "x", b"", t=499)
+    assert sm.get("k") is not None
+    put(sm, "x", b"", t=500)
+    assert sm.get("k") is None
+
+
+def test_expired_key_counts_as_absent_for_match_seq():
+    sm = KVStateMachine()
+    put(sm, "lock", b"a", t=0, ttl_ms=10)
+    assert put(sm, "lock", b"b", t=5, match_seq=MatchSeq(exact=0)).result == SeqV(1, b"a", 10)
+    change = put(sm, "lock", b"b", t=10, match_seq=MatchSeq(exact=0))
+    assert change == Change(None, SeqV(2, b"b"))
+
+
+def test_update_replaces_the_expiry():
+    sm = KVStateMachine()
+    put(sm, "k", b"1", t=0, ttl_ms=10)
+    put(sm, "k", b"2", t=5)  # no TTL: permanent now
+    put(sm, "x", b"", t=1_000_000)
+    assert sm.get("k") == SeqV(2, b"2")
+    put(sm, "k", b"3", t=1_000_000, ttl_ms=50)  # renew with a later TTL
+    put(sm, "x", b"", t=1_000_049)
+    assert sm.get("k") == SeqV(4, b"3", 1_000_050)
+
+
+def test_ttl_zero_writes_bumps_seq_and_is_gone_in_the_same_apply():
+    sm = KVStateMachine()
+    change = put(sm, "k", b"v", t=7, ttl_ms=0)
+    assert change == Change(None, SeqV(1, b"v", 7))
+    assert sm.get("k") is None and len(sm) == 0 and sm.last_seq == 1
+    assert sm.last_changes == (
+        KeyChange("k", None, SeqV(1, b"v", 7)),
+        KeyChange("k", SeqV(1, b"v", 7), None),
+    )
+
+
+def test_log_time_never_goes_backwards():
+    sm = KVStateMachine()
+    put(sm, "a", b"", t=1000)
+    put(sm, "k", b"v", t=400, ttl_ms=100)  # relative to the effective time, 1000
+    assert sm.log_time_ms == 1000
+    assert sm.get("k") == SeqV(2, b"v", 1100)
+    put(sm, "a", b"", t=1099)
+    assert sm.get("k") is not None
+    put(sm, "a", b"", t=0)
+    assert sm.log_time_ms == 1099
+
+
+def test_expiry_goes_in_expire_time_then_key_order():
+    sm = KVStateMachine()
+    put(sm, "c", b"", t=0, expire_at_ms=20)
+    put(sm, "b", b"", t=0, expire_at_ms=30)
+    put(sm, "a", b"", t=0, expire_at_ms=20)
+    put(sm, "z", b"", t=0)
+    put(sm, "y", b"", t=25)
+    assert [(c.key, c.current) for c in sm.last_changes] == [("a", None), ("c", None), ("y", SeqV(5, b""))]
+    assert [k for k, _ in sm.items()] == ["b", "y", "z"]
+
+
+def test_two_replicas_fed_the_same_entries_expire_identically():
+    entries = [
+        (Upsert("s/1", b"a", ttl_ms=30), 100),
+        (Upsert("s/2", b"b", expire_at_ms=125), 101),
+        (Upsert("s/3", b"c", ttl_ms=5), 90),  # stale leader clock: effective 101
+        (Upsert("p", b"d"), 120),
+        (Upsert("s/1", b"e", match_seq=MatchSeq(exact=0)), 126),
+        (Upsert("p", None), 200),
+    ]
+    a, b = KVStateMachine(), KVStateMachine()
+    for cmd, t in entries:
+        assert a.apply(cmd, t) == b.apply(cmd, t)
+        assert a.last_changes == b.last_changes
+        assert a.snapshot() == b.snapshot()
+    assert list(a.items()) == []
+    assert a.last_seq == 4
+
+
+# ---------------------------------------------------------------- list
+
+
+def test_list_prefix_in_key_order_with_limit():
+    sm = KVStateMachine()
+    for key in ["b/2", "a", "b/10", "b/1", "b", "c/1", "b/1/x", "ba"]:
+        put(sm, key, key.encode())
+    assert [k for k, _ in sm.list("b/")] == ["b/1", "b/1/x", "b/10", "b/2"]
+    assert [k for k, _ in sm.list("b/", limit=2)] == ["b/1", "b/1/x"]
+    assert sm.list("b/", limit=0) == []
+    assert [k for k, _ in sm.list("b")] == ["b", "b/1", "b/1/x", "b/10", "b/2", "ba"]
+    assert [k for k, _ in sm.list("")] == sorted(["b/2", "a", "b/10", "b/1", "b", "c/1", "b/1/x", "ba"])
+    assert sm.list("zz") == [] and sm.list("b/3") == []
+    assert sm.list("c/") == [("c/1", SeqV(6, b"c/1"))]
+    put(sm, "b/1", None)
+    assert [k for k, _ in sm.list("b/", limit=10)] == ["b/1/x", "b/10", "b/2"]
+
+
+def test_list_orders_by_code_point():
+    sm = KVStateMachine()
+    for key in ["k/é", "k/z", "k/Z", "k/€", "k/😀"]:
+        put(sm, key, b"")
+    assert [k for k, _ in sm.list("k/")] == ["k/Z", "k/z", "k/é", "k/€", "k/😀"]
+
+
+@pytest.mark.parametrize("prefix,limit", [("a", -1), ("a", 1.5), ("a", True), (b"a", None)])
+def test_list_rejects_bad_arguments(prefix, limit):
+    with pytest.raises(ValueError):
+        KVStateMachine().list(prefix, limit)
+
+
+# ---------------------------------------------------------------- invalid commands
+
+
+class NotACommand:
+    pass
+
+
+@pytest.mark.parametrize(
+    "cmd,t",
+    [
+        (Upsert("k", b"v", ttl_ms=10, expire_at_ms=20), 50),
+        (Upsert("k", b"v", ttl_ms=-1), 50),
+        (Upsert("k", b"v", expire_at_ms=1.5), 50),  # type: ignore[arg-type]
+        (Upsert("k", "text"), 50),  # type: ignore[arg-type]
+        (Upsert(b"k", b"v"), 50),  # type: ignore[arg-type]
+        (Upsert("\ud800", b"v"), 50),
+        (Upsert("k", b"v", match_seq={"exact": 0}), 50),  # type: ignore[arg-type]
+        (NotACommand(), 50),
+        (Upsert("k", b"v"), -1),
+        (Upsert("k", b"v"), None),
+    ],
+)
+def test_invalid_command_returns_apply_error_and_changes_nothing(cmd, t):
+    sm = KVStateMachine()
+    put(sm, "k", b"old", t=10, ttl_ms=40)
+    before = sm.snapshot()
+    result = sm.apply(cmd, t)
+    assert isinstance(result, ApplyError)
+    assert result.message
+    assert sm.snapshot() == before
+    assert sm.log_time_ms == 10 and sm.get("k") == SeqV(1, b"old", 50)
+    assert sm.last_changes == ()
+
+
+def test_both_ttl_forms_is_rejected_with_a_clear_message():
+    cmd = Upsert("k", b"v", ttl_ms=1, expire_at_ms=2)
+    with pytest.raises(ValueError, match="ttl_ms and expire_at_ms"):
+        cmd.validate()
+    result = KVStateMachine().apply(cmd, 0)
+    assert isinstance(result, ApplyError) and "ttl_ms and expire_at_ms" in result.message
+    Upsert("k", None, ttl_ms=5).validate()  # a delete ignores a well-formed TTL
+
+
+# ---------------------------------------------------------------- change reporting
+
+
+def test_last_changes_reports_each_key_change_of_the_last_apply():
+    sm = KVStateMachine()
+    put(sm, "a", b"1", t=0, ttl_ms=10)
+    assert sm.last_changes == (KeyChange("a", None, SeqV(1, b"1", 10)),)
+    put(sm, "a", b"2", t=1)
+    assert sm.last_changes == (KeyChange("a", SeqV(1, b"1", 10), SeqV(2, b"2")),)
+    put(sm, "a", b"3", t=1, match_seq=MatchSeq(exact=0))
+    assert sm.last_changes == ()
+    put(sm, "e", b"", t=2, ttl_ms=3)
+    put(sm, "a", None, t=5)  # "e" expires first, then the delete runs
+    assert sm.last_changes == (
+        KeyChange("e", SeqV(3, b"", 5), None),
+        KeyChange("a", SeqV(2, b"2"), None),
+    )
+    sm.apply(Upsert("x", b"", ttl_ms=1, expire_at_ms=1), 6)
+    assert sm.last_changes == ()
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+def _sample() -> KVStateMachine:
+    sm = KVStateMachine()
+    put(sm, "b", b"\x00\xff", t=5)
+    put(sm, "a", b"", t=6, ttl_ms=100)
+    put(sm, "gone", b"x", t=7)
+    put(sm, "gone", None, t=8)
+    put(sm, "c/é", b"u", t=9, expire_at_ms=10_000)
+    return sm
+
+
+def test_snapshot_round_trip_gives_identical_bytes_and_state():
+    sm = _sample()
+    data = sm.snapshot()
+    assert data == sm.snapshot()
+    restored = KVStateMachine.restore(data)
+    assert restored.snapshot() == data
+    assert list(restored.items()) == list(sm.items())
+    assert (restored.last_seq, restored.log_time_ms, len(restored)) == (4, 9, 3)
+    assert restored.last_changes == ()
+    assert restored.list("c/") == [("c/é", SeqV(4, b"u", 10_000))]
+    # Both continue identically, including expiry.
+    for cmd, t in [(Upsert("d", b"1"), 50), (Upsert("b", None), 106), (Upsert("c/é", b"w"), 10_000)]:
+        assert sm.apply(cmd, t) == restored.apply(cmd, t)
+        assert sm.last_changes == restored.last_changes
+    assert sm.snapshot() == restored.snapshot()
+
+
+def test_snapshot_layout():
+    doc = msgpack.unpackb(_sample().snapshot(), raw=False)
+    assert list(doc) == ["format", "version", "seq", "log_time_ms", "kv"]
+    assert doc["format"] == SNAPSHOT_FORMAT and doc["version"] == SNAPSHOT_VERSION
+    assert doc["kv"] == [["a", 2, b"", 106], ["b", 1, b"\x00\xff", None], ["c/é", 4, b"u", 10_000]]
+
+
+def test_empty_snapshot_round_trip():
+    data = KVStateMachine().snapshot()
+    sm = KVStateMachine.restore(data)
+    assert sm.snapshot() == data and len(sm) == 0 and sm.last_seq == 0
+
+
+def _doc(**override) -> bytes:
+    doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": 5, "log_time_ms": 10, "kv": []}
+    doc.update(override)
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        b"garbage that is not msgpack at all \xff\xfe",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({1: 2}),
+        _doc() + b"\x00",
+        _doc(format="other"),
+        _doc(version=2),
+        _doc(seq=-1),
+        _doc(seq="5"),
+        _doc(log_time_ms=None),
+        _doc(kv={}),
+        _doc(kv=[["a", 1, b""]]),
+        _doc(kv=[[1, 1, b"", None]]),
+        _doc(kv=[["a", 0, b"", None]]),
+        _doc(kv=[["a", 6, b"", None]]),
+        _doc(kv=[["a", 1, "text", None]]),
+        _doc(kv=[["a", 1, b"", -3]]),
+        _doc(kv=[["b", 1, b"", None], ["a", 2, b"", None]]),
+        _doc(kv=[["a", 1, b"", None], ["a", 2, b"", None]]),
+        "not bytes",
+    ],
+)
+def test_restore_rejects_malformed_snapshots(data):
+    with pytest.raises(ValueError):
+        KVStateMachine.restore(data)  # type: ignore[arg-type]
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=200, deadline=None)
+def test_restore_of_random_bytes_raises_only_value_error(data):
+    with pytest.raises(ValueError):
+        KVStateMachine.restore(data)
+
+
+def test_restore_drops_keys_already_expired_at_its_log_time():
+    data = _doc(kv=[["a", 1, b"", 10], ["b", 2, b"", 11], ["c", 3, b"", None]])
+    sm = KVStateMachine.restore(data)
+    assert [k for k, _ in sm.items()] == ["b", "c"]
+    assert sm.last_changes == ()
+
+
+# ---------------------------------------------------------------- property test
+
+
+class Model:
+    """A tiny dict model of SPEC §5, written independently of the state machine."""
+
+    def __init__(self) -> None:
+        self.kv: dict[str, SeqV] = {}
+        self.seq = 0
+        self.now = 0
+
+    def apply(self, cmd: Upsert, t: int):
+        if cmd.ttl_ms is not None and cmd.expire_at_ms is not None:
+            return "error"
+        self.now = max(self.now, t)
+        self.kv = {k: v for k, v in self.kv.items() if v.expire_at_ms is None or v.expire_at_ms > self.now}
+        cur = self.kv.get(cmd.key)
+        cur_seq = cur.seq if cur else 0
+        ms = cmd.match_seq
+        if ms is not None and (cur_seq != ms.exact if ms.exact is not None else cur_seq < ms.ge):
+            return Change(cur, cur)
+        if cmd.value is None:
+            self.kv.pop(cmd.key, None)
+            return Change(cur, None)
+        self.seq += 1
+        exp = self.now + cmd.ttl_ms if cmd.ttl_ms is not None else cmd.expire_at_ms
+        self.kv[cmd.key] = SeqV(self.seq, cmd.value, exp)
+        return Change(cur, self.kv[cmd.key])
+
+    def live(self) -> list[tuple[str, SeqV]]:
+        return sorted((k, v) for k, v in self.kv.items() if v.expire_at_ms is None or v.expire_at_ms > self.now)
+
+
+KEYS = ["a", "ab", "abc", "b", "ba", "c"]
+match_seqs = st.one_of(
+    st.none(),
+    st.builds(MatchSeq, exact=st.integers(0, 6)),
+    st.builds(MatchSeq, ge=st.integers(0, 6)),
+)
+upserts = st.builds(
+    Upsert,
+    key=st.sampled_from(KEYS),
+    value=st.one_of(st.none(), st.binary(max_size=3)),
+    match_seq=match_seqs,
+    ttl_ms=st.one_of(st.none(), st.none(), st.integers(0, 30)),
+    expire_at_ms=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 300)),
+)
+steps = st.lists(st.tuples(upserts, st.integers(-20, 40)), max_size=40)
+
+
+@given(steps=steps, cut=st.integers(0, 40), prefix=st.sampled_from(["", "a", "ab", "b", "z"]))
+@settings(max_examples=200, deadline=None)
+def test_random_commands_agree_with_a_dict_model_and_survive_snapshot(steps, cut, prefix):
+    sm, model = KVStateMachine(), Model()
+    mirror: dict[str, SeqV] = {}  # rebuilt only from last_changes, as a watcher would
+    restored: KVStateMachine | None = None
+    clock = 0
+    for i, (cmd, dt) in enumerate(steps):
+        if i == cut:
+            restored = KVStateMachine.restore(sm.snapshot())
+        clock = max(0, clock + dt)
+        result = sm.apply(cmd, clock)
+        expected = model.apply(cmd, clock)
+        if expected == "error":
+            assert isinstance(result, ApplyError)
+        else:
+            assert result == expected
+        if restored is not None:
+            assert restored.apply(cmd, clock) == result
+            assert restored.last_changes == sm.last_changes
+        for change in sm.last_changes:
+            assert mirror.get(change.key) == change.prev
+            if change.current is None:
+                del mirror[change.key]
+            else:
+                mirror[change.key] = change.current
+        assert sorted(mirror.items()) == list(sm.items())
+        assert sm.last_seq == model.seq
+
+    assert list(sm.items()) == model.live()
+    assert len(sm) == len(model.live())
+    assert sm.list(prefix) == [(k, v) for k, v in model.live() if k.startswith(prefix)]
+    assert sm.mget(KEYS) == [dict(model.live()).get(k) for k in KEYS]
+    final = sm.snapshot()
+    assert KVStateMachine.restore(final).snapshot() == final
+    if restored is not None:
+        assert restored.snapshot() == final
