@@ -54,6 +54,9 @@ from metanode.raft.types import (
 
 log = logging.getLogger("metanode.raft")
 
+# How long a leader keeps informing a removed peer that has not confirmed it knows.
+RETIRE_TIMEOUT_ELECTIONS = 100
+
 
 class Role(enum.Enum):
     FOLLOWER = "Follower"
@@ -160,7 +163,9 @@ class RaftCore:
         self.role = Role.FOLLOWER
         self.leader: int | None = None
         self.progress: dict[int, Progress] = {}
-        self._retiring: dict[int, int] = {}  # removed peers kept informed: ticks left
+        # Peers removed by a committed membership, kept informed until they confirm
+        # they committed their removal (or a long timeout): index, ticks left.
+        self._retiring: dict[int, tuple[int, int]] = {}
         self._votes: dict[int, bool] = {}
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
@@ -359,11 +364,11 @@ class RaftCore:
                 if pr.snap_idle_ticks >= self.config.snapshot_timeout_ticks:
                     pr.snap_idle_ticks = 0
                     self._send_snapshot_chunk(peer, pr)
-        for peer in list(self._retiring):
-            self._retiring[peer] -= 1
-            if self._retiring[peer] <= 0:
-                del self._retiring[peer]
-                self.progress.pop(peer, None)
+        for peer, (index, left) in list(self._retiring.items()):
+            if left <= 1:
+                self._forget_peer(peer)
+            else:
+                self._retiring[peer] = (index, left - 1)
         if self._heartbeat_elapsed >= self.config.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             self._broadcast_heartbeat()
@@ -604,7 +609,7 @@ class RaftCore:
         commit = min(msg.commit, self.log.last_index)
         if commit > self.log.commit:
             self._commit_to(commit)
-        self._send(HeartbeatResponse(self.term, self.id, msg.src, msg.ctx))
+        self._send(HeartbeatResponse(self.term, self.id, msg.src, msg.ctx, self.log.commit))
 
     def _handle_snapshot(self, msg: SnapshotRequest) -> None:
         meta = msg.meta
@@ -648,6 +653,10 @@ class RaftCore:
                 if msg.ctx > pr.read_acked:
                     pr.read_acked = msg.ctx
                     self._release_reads()
+                retiring = self._retiring.get(msg.src)
+                if retiring is not None and msg.commit >= retiring[0]:
+                    self._forget_peer(msg.src)  # it knows it was removed
+                    return
                 if pr.match < self.log.last_index:
                     self._unstick(msg.src, pr)
             case SnapshotResponse():
@@ -809,7 +818,11 @@ class RaftCore:
             self._retiring.pop(peer, None)
         for peer in list(self.progress):
             if peer not in wanted and peer not in self._retiring:
-                self._retiring[peer] = 2 * self.config.election_ticks
+                self._retiring[peer] = (self.log.commit, RETIRE_TIMEOUT_ELECTIONS * self.config.election_ticks)
+
+    def _forget_peer(self, peer: int) -> None:
+        self._retiring.pop(peer, None)
+        self.progress.pop(peer, None)
 
     def _append(self, entries: list[Entry]) -> None:
         self.log.append(entries)

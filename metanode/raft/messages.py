@@ -126,9 +126,10 @@ class HeartbeatResponse:
     src: int
     dst: int
     ctx: int = 0
+    commit: int = 0  # the follower's commit index: tells a leader a removed peer knows
 
     def __str__(self) -> str:
-        return f"{self.src}->{self.dst} hb_resp t{self.term} ctx{self.ctx}"
+        return f"{self.src}->{self.dst} hb_resp t{self.term} ctx{self.ctx} c{self.commit}"
 
 
 @attrs.frozen

@@ -1,0 +1,486 @@
+"""A deterministic simulated cluster of pure raft cores (DESIGN §7.2).
+
+Everything runs on one seeded `random.Random` and a discrete-event queue of
+simulated milliseconds: ticks, message deliveries, disk writes, client requests,
+faults. The network drops, delays, reorders, duplicates and partitions messages;
+a crash loses everything a node has not persisted; a slow disk delays a node's
+`Ready` (and the messages that depend on it). The runtime here follows the core's
+contract exactly as the daemon does: persist, then send, then apply, then advance.
+
+Invariants are checked as events happen (each check is incremental and O(1) per
+entry): election safety, log matching, leader completeness, state machine safety,
+applied prefixes equal across nodes, and the state machine's seq never decreasing.
+A violation raises `InvariantViolation` naming the rule, the node and the time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import msgpack
+
+from metanode.errors import ClientError
+from metanode.raft import (
+    ZERO_LOG_ID,
+    Entry,
+    EntryKind,
+    HardState,
+    LogId,
+    Message,
+    PersistedState,
+    RaftConfig,
+    RaftCore,
+    Ready,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+    bootstrap_state,
+)
+from metanode.sm import KVStateMachine, MatchSeq, Upsert
+
+TICK_MS = 50
+
+
+class InvariantViolation(AssertionError):
+    pass
+
+
+# --------------------------------------------------------------------- commands
+def encode_command(kind: str, key: str, value: bytes | None, expect_seq: int | None, time_ms: int) -> bytes:
+    return msgpack.packb([kind, key, value, expect_seq, time_ms], use_bin_type=True)
+
+
+def apply_command(sm: KVStateMachine, data: bytes) -> Any:
+    kind, key, value, expect_seq, time_ms = msgpack.unpackb(data, raw=False)
+    match_seq = MatchSeq(exact=expect_seq) if kind == "cas" else None
+    return sm.apply(Upsert(key, value if kind != "delete" else None, match_seq), time_ms)
+
+
+# --------------------------------------------------------------------- disk
+@attrs.define
+class Disk:
+    """What survives a crash: hard state, snapshot, and the log after `purged`."""
+
+    hard_state: HardState = HardState()
+    snapshot: Snapshot | None = None
+    entries: list[Entry] = attrs.Factory(list)
+    purged: LogId = ZERO_LOG_ID
+
+    def persisted(self) -> PersistedState:
+        return PersistedState(self.hard_state, self.snapshot, tuple(self.entries), self.purged)
+
+    def write(self, ready: Ready) -> None:
+        if ready.snapshot is not None:
+            self.snapshot = ready.snapshot
+            self.entries = []
+            self.purged = ready.snapshot.meta.last_log_id
+        if ready.entries:
+            first = ready.entries[0].index
+            del self.entries[first - self.purged.index - 1 :]
+            self.entries.extend(ready.entries)
+        if ready.hard_state is not None:
+            self.hard_state = ready.hard_state
+
+    def purge(self, upto: int) -> None:
+        if upto <= self.purged.index:
+            return
+        pos = upto - self.purged.index - 1
+        self.purged = self.entries[pos].log_id
+        del self.entries[: pos + 1]
+
+
+# --------------------------------------------------------------------- node
+class SimNode:
+    def __init__(self, cluster: Cluster, node_id: int, disk: Disk) -> None:
+        self.cluster = cluster
+        self.id = node_id
+        self.disk = disk
+        self.life = 0
+        self.up = False
+        self.retired = False
+        self.was_member = False
+        self.disk_slow_ms = 0  # upper bound of a random per-Ready disk latency
+        self.clock_rate = 1.0
+        self.core: RaftCore
+        self.sm: KVStateMachine
+        self.pending_ready: Ready | None = None
+        self.last_seq = 0
+        self.applied = 0
+        self.commit_seen = 0
+        # client requests waiting on this node
+        self.writes: dict[int, tuple[LogId, Callable[[Any], None]]] = {}
+        self.reads: dict[int, Callable[[int], None]] = {}
+        self.reads_ready: list[tuple[int, Callable[[int], None]]] = []
+
+    def start(self) -> None:
+        c = self.cluster
+        self.life += 1
+        self.up = True
+        self.pending_ready = None
+        state = self.disk.persisted()
+        self.core = RaftCore(c.raft_config(self.id), state, random.Random(c.rng.random()))
+        self.sm = KVStateMachine.restore(state.snapshot.data) if state.snapshot else KVStateMachine()
+        self.last_seq = self.sm.last_seq
+        self.applied = state.snapshot.meta.last_log_id.index if state.snapshot else 0
+        self.commit_seen = self.core.commit_index
+        c.schedule(c.rng.randrange(1, TICK_MS), self._tick, self.life)
+
+    def crash(self) -> None:
+        self.up = False
+        self.pending_ready = None
+        for _, (_, reply) in list(self.writes.items()):
+            reply(None)  # outcome unknown
+        for _, reply in list(self.reads.items()):
+            reply(-1)
+        for _, reply in self.reads_ready:
+            reply(-1)
+        self.writes.clear()
+        self.reads.clear()
+        self.reads_ready.clear()
+
+    def _tick(self, life: int) -> None:
+        if not self.up or life != self.life:
+            return
+        c = self.cluster
+        c.schedule(max(1, int(TICK_MS * self.clock_rate)), self._tick, life)
+        if self.pending_ready is not None:
+            return  # busy in fsync: this tick is late, like a real ticker's
+        self.core.tick()
+        self.pump()
+
+    def deliver(self, msg: Message) -> None:
+        if not self.up:
+            return
+        if self.pending_ready is not None:
+            self.cluster.schedule(1, self.deliver, msg)
+            return
+        self.core.step(msg)
+        self.pump()
+
+    def pump(self) -> None:
+        c = self.cluster
+        while self.up and self.pending_ready is None and self.core.has_ready():
+            ready = self.core.take_ready()
+            c.check_role(self)
+            latency = c.rng.randrange(self.disk_slow_ms) if self.disk_slow_ms else 0
+            if latency and (ready.entries or ready.hard_state or ready.snapshot):
+                self.pending_ready = ready
+                c.schedule(latency, self._complete, self.life, ready)
+                return
+            self._complete(self.life, ready)
+
+    def _complete(self, life: int, ready: Ready) -> None:
+        if not self.up or life != self.life:
+            return
+        c = self.cluster
+        self.pending_ready = None
+        if ready.entries:
+            c.check_appended(self, ready.entries)
+        self.disk.write(ready)
+        for msg in ready.messages:
+            c.send(msg)
+        if ready.snapshot is not None:
+            self.sm = KVStateMachine.restore(ready.snapshot.data)
+            self.applied = ready.snapshot.meta.last_log_id.index
+            self._check_seq()
+        for entry in ready.committed:
+            self._apply(entry)
+        for rs in ready.read_states:
+            reply = self.reads.pop(rs.ctx, None)  # type: ignore[call-overload]
+            if reply is not None:
+                self.reads_ready.append((rs.index, reply))
+        for ctx in ready.dropped_reads:
+            reply = self.reads.pop(ctx, None)  # type: ignore[call-overload]
+            if reply is not None:
+                reply(-1)
+        self.core.advance(ready)
+        self._serve_reads()
+        c.check_commit(self)
+        c.check_role(self)
+        self._maybe_snapshot()
+        self._maybe_retire()
+        self.pump()
+
+    def _apply(self, entry: Entry) -> None:
+        c = self.cluster
+        if entry.index != self.applied + 1:
+            raise InvariantViolation(
+                f"t={c.now} node {self.id} applied {entry.index} after {self.applied} (gap)"
+            )
+        c.check_applied(self, entry)
+        self.applied = entry.index
+        result = apply_command(self.sm, entry.data) if entry.kind == EntryKind.NORMAL else None
+        self._check_seq()
+        waiting = self.writes.pop(entry.index, None)
+        if waiting is not None:
+            log_id, reply = waiting
+            if log_id.term == entry.term:
+                reply(result)
+            else:
+                reply(False)  # another entry won the index: ours can never commit
+
+    def _check_seq(self) -> None:
+        if self.sm.last_seq < self.last_seq:
+            raise InvariantViolation(
+                f"t={self.cluster.now} node {self.id} seq went back {self.last_seq} -> {self.sm.last_seq}"
+            )
+        self.last_seq = self.sm.last_seq
+
+    def _serve_reads(self) -> None:
+        if not self.reads_ready:
+            return
+        keep = []
+        for index, reply in self.reads_ready:
+            if self.applied >= index:
+                reply(index)
+            else:
+                keep.append((index, reply))
+        self.reads_ready = keep
+
+    def _maybe_snapshot(self) -> None:
+        c = self.cluster
+        core = self.core
+        snap = core.log.snapshot
+        since = self.applied - (snap.meta.last_log_id.index if snap else 0)
+        if since < c.snapshot_every or core.log.applied != self.applied:
+            return
+        term = core.log.term_at(self.applied)
+        assert term is not None
+        meta = SnapshotMeta(LogId(term, self.applied), core.membership_at(self.applied))
+        snapshot = Snapshot(meta, self.sm.snapshot())
+        self.disk.snapshot = snapshot  # written to a temp file and renamed: atomic
+        purge_to = self.applied - c.keep_after_snapshot
+        core.compact(snapshot, purge_to)
+        self.disk.purge(core.log.purged.index)
+
+    def _maybe_retire(self) -> None:
+        committed = self.core.committed_membership
+        if committed.node_ids and self.id in committed.node_ids:
+            self.was_member = True
+        elif self.was_member and self.id not in self.core.membership.node_ids:
+            # SPEC §3: a node that sees a committed membership without itself exits.
+            self.retired = True
+            self.crash()
+            self.cluster.log(f"node {self.id} removed from the cluster: exits")
+
+    # client entry points (the node's API layer)
+    def client_write(self, data: bytes, reply: Callable[[Any], None]) -> None:
+        log_id = self.core.propose(data)
+        self.writes[log_id.index] = (log_id, reply)
+        self.pump()
+
+    def client_read(self, reply: Callable[[int], None]) -> None:
+        ctx = next(self.cluster.ctx_ids)
+        self.reads[ctx] = reply
+        self.core.read_index(ctx)
+        self.pump()
+
+
+# --------------------------------------------------------------------- cluster
+class Cluster:
+    def __init__(
+        self,
+        seed: int,
+        voters: int = 3,
+        *,
+        drop: float = 0.0,
+        dup: float = 0.0,
+        delay: tuple[int, int] = (1, 10),
+        snapshot_every: int = 64,
+        keep_after_snapshot: int = 16,
+        trace: bool = False,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.now = 0
+        self._queue: list[tuple[int, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self.ctx_ids = itertools.count(1)
+        self.drop = drop
+        self.dup = dup
+        self.delay = delay
+        self.snapshot_every = snapshot_every
+        self.keep_after_snapshot = keep_after_snapshot
+        self.cut: set[tuple[int, int]] = set()  # directed links that drop everything
+        self.trace = trace
+        self.transcript: list[str] = []
+        self.nodes: dict[int, SimNode] = {}
+        # invariant bookkeeping
+        self.leaders: dict[int, int] = {}  # term -> leader id
+        self.entry_prev: dict[LogId, int] = {}  # entry id -> term of the entry before it
+        self.committed: dict[int, int] = {}  # index -> term
+        self.applied_at: dict[int, tuple[int, int]] = {}  # index -> (term, seq after)
+        self.messages_sent = 0
+        initial = bootstrap_state(range(1, voters + 1))
+        for i in range(1, voters + 1):
+            self.add_node(i, Disk(initial.hard_state, None, list(initial.entries)))
+
+    def raft_config(self, node_id: int) -> RaftConfig:
+        return RaftConfig(node_id, heartbeat_ticks=2, election_ticks=10, snapshot_timeout_ticks=20,
+                          max_entries_per_msg=32, snapshot_chunk_size=512)
+
+    def add_node(self, node_id: int, disk: Disk | None = None) -> SimNode:
+        node = SimNode(self, node_id, disk or Disk())
+        self.nodes[node_id] = node
+        node.start()
+        return node
+
+    def log(self, line: str) -> None:
+        if self.trace:
+            self.transcript.append(f"{self.now:>7} {line}")
+
+    # -- event queue
+    def schedule(self, after_ms: int, fn: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._queue, (self.now + after_ms, next(self._seq), fn, args))
+
+    def run_until(self, t_ms: int, stop: Callable[[], bool] | None = None) -> None:
+        q = self._queue
+        while q and q[0][0] <= t_ms:
+            when, _, fn, args = heapq.heappop(q)
+            self.now = when
+            fn(*args)
+            if stop is not None and stop():
+                return
+        self.now = max(self.now, t_ms)
+
+    def run_for(self, ms: int, stop: Callable[[], bool] | None = None) -> None:
+        self.run_until(self.now + ms, stop)
+
+    # -- network
+    def send(self, msg: Message) -> None:
+        self.messages_sent += 1
+        if self.drop and self.rng.random() < self.drop:
+            return
+        lo, hi = self.delay
+        self.schedule(self.rng.randint(lo, hi), self._deliver, msg)
+        if self.dup and self.rng.random() < self.dup:
+            self.schedule(self.rng.randint(lo, hi * 3), self._deliver, msg)
+
+    def _deliver(self, msg: Message) -> None:
+        if (msg.src, msg.dst) in self.cut:
+            return
+        node = self.nodes.get(msg.dst)
+        if node is not None and node.up:
+            if self.trace:
+                self.log(str(msg))
+            node.deliver(msg)
+
+    def isolate(self, node_id: int) -> None:
+        for other in self.nodes:
+            if other != node_id:
+                self.cut.add((node_id, other))
+                self.cut.add((other, node_id))
+
+    def partition(self, *groups: set[int]) -> None:
+        for a in self.nodes:
+            for b in self.nodes:
+                if a != b and not any(a in g and b in g for g in groups):
+                    self.cut.add((a, b))
+
+    def heal(self) -> None:
+        self.cut.clear()
+
+    # -- views
+    def leader(self) -> SimNode | None:
+        """The live leader of the highest term, if any."""
+        best = None
+        for n in self.nodes.values():
+            if n.up and n.core.role is Role.LEADER and (best is None or n.core.term > best.core.term):
+                best = n
+        return best
+
+    def members(self) -> list[SimNode]:
+        """Live nodes of the leader's committed membership."""
+        leader = self.leader()
+        if leader is None:
+            return []
+        ids = leader.core.committed_membership.node_ids
+        return [n for n in self.up_nodes() if n.id in ids]
+
+    def up_nodes(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if n.up]
+
+    # -- invariants
+    def check_role(self, node: SimNode) -> None:
+        """Election safety (§3.6.3): at most one leader per term."""
+        core = node.core
+        if core.role is Role.LEADER:
+            prev = self.leaders.setdefault(core.term, node.id)
+            if prev != node.id:
+                raise InvariantViolation(f"t={self.now} two leaders in term {core.term}: {prev} and {node.id}")
+            if getattr(node, "_checked_term", None) != core.term:
+                node._checked_term = core.term  # type: ignore[attr-defined]
+                self._check_leader_completeness(node)
+
+    def _check_leader_completeness(self, node: SimNode) -> None:
+        """§3.6.3: a leader holds every entry committed before its term."""
+        lg = node.core.log
+        self.log(f"node {node.id} became leader at term {node.core.term}")
+        for index, term in self.committed.items():
+            if index <= lg.purged.index:
+                continue
+            if lg.term_at(index) != term:
+                raise InvariantViolation(
+                    f"t={self.now} leader {node.id} (term {node.core.term}) lacks committed entry"
+                    f" {term}-{index} (has term {lg.term_at(index)})"
+                )
+
+    def check_appended(self, node: SimNode, entries: tuple[Entry, ...]) -> None:
+        """Log matching (§3.5): same id means the same entry and the same prefix. By
+        induction it is enough that equal ids always follow equal predecessor terms."""
+        lg = node.core.log
+        prev_term = lg.term_at(entries[0].index - 1)
+        for e in entries:
+            known = self.entry_prev.setdefault(e.log_id, prev_term if prev_term is not None else -1)
+            if prev_term is not None and known not in (-1, prev_term):
+                raise InvariantViolation(
+                    f"t={self.now} log matching: node {node.id} has {e.log_id} after term {prev_term},"
+                    f" another node after term {known}"
+                )
+            prev_term = e.term
+
+    def check_commit(self, node: SimNode) -> None:
+        """Committed entries never change (state machine safety, §3.6.3)."""
+        lg = node.core.log
+        for index in range(max(node.commit_seen, lg.purged.index) + 1, lg.commit + 1):
+            term = lg.term_at(index)
+            assert term is not None
+            known = self.committed.setdefault(index, term)
+            if known != term:
+                raise InvariantViolation(
+                    f"t={self.now} node {node.id} committed {term}-{index} but {known}-{index} was committed"
+                )
+        node.commit_seen = max(node.commit_seen, lg.commit)
+
+    def check_applied(self, node: SimNode, entry: Entry) -> None:
+        known = self.applied_at.get(entry.index)
+        if known is None:
+            self.applied_at[entry.index] = (entry.term, -1)
+        elif known[0] != entry.term:
+            raise InvariantViolation(
+                f"t={self.now} node {node.id} applied {entry.log_id}, another node applied"
+                f" {known[0]}-{entry.index}"
+            )
+
+    def check_converged(self) -> None:
+        """At the end: every live member applied the same prefix to equal state."""
+        members = self.members()
+        snaps = {}
+        for n in members:
+            snaps.setdefault((n.applied, n.sm.snapshot()), []).append(n.id)
+        if len(snaps) != 1:
+            detail = "; ".join(f"nodes {ids} applied {k[0]}" for k, ids in snaps.items())
+            raise InvariantViolation(f"t={self.now} nodes did not converge: {detail}")
+
+
+def call_or_error(fn: Callable[[], Any]) -> ClientError | None:
+    try:
+        fn()
+    except ClientError as e:
+        return e
+    return None

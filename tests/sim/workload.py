@@ -1,0 +1,327 @@
+"""A randomized run of the simulated cluster: clients, faults and membership churn.
+
+`run_seed(seed)` builds a 3- or 5-voter cluster, lets concurrent clients issue KV
+writes, conditional writes, deletes and linearizable reads while the network drops,
+delays, duplicates, reorders and partitions messages, nodes crash and restart (losing
+what they had not persisted), disks stall, and an operator adds learners, promotes
+them, removes followers and leaders and transfers leadership. Invariants are checked
+during the run (see `cluster.py`); at the end the faults stop, the cluster must make
+progress and converge, and the client history must be linearizable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import attrs
+
+from metanode.errors import ClientError
+from metanode.sm import ApplyError, Change
+from tests.sim.cluster import Cluster, InvariantViolation, SimNode, encode_command
+from tests.sim.linearizability import Op, assert_linearizable
+
+KEYS = ("a", "b", "c", "d")
+CLIENT_TIMEOUT_MS = 3000
+
+
+@attrs.define
+class RunStats:
+    seed: int
+    sim_ms: int = 0
+    ops_ok: int = 0
+    ops_unknown: int = 0
+    elections: int = 0
+    membership_changes: int = 0
+    crashes: int = 0
+    partitions: int = 0
+    messages: int = 0
+    snapshots_installed: int = 0
+
+
+def _sv(seqv: Any) -> tuple[int, bytes] | None:
+    return None if seqv is None else (seqv.seq, seqv.data)
+
+
+class Client:
+    """A sequential client: one operation at a time, retried elsewhere on NotLeader."""
+
+    def __init__(self, run: Run, cid: int) -> None:
+        self.run = run
+        self.id = cid
+        self.counter = itertools.count()
+        self.leader_hint: int | None = None
+
+    def start(self) -> None:
+        self.run.cluster.schedule(self.run.rng.randrange(10, 300), self.next_op)
+
+    def next_op(self) -> None:
+        run = self.run
+        if run.cluster.now >= run.clients_stop_ms:
+            return
+        rng = run.rng
+        key = rng.choice(KEYS)
+        r = rng.random()
+        if r < 0.35:
+            kind = "get"
+        elif r < 0.7:
+            kind = "put"
+        elif r < 0.9:
+            kind = "cas"
+        else:
+            kind = "delete"
+        value = f"c{self.id}-{next(self.counter)}".encode()
+        expect = rng.choice(list(run.last_seen_seq.get(key, {0}))) if kind == "cas" else None
+        self.attempt(kind, key, value, expect, tries=0)
+
+    def pick_node(self) -> SimNode | None:
+        c = self.run.cluster
+        if self.leader_hint is not None and self.leader_hint in c.nodes and c.nodes[self.leader_hint].up:
+            return c.nodes[self.leader_hint]
+        up = [n for n in c.up_nodes() if not n.retired]
+        return self.run.rng.choice(up) if up else None
+
+    def attempt(self, kind: str, key: str, value: bytes, expect: int | None, tries: int) -> None:
+        run = self.run
+        c = run.cluster
+        node = self.pick_node()
+        if node is None or tries > 20:
+            c.schedule(200, self.next_op)
+            return
+        call = c.now
+        done = [False]
+
+        def finish(op: Op | None) -> None:
+            if done[0]:
+                return
+            done[0] = True
+            if op is not None:
+                run.history.append(op)
+                if op.ret is None:
+                    run.stats.ops_unknown += 1
+                else:
+                    run.stats.ops_ok += 1
+            c.schedule(run.rng.randrange(20, 200), self.next_op)
+
+        def timeout() -> None:
+            if kind != "get":
+                finish(self._op(kind, key, value, expect, call, None, None))
+            else:
+                finish(None)
+
+        c.schedule(CLIENT_TIMEOUT_MS, timeout)
+        try:
+            if kind == "get":
+
+                def on_read(index: int) -> None:
+                    if index < 0:  # the read failed: it had no effect
+                        finish(None)
+                        return
+                    out = _sv(node.sm.get(key))
+                    c.schedule(run.rng.randint(1, 5), finish, self._op(kind, key, value, expect, call, c.now, out))
+
+                node.client_read(on_read)
+            else:
+                data = encode_command(kind, key, value, expect, c.now)
+
+                def on_write(result: Any) -> None:
+                    if result is None:  # node crashed: unknown outcome
+                        finish(self._op(kind, key, value, expect, call, None, None))
+                    elif result is False:  # definitely not applied
+                        finish(None)
+                    else:
+                        assert isinstance(result, Change), result
+                        out = (_sv(result.prev), _sv(result.result))
+                        if result.result is not None:
+                            run.last_seen_seq.setdefault(key, {0}).add(result.result.seq)
+                        if run.rng.random() < 0.02:  # the reply is lost on the way
+                            finish(self._op(kind, key, value, expect, call, None, None))
+                            return
+                        c.schedule(run.rng.randint(1, 5), finish, self._op(kind, key, value, expect, call, c.now, out))
+
+                node.client_write(data, on_write)
+        except ClientError as e:
+            done[0] = True  # refused before doing anything
+            self.leader_hint = getattr(e, "leader", None)
+            c.schedule(run.rng.randrange(10, 100), self.attempt, kind, key, value, expect, tries + 1)
+
+    def _op(self, kind: str, key: str, value: bytes, expect: int | None, call: int, ret: int | None, out: Any) -> Op:
+        ret_f = None if ret is None else float(ret)
+        if kind == "get":
+            return Op.get(self.id, key, float(call), ret_f, out)
+        if kind == "put":
+            return Op.put(self.id, key, value, float(call), ret_f, out)
+        if kind == "cas":
+            return Op.cas(self.id, key, value, expect or 0, float(call), ret_f, out)
+        return Op.delete(self.id, key, float(call), ret_f, out)
+
+
+class Run:
+    def __init__(self, seed: int, duration_ms: int = 60_000, trace: bool = False) -> None:
+        self.seed = seed
+        voters = random.Random(seed).choice((3, 5))
+        self.cluster = c = Cluster(seed, voters=voters, trace=trace)
+        self.rng = rng = c.rng
+        c.drop = rng.choice((0.0, 0.01, 0.05))
+        c.dup = rng.choice((0.0, 0.01))
+        c.delay = rng.choice(((1, 5), (1, 20), (5, 60)))
+        self.duration_ms = duration_ms
+        self.calm_ms = duration_ms - 15_000  # faults and churn stop here
+        self.clients_stop_ms = duration_ms - 3_000
+        self.history: list[Op] = []
+        self.last_seen_seq: dict[str, set[int]] = {}
+        self.stats = RunStats(seed)
+        self.next_id = max(c.nodes) + 1
+        for n in c.nodes.values():
+            n.clock_rate = rng.uniform(0.9, 1.1)
+        self.clients = [Client(self, i) for i in range(rng.choice((3, 4, 5)))]
+
+    # -- faults
+    def fault(self) -> None:
+        c, rng = self.cluster, self.rng
+        if c.now >= self.calm_ms:
+            return
+        c.schedule(rng.randrange(500, 4000), self.fault)
+        live = [n for n in c.nodes.values() if not n.retired]
+        r = rng.random()
+        if r < 0.3:
+            victims = [n for n in live if n.up]
+            if victims:
+                n = rng.choice(victims)
+                n.crash()
+                self.stats.crashes += 1
+                c.log(f"crash {n.id}")
+                c.schedule(rng.randrange(300, 6000), self.restart, n)
+        elif r < 0.55:
+            self.stats.partitions += 1
+            ids = [n.id for n in live]
+            kind = rng.random()
+            if kind < 0.4:
+                victim = rng.choice(ids)
+                c.isolate(victim)
+                c.log(f"isolate {victim}")
+            elif kind < 0.7:
+                rng.shuffle(ids)
+                k = rng.randrange(1, len(ids))
+                c.partition(set(ids[:k]), set(ids[k:]))
+                c.log(f"partition {ids[:k]} | {ids[k:]}")
+            elif kind < 0.85 and len(ids) >= 3:
+                a, b = rng.sample(ids, 2)  # partial connectivity: a and b cannot talk
+                c.cut.update({(a, b), (b, a)})
+                c.log(f"cut {a}<->{b}")
+            else:
+                a, b = rng.sample(ids, 2)  # asymmetric: a hears b, b does not hear a
+                c.cut.add((a, b))
+                c.log(f"cut {a}->{b}")
+            c.schedule(rng.randrange(500, 8000), self.heal)
+        elif r < 0.65:
+            n = rng.choice(live)
+            n.disk_slow_ms = rng.choice((0, 20, 200))
+            c.log(f"disk of {n.id} max {n.disk_slow_ms} ms")
+        else:
+            self.churn()
+
+    def heal(self) -> None:
+        self.cluster.heal()
+        self.cluster.log("heal")
+
+    def restart(self, node: SimNode) -> None:
+        if not node.up and not node.retired:
+            node.start()
+            self.cluster.log(f"restart {node.id}")
+
+    # -- membership churn (an operator talking to the leader)
+    def churn(self) -> None:
+        c, rng = self.cluster, self.rng
+        leader = c.leader()
+        if leader is None:
+            return
+        core = leader.core
+        m = core.membership
+        voters = set(m.final_voters)
+        learners = set(m.learners)
+        r = rng.random()
+        try:
+            if r < 0.25 and len(voters) + len(learners) < 7:
+                new = self.next_id
+                self.next_id += 1
+                c.add_node(new).clock_rate = rng.uniform(0.9, 1.1)
+                core.change_membership(voters, learners | {new})
+                c.log(f"add learner {new}")
+            elif r < 0.5 and learners:
+                lid = rng.choice(sorted(learners))
+                pr = core.progress.get(lid)
+                if pr is not None and pr.match >= core.commit_index - 5:
+                    core.change_membership(voters | {lid}, learners - {lid})
+                    c.log(f"promote {lid}")
+            elif r < 0.7 and len(voters) > 3:
+                victim = rng.choice(sorted(voters - {leader.id}))
+                core.change_membership(voters - {victim}, learners)
+                c.log(f"remove follower {victim}")
+            elif r < 0.8 and len(voters) > 3:
+                core.change_membership(voters - {leader.id}, learners)
+                c.log(f"remove leader {leader.id}")
+            elif r < 0.9 and learners:
+                victim = rng.choice(sorted(learners))
+                core.change_membership(voters, learners - {victim})
+                c.log(f"remove learner {victim}")
+            else:
+                target = rng.choice(sorted(voters))
+                core.transfer_leadership(target)
+                c.log(f"transfer leadership {leader.id} -> {target}")
+            self.stats.membership_changes += 1
+        except ClientError as e:
+            c.log(f"churn refused: {e}")
+        leader.pump()
+
+    def calm_down(self) -> None:
+        c = self.cluster
+        c.heal()
+        c.drop = 0.0
+        c.dup = 0.0
+        for n in c.nodes.values():
+            n.disk_slow_ms = 0
+            if not n.up and not n.retired:
+                n.start()
+        c.log("calm: faults stop")
+
+    def run(self) -> RunStats:
+        c = self.cluster
+        for client in self.clients:
+            client.start()
+        c.schedule(self.rng.randrange(1000, 3000), self.fault)
+        c.schedule(self.calm_ms, self.calm_down)
+        c.run_until(self.duration_ms)
+        self.finish()
+        return self.stats
+
+    def finish(self) -> None:
+        c = self.cluster
+        leader = c.leader()
+        if leader is None:
+            raise InvariantViolation(f"no leader {15_000} ms after the faults stopped")
+        # Liveness: a write after the calm period commits and every member converges.
+        done: list[Any] = []
+        leader.client_write(encode_command("put", "final", b"x", None, c.now), done.append)
+        c.run_for(5_000, stop=lambda: bool(done))
+        if not done or not isinstance(done[0], Change):
+            raise InvariantViolation(f"the final write did not commit: {done}")
+        target = leader.applied
+
+        def converged() -> bool:
+            members = c.members()
+            return bool(members) and all(n.applied >= target and n.applied == members[0].applied for n in members)
+
+        c.run_for(10_000, stop=converged)
+        c.check_converged()
+        self.stats.sim_ms = c.now
+        self.stats.messages = c.messages_sent
+        self.stats.elections = len(c.leaders)
+        assert_linearizable(self.history)
+        if any(isinstance(op.out, ApplyError) for op in self.history):
+            raise InvariantViolation("a client write hit an ApplyError")
+
+
+def run_seed(seed: int, duration_ms: int = 60_000, trace: bool = False) -> RunStats:
+    return Run(seed, duration_ms, trace).run()
