@@ -236,7 +236,10 @@ class RaftCore:
         return self.membership.is_voter(self.id)
 
     def _in_lease(self) -> bool:
-        """§4.2.3: within a minimum election timeout of hearing from a live leader."""
+        """§4.2.3: within a minimum election timeout of hearing from a live leader.
+        Only with CheckQuorum, which makes a cut-off leader step down in that time."""
+        if not self.config.check_quorum:
+            return False
         if self.role is Role.LEADER:
             return True
         return self.leader is not None and self._election_elapsed < self.config.election_ticks

@@ -294,7 +294,11 @@ class Cluster:
         snapshot_every: int = 64,
         keep_after_snapshot: int = 16,
         trace: bool = False,
+        check_quorum: bool = True,
+        pre_vote: bool = True,
     ) -> None:
+        self.check_quorum = check_quorum
+        self.pre_vote = pre_vote
         self.seed = seed
         self.rng = random.Random(seed)
         self.now = 0
@@ -310,6 +314,7 @@ class Cluster:
         self.trace = trace
         self.transcript: list[str] = []
         self.nodes: dict[int, SimNode] = {}
+        self.on_new_leader: Callable[[SimNode], None] | None = None
         # invariant bookkeeping
         self.leaders: dict[int, int] = {}  # term -> leader id
         self.entry_prev: dict[LogId, int] = {}  # entry id -> term of the entry before it
@@ -322,7 +327,8 @@ class Cluster:
 
     def raft_config(self, node_id: int) -> RaftConfig:
         return RaftConfig(node_id, heartbeat_ticks=2, election_ticks=10, snapshot_timeout_ticks=20,
-                          max_entries_per_msg=32, snapshot_chunk_size=512)
+                          max_entries_per_msg=32, snapshot_chunk_size=512, max_inflight=8,
+                          check_quorum=self.check_quorum, pre_vote=self.pre_vote)
 
     def add_node(self, node_id: int, disk: Disk | None = None) -> SimNode:
         node = SimNode(self, node_id, disk or Disk())
@@ -416,6 +422,8 @@ class Cluster:
             if getattr(node, "_checked_term", None) != core.term:
                 node._checked_term = core.term  # type: ignore[attr-defined]
                 self._check_leader_completeness(node)
+                if self.on_new_leader is not None:
+                    self.on_new_leader(node)
 
     def _check_leader_completeness(self, node: SimNode) -> None:
         """§3.6.3: a leader holds every entry committed before its term."""

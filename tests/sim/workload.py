@@ -77,6 +77,8 @@ class Client:
 
     def pick_node(self) -> SimNode | None:
         c = self.run.cluster
+        if self.run.rng.random() < 0.1:
+            self.leader_hint = None  # now and then ask around again
         if self.leader_hint is not None and self.leader_hint in c.nodes and c.nodes[self.leader_hint].up:
             return c.nodes[self.leader_hint]
         up = [n for n in c.up_nodes() if not n.retired]
@@ -105,6 +107,7 @@ class Client:
             c.schedule(run.rng.randrange(20, 200), self.next_op)
 
         def timeout() -> None:
+            self.leader_hint = None  # that node may be cut off: try another next time
             if kind != "get":
                 finish(self._op(kind, key, value, expect, call, None, None))
             else:
@@ -160,12 +163,18 @@ class Client:
 class Run:
     def __init__(self, seed: int, duration_ms: int = 60_000, trace: bool = False) -> None:
         self.seed = seed
-        voters = random.Random(seed).choice((3, 5))
-        self.cluster = c = Cluster(seed, voters=voters, trace=trace)
+        pick = random.Random(seed)
+        voters = pick.choice((3, 5))
+        # A quarter of the runs go without CheckQuorum: a cut-off leader then stays
+        # leader, and only ReadIndex keeps its reads linearizable.
+        check_quorum = pick.random() < 0.75
+        self.cluster = c = Cluster(seed, voters=voters, trace=trace, check_quorum=check_quorum)
         self.rng = rng = c.rng
         c.drop = rng.choice((0.0, 0.01, 0.05))
         c.dup = rng.choice((0.0, 0.01))
         c.delay = rng.choice(((1, 5), (1, 20), (5, 60)))
+        # A third of the runs are storms: a fault every 0.1-1 s instead of 0.5-4 s.
+        self.fault_every = rng.choice(((500, 4000), (500, 4000), (100, 1000)))
         self.duration_ms = duration_ms
         self.calm_ms = duration_ms - 15_000  # faults and churn stop here
         self.clients_stop_ms = duration_ms - 3_000
@@ -182,7 +191,7 @@ class Run:
         c, rng = self.cluster, self.rng
         if c.now >= self.calm_ms:
             return
-        c.schedule(rng.randrange(500, 4000), self.fault)
+        c.schedule(rng.randrange(*self.fault_every), self.fault)
         live = [n for n in c.nodes.values() if not n.retired]
         r = rng.random()
         if r < 0.3:
@@ -197,7 +206,11 @@ class Run:
             self.stats.partitions += 1
             ids = [n.id for n in live]
             kind = rng.random()
-            if kind < 0.4:
+            leader = c.leader()
+            if kind < 0.2 and leader is not None:
+                c.isolate(leader.id)
+                c.log(f"isolate leader {leader.id}")
+            elif kind < 0.4:
                 victim = rng.choice(ids)
                 c.isolate(victim)
                 c.log(f"isolate {victim}")
@@ -214,13 +227,34 @@ class Run:
                 a, b = rng.sample(ids, 2)  # asymmetric: a hears b, b does not hear a
                 c.cut.add((a, b))
                 c.log(f"cut {a}->{b}")
-            c.schedule(rng.randrange(500, 8000), self.heal)
+            c.schedule(rng.randrange(self.fault_every[0], 2 * self.fault_every[1]), self.heal)
         elif r < 0.65:
             n = rng.choice(live)
             n.disk_slow_ms = rng.choice((0, 20, 200))
             c.log(f"disk of {n.id} max {n.disk_slow_ms} ms")
         else:
             self.churn()
+
+    def new_leader(self, node: SimNode) -> None:
+        """Adversary: the moments right after an election are where membership and
+        commit rules matter most (§3.6.2 Figure 3.7, the single-server change bug), so
+        sometimes crash a fresh leader or change membership before its no-op commits."""
+        c, rng = self.cluster, self.rng
+        if c.now >= self.calm_ms:
+            return
+        r = rng.random()
+        if r < 0.15:
+            c.schedule(rng.randrange(1, 150), self.crash_leader, node, node.core.term)
+        elif r < 0.4:
+            c.schedule(rng.randrange(0, 40), self.churn)
+
+    def crash_leader(self, node: SimNode, term: int) -> None:
+        c = self.cluster
+        if node.up and node.core.is_leader and node.core.term == term and c.now < self.calm_ms:
+            node.crash()
+            self.stats.crashes += 1
+            c.log(f"crash fresh leader {node.id}")
+            c.schedule(self.rng.randrange(100, 3000), self.restart, node)
 
     def heal(self) -> None:
         self.cluster.heal()
@@ -249,12 +283,19 @@ class Run:
                 c.add_node(new).clock_rate = rng.uniform(0.9, 1.1)
                 core.change_membership(voters, learners | {new})
                 c.log(f"add learner {new}")
-            elif r < 0.5 and learners:
+            elif r < 0.45 and learners:
                 lid = rng.choice(sorted(learners))
                 pr = core.progress.get(lid)
                 if pr is not None and pr.match >= core.commit_index - 5:
                     core.change_membership(voters | {lid}, learners - {lid})
                     c.log(f"promote {lid}")
+            elif r < 0.6 and learners and len(voters) > 2:
+                # Two voters change at once (promote one, remove another): only joint
+                # consensus makes this safe (§4.3).
+                lid = rng.choice(sorted(learners))
+                victim = rng.choice(sorted(voters))
+                core.change_membership((voters | {lid}) - {victim}, learners - {lid})
+                c.log(f"swap voter {victim} for {lid}")
             elif r < 0.7 and len(voters) > 3:
                 victim = rng.choice(sorted(voters - {leader.id}))
                 core.change_membership(voters - {victim}, learners)
@@ -288,6 +329,7 @@ class Run:
 
     def run(self) -> RunStats:
         c = self.cluster
+        c.on_new_leader = self.new_leader
         for client in self.clients:
             client.start()
         c.schedule(self.rng.randrange(1000, 3000), self.fault)
