@@ -128,7 +128,8 @@ class SimNode:
         self.last_seq = self.sm.last_seq
         self.applied = state.snapshot.meta.last_log_id.index if state.snapshot else 0
         self.commit_seen = self.core.commit_index
-        c.schedule(c.rng.randrange(1, TICK_MS), self._tick, self.life)
+        if not c.manual:
+            c.schedule(c.rng.randrange(1, TICK_MS), self._tick, self.life)
 
     def crash(self) -> None:
         self.up = False
@@ -296,7 +297,12 @@ class Cluster:
         trace: bool = False,
         check_quorum: bool = True,
         pre_vote: bool = True,
+        manual: bool = False,
     ) -> None:
+        # manual: no automatic ticks or deliveries; a scripted test calls `tick()` and
+        # `deliver()` and reads `transcript` (the scenario tests).
+        self.manual = manual
+        self.inflight: list[Message] = []
         self.check_quorum = check_quorum
         self.pre_vote = pre_vote
         self.seed = seed
@@ -360,6 +366,9 @@ class Cluster:
     # -- network
     def send(self, msg: Message) -> None:
         self.messages_sent += 1
+        if self.manual:
+            self.inflight.append(msg)
+            return
         if self.drop and self.rng.random() < self.drop:
             return
         lo, hi = self.delay
@@ -369,12 +378,64 @@ class Cluster:
 
     def _deliver(self, msg: Message) -> None:
         if (msg.src, msg.dst) in self.cut:
+            if self.trace:
+                self.log(f"{msg}  (cut)")
             return
         node = self.nodes.get(msg.dst)
         if node is not None and node.up:
             if self.trace:
                 self.log(str(msg))
             node.deliver(msg)
+
+    # -- scripted control (manual mode)
+    def tick(self, node_id: int, n: int = 1) -> None:
+        node = self.nodes[node_id]
+        for _ in range(n):
+            if node.up:
+                node.core.tick()
+                node.pump()
+
+    def tick_all(self, n: int = 1) -> None:
+        for _ in range(n):
+            for node_id in list(self.nodes):
+                self.tick(node_id)
+
+    def deliver(self, only: Callable[[Message], bool] | None = None, rounds: int = 100) -> list[str]:
+        """Deliver in-flight messages (those `only` accepts; the rest stay in flight)
+        round after round until none is left; returns what was delivered."""
+        seen: list[str] = []
+        for _ in range(rounds):
+            batch = [m for m in self.inflight if only is None or only(m)]
+            if not batch:
+                return seen
+            self.inflight = [m for m in self.inflight if not (only is None or only(m))]
+            for msg in batch:
+                seen.append(str(msg))
+                self._deliver(msg)
+        raise AssertionError(f"messages still flowing after {rounds} rounds")
+
+    def drop_inflight(self, only: Callable[[Message], bool] | None = None) -> None:
+        self.inflight = [m for m in self.inflight if only is not None and not only(m)]
+
+    def elect(self, node_id: int) -> SimNode:
+        """Make `node_id` time out and deliver until it is leader and its no-op commits."""
+        node = self.nodes[node_id]
+        for _ in range(3 * self.raft_config(node_id).election_ticks):
+            if node.core.role is not Role.FOLLOWER:
+                break
+            self.tick(node_id)
+        self.deliver()
+        assert node.core.is_leader, f"node {node_id} did not win: {node.core.status()}"
+        self.settle()
+        return node
+
+    def settle(self) -> None:
+        """Heartbeat rounds until nothing moves: commits propagate to followers."""
+        leader = self.leader()
+        assert leader is not None
+        for _ in range(3):
+            self.tick(leader.id, leader.core.config.heartbeat_ticks)
+            self.deliver()
 
     def isolate(self, node_id: int) -> None:
         for other in self.nodes:
