@@ -109,6 +109,7 @@ class SimNode:
         self.core: RaftCore
         self.sm: KVStateMachine
         self.pending_ready: Ready | None = None
+        self.mailbox: list[Message] = []
         self.last_seq = 0
         self.applied = 0
         self.commit_seen = 0
@@ -134,6 +135,7 @@ class SimNode:
     def crash(self) -> None:
         self.up = False
         self.pending_ready = None
+        self.mailbox = []
         for _, (_, reply) in list(self.writes.items()):
             reply(None)  # outcome unknown
         for _, reply in list(self.reads.items()):
@@ -158,7 +160,7 @@ class SimNode:
         if not self.up:
             return
         if self.pending_ready is not None:
-            self.cluster.schedule(1, self.deliver, msg)
+            self.mailbox.append(msg)  # the raft loop is busy in fsync: queue it
             return
         self.core.step(msg)
         self.pump()
@@ -186,6 +188,7 @@ class SimNode:
         for msg in ready.messages:
             c.send(msg)
         if ready.snapshot is not None:
+            c.snapshots_installed += 1
             self.sm = KVStateMachine.restore(ready.snapshot.data)
             self.applied = ready.snapshot.meta.last_log_id.index
             self._check_seq()
@@ -200,6 +203,9 @@ class SimNode:
             if reply is not None:
                 reply(-1)
         self.core.advance(ready)
+        mailbox, self.mailbox = self.mailbox, []
+        for msg in mailbox:
+            self.core.step(msg)
         self._serve_reads()
         c.check_commit(self)
         c.check_role(self)
@@ -327,6 +333,7 @@ class Cluster:
         self.committed: dict[int, int] = {}  # index -> term
         self.applied_at: dict[int, tuple[int, int]] = {}  # index -> (term, seq after)
         self.messages_sent = 0
+        self.snapshots_installed = 0
         initial = bootstrap_state(range(1, voters + 1))
         for i in range(1, voters + 1):
             self.add_node(i, Disk(initial.hard_state, None, list(initial.entries)))

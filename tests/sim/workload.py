@@ -38,6 +38,7 @@ class RunStats:
     partitions: int = 0
     messages: int = 0
     snapshots_installed: int = 0
+    removed_nodes_exited: int = 0
 
 
 def _sv(seqv: Any) -> tuple[int, bytes] | None:
@@ -359,6 +360,8 @@ class Run:
         c.check_converged()
         self.stats.sim_ms = c.now
         self.stats.messages = c.messages_sent
+        self.stats.snapshots_installed = c.snapshots_installed
+        self.stats.removed_nodes_exited = sum(n.retired for n in c.nodes.values())
         self.stats.elections = len(c.leaders)
         assert_linearizable(self.history)
         if any(isinstance(op.out, ApplyError) for op in self.history):
