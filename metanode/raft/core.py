@@ -231,9 +231,12 @@ class RaftCore:
         )
 
     def _promotable(self) -> bool:
-        """Only a voter of its latest configuration campaigns (§4.2.2: learners and
-        removed servers stay quiet)."""
-        return self.membership.is_voter(self.id)
+        """A voter of its latest configuration campaigns; so does a server removed by a
+        configuration not yet committed, as it may be needed until C_new commits
+        (§4.2.2). Learners and servers whose removal committed stay quiet."""
+        if self.membership.is_voter(self.id):
+            return True
+        return self._configs[-1][0] > self.log.commit and self.committed_membership.is_voter(self.id)
 
     def _in_lease(self) -> bool:
         """§4.2.3: within a minimum election timeout of hearing from a live leader.
@@ -415,7 +418,8 @@ class RaftCore:
         if self._configs[-1][0] > self.log.commit or current.is_joint:
             raise Unavailable("another membership change is in progress")
         if target == current:
-            return LogId(self.term, self._configs[-1][0])
+            index = self._configs[-1][0]
+            return LogId(self.log.term_at(index) or 0, index)
         if target.final_voters == current.final_voters:
             new = target  # learners only: no voter set changes, no joint phase
         else:
@@ -681,7 +685,7 @@ class RaftCore:
             self._send_append(peer, pr)
             return
         # Rejected: ignore stale answers, else back off (§3.5, by term).
-        if msg.index < pr.match or pr.state is ProgressState.SNAPSHOT:
+        if msg.index <= pr.match or pr.state is ProgressState.SNAPSHOT:
             return
         if pr.state is ProgressState.PROBE and msg.index != pr.next - 1:
             return
