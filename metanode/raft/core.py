@@ -145,19 +145,25 @@ class RaftCore:
         self.term = hs.term
         self.vote = hs.vote
         snap = state.snapshot
-        purged = state.purged
-        if snap and not state.entries and snap.meta.last_log_id.index > purged.index:
-            purged = snap.meta.last_log_id
+        purged, entries = state.purged, list(state.entries)
+        if snap is not None:
+            last = snap.meta.last_log_id
+            # The log may keep entries behind the snapshot (max_applied_log_to_keep).
+            # If it does not reach the snapshot's last entry, or disagrees there (a
+            # crash during an install from the leader), the snapshot wins (§5.1).
+            pos = last.index - purged.index - 1
+            if pos >= 0 and not (pos < len(entries) and entries[pos].term == last.term):
+                purged, entries = last, []
         applied = snap.meta.last_log_id.index if snap else 0
-        self.log = RaftLog(purged, list(state.entries), max(hs.commit, applied), applied)
+        self.log = RaftLog(purged, entries, max(hs.commit, applied), applied)
         self.log.snapshot = snap
         # Membership configs in the log (§4.1: the latest one is in effect once
-        # appended). The first element is the base: the latest config at or before
-        # the purge point.
+        # appended). The first element is the base: the membership as of the
+        # snapshot (or none); configs in the log after it follow in index order.
         base = (snap.meta.last_log_id.index, snap.meta.membership) if snap else (0, EMPTY_MEMBERSHIP)
         self._configs: list[tuple[int, Membership]] = [base]
-        for e in state.entries:
-            if e.kind == EntryKind.MEMBERSHIP:
+        for e in entries:
+            if e.kind == EntryKind.MEMBERSHIP and e.index > base[0]:
                 assert e.membership is not None
                 self._configs.append((e.index, e.membership))
         self.role = Role.FOLLOWER
@@ -180,7 +186,7 @@ class RaftCore:
         self._reads_waiting_commit: list[object] = []
         self._read_states: list[ReadState] = []
         self._dropped_reads: list[object] = []
-        # Snapshot being received from the leader (§5.3, chunked).
+        # Snapshot being received from the leader (§5.1, Figure 5.3, chunked).
         self._snap_rx: tuple[SnapshotMeta, bytearray] | None = None
         self._snapshot_to_install: Snapshot | None = None
         self._msgs: list[Message] = []
@@ -409,7 +415,10 @@ class RaftCore:
         single-server change bug, Ongaro's raft-dev post of 2015).
         """
         self._check_can_propose()
-        target = Membership.of(voters, learners)
+        try:
+            target = Membership.of(voters, learners)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         if not target.final_voters:
             raise BadRequest("cannot remove the last voter")
         if self.log.term_at(self.log.commit) != self.term:
@@ -420,6 +429,11 @@ class RaftCore:
         if target == current:
             index = self._configs[-1][0]
             return LogId(self.log.term_at(index) or 0, index)
+        demoted = set(current.voter_ids) & set(target.learners)
+        if demoted:
+            raise BadRequest(
+                f"nodes {sorted(demoted)} are voters: remove them first, then add them as learners"
+            )
         if target.final_voters == current.final_voters:
             new = target  # learners only: no voter set changes, no joint phase
         else:
@@ -551,7 +565,7 @@ class RaftCore:
 
     def _handle_vote(self, msg: VoteRequest) -> None:
         """§3.6.1 voting rule; a learner votes too (it may be a voter in a config it has
-        not seen yet, §4.2.2)."""
+        not seen yet, §4.1)."""
         up_to_date = self.log.is_up_to_date(msg.last_log_id)
         if msg.pre_vote:
             can_vote = msg.term > self.term or (
@@ -622,7 +636,7 @@ class RaftCore:
         meta = msg.meta
         last = meta.last_log_id
         if last.index <= self.log.commit:
-            # Already have everything it covers (§5.3: ignore).
+            # Already have everything it covers (§5.1, Figure 5.3: ignore).
             self._snap_rx = None
             self._send(SnapshotResponse(self.term, self.id, msg.src, last, 0, done=True))
             return

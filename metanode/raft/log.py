@@ -136,7 +136,7 @@ class RaftLog:
         self.purged = LogId(term, upto)
 
     def restore(self, snapshot: Snapshot) -> None:
-        """Reset to a snapshot received from the leader (§5.3): the log is discarded."""
+        """Reset to a snapshot received from the leader (§5.1, Figure 5.3): the log is discarded."""
         last = snapshot.meta.last_log_id
         self.purged = last
         self.entries = []

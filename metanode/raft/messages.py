@@ -1,7 +1,7 @@
 """Messages exchanged between raft cores. Each has a short stable tag (`TAG`) for the wire.
 
 Every message carries the sender's `term`, `src` and `dst`. Reference: thesis §3.4-§3.5
-(RequestVote, AppendEntries), §4.2.3 and §9.6 (PreVote), §3.10 (TimeoutNow), §5.3
+(RequestVote, AppendEntries), §4.2.3 and §9.6 (PreVote), §3.10 (TimeoutNow), §5.1, Figure 5.3
 (InstallSnapshot), §6.4 (ReadIndex heartbeats).
 """
 
@@ -134,7 +134,7 @@ class HeartbeatResponse:
 
 @attrs.frozen
 class SnapshotRequest:
-    """One chunk of InstallSnapshot (§5.3); `offset` is the chunk's byte position."""
+    """One chunk of InstallSnapshot (§5.1, Figure 5.3); `offset` is the chunk's byte position."""
 
     TAG: ClassVar[str] = "snap"
     term: int

@@ -61,7 +61,7 @@ def test_new_leader_must_commit_its_own_entry_before_a_membership_change() -> No
 
 
 def test_learner_votes_for_a_candidate_that_knows_it_is_a_voter() -> None:
-    """§4.2.2: a server that does not know it is a voter yet must still grant votes,
+    """§4.1: a server that does not know it is a voter yet must still grant votes,
     or a cluster whose C_new needs it could never elect a leader."""
     c = Cluster(0, voters=2, manual=True, trace=True)
     leader = c.elect(1)
@@ -166,7 +166,7 @@ def test_partial_connectivity_does_not_cause_leader_churn() -> None:
 
 
 def test_follower_far_behind_is_caught_up_by_a_chunked_snapshot() -> None:
-    """§5.3: when the entries a follower needs are compacted, the leader sends its
+    """§5.1, Figure 5.3: when the entries a follower needs are compacted, the leader sends its
     snapshot in chunks; the follower installs it and continues from the log."""
     c = Cluster(0, voters=3, manual=True, trace=True, snapshot_every=64, keep_after_snapshot=16)
     leader = c.elect(1)

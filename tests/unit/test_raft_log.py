@@ -221,3 +221,31 @@ def test_a_core_restarted_from_a_snapshot_alone_starts_after_it():
     assert core.membership == core.committed_membership == M1
     assert not core.has_ready()
     drain(core)
+
+
+def test_a_restart_keeps_log_entries_behind_the_snapshot():
+    """§5.1 with max_applied_log_to_keep: entries behind the snapshot stay in the log
+    (for followers a little behind); configurations among them are older than the
+    snapshot's and do not become the latest."""
+    snap = Snapshot(SnapshotMeta(LogId(3, 7), M1), b"sm")
+    entries = (conf(3, 5, (1, 2, 3)), entry(3, 6), entry(3, 7), entry(3, 8))
+    core = new_core(1, state=PersistedState(HardState(3, None, 8), snap, entries, LogId(2, 4)))
+    assert core.log.purged == LogId(2, 4) and core.log.last_log_id == LogId(3, 8)
+    assert core.membership == M1
+    assert view(take(core)) == {"committed": ["3-8:1B"]}
+
+
+def test_a_restart_after_a_crash_during_a_snapshot_install_trusts_the_snapshot():
+    """§5.1 (Figure 5.3 steps 6-7): when the log does not hold the snapshot's last entry
+    (the crash came between writing the snapshot and cutting the log), the log is
+    discarded and the snapshot is the whole state."""
+    snap = Snapshot(SnapshotMeta(LogId(3, 9), M1), b"sm")
+    behind = state_with([entry(2, 2), entry(2, 3)], term=3, commit=3)
+    stale = PersistedState(behind.hard_state, snap, behind.entries)
+    core = new_core(1, state=stale)
+    assert core.log.purged == LogId(3, 9) and core.log.last_log_id == LogId(3, 9)
+    assert (core.commit_index, core.log.applied) == (9, 9)
+    conflicting = PersistedState(behind.hard_state, snap, behind.entries + tuple(entry(2, i) for i in range(4, 12)))
+    core = new_core(1, state=conflicting)
+    assert core.log.last_log_id == LogId(3, 9) and core.membership == M1
+    assert not core.has_ready()

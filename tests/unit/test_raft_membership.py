@@ -341,3 +341,14 @@ def test_a_no_op_change_returns_the_id_of_the_entry_holding_the_configuration():
     n = leader_net()
     assert n[1].change_membership((1, 2, 3)) == LogId(1, 1)
     assert not n[1].has_ready()
+
+
+def test_a_node_cannot_be_voter_and_learner_or_demoted_in_one_change():
+    """§4.1/§4.3: learners are disjoint from voters; demoting a voter is two changes
+    (remove it, then add it as a learner), refused as a bad request, not a crash."""
+    n = leader_net()
+    with pytest.raises(BadRequest, match="both learners and voters"):
+        n[1].change_membership((1, 2, 3), learners=(3,))
+    with pytest.raises(BadRequest, match=r"nodes \[3\] are voters"):
+        n[1].change_membership((1, 2), learners=(3,))
+    assert not n[1].has_ready()
