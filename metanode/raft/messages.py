@@ -154,8 +154,9 @@ class SnapshotRequest:
 
 @attrs.frozen
 class SnapshotResponse:
-    """Ack of a chunk: `next_offset` is the byte the follower expects next; when the
-    snapshot is installed (`done`), `index` is its last index."""
+    """Ack of a chunk of the snapshot ending at `last_log_id`: `next_offset` is the byte
+    the follower expects next; `done` once the follower holds everything up to
+    `last_log_id` (installed, or already committed)."""
 
     TAG: ClassVar[str] = "snap_resp"
     term: int
