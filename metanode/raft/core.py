@@ -502,8 +502,9 @@ class RaftCore:
     # ------------------------------------------------------------------ messages
     def step(self, msg: Message) -> None:
         """Handle a message from a peer. Nonsense from peers is logged and dropped."""
-        if msg.dst != self.id:
-            log.warning("%d dropped a message for %d: %s", self.id, msg.dst, msg)
+        problem = self._malformed(msg)
+        if problem is not None:
+            log.warning("%d dropped %s: %s", self.id, msg, problem)
             return
         if msg.term > self.term:
             if isinstance(msg, VoteRequest):
@@ -529,17 +530,16 @@ class RaftCore:
             case VoteResponse():
                 self._handle_vote_response(msg)
             case AppendRequest():
-                self._heard_from_leader(msg.src)
-                self._handle_append(msg)
+                if self._heard_from_leader(msg.src):
+                    self._handle_append(msg)
             case Heartbeat():
-                self._heard_from_leader(msg.src)
-                self._handle_heartbeat(msg)
+                if self._heard_from_leader(msg.src):
+                    self._handle_heartbeat(msg)
             case SnapshotRequest():
-                self._heard_from_leader(msg.src)
-                self._handle_snapshot(msg)
+                if self._heard_from_leader(msg.src):
+                    self._handle_snapshot(msg)
             case TimeoutNow():
-                self._heard_from_leader(msg.src)
-                if self._promotable():
+                if self._heard_from_leader(msg.src) and self._promotable():
                     log.info("%d got timeout-now from %d", self.id, msg.src)
                     self._campaign(pre_vote=False, transfer=True)
             case AppendResponse() | HeartbeatResponse() | SnapshotResponse():
@@ -555,13 +555,34 @@ class RaftCore:
         elif isinstance(msg, VoteRequest) and msg.pre_vote:
             self._send(VoteResponse(self.term, self.id, msg.src, False, pre_vote=True))
 
-    def _heard_from_leader(self, leader: int) -> None:
+    def _malformed(self, msg: Message) -> str | None:
+        """What makes a message impossible from a correct peer, if anything."""
+        if msg.dst != self.id:
+            return f"addressed to {msg.dst}"
+        if msg.src == self.id or msg.src <= 0:
+            return f"bad sender {msg.src}"
+        if isinstance(msg, AppendRequest):
+            expect, term = msg.prev_log_id.index + 1, msg.prev_log_id.term
+            for e in msg.entries:
+                if e.index != expect or not term <= e.term <= msg.term:
+                    return f"entry {e.log_id} does not follow {LogId(term, expect - 1)} in term {msg.term}"
+                expect, term = expect + 1, e.term
+            if msg.prev_log_id.term > msg.term:
+                return "prev entry newer than the leader's term"
+        elif isinstance(msg, VoteRequest) and msg.last_log_id.term > msg.term:
+            return "last entry newer than the candidate's term"
+        return None
+
+    def _heard_from_leader(self, leader: int) -> bool:
+        """Note a live leader of our term; False (and dropped) if we lead this term."""
         if self.role is Role.LEADER:
-            raise RaftInvariantError(f"{self.id}: two leaders in term {self.term} ({leader})")
+            log.error("%d is leader of term %d but %d claims it too: dropped", self.id, self.term, leader)
+            return False
         if self.role is not Role.FOLLOWER:
             self._become_follower(self.term, leader)
         self.leader = leader
         self._election_elapsed = 0
+        return True
 
     def _handle_vote(self, msg: VoteRequest) -> None:
         """§3.6.1 voting rule; a learner votes too (it may be a voter in a config it has
@@ -687,6 +708,9 @@ class RaftCore:
 
     def _handle_append_response(self, peer: int, pr: Progress, msg: AppendResponse) -> None:
         if msg.success:
+            if msg.index > self.log.last_index:
+                log.warning("%d dropped %s: beyond our last index", self.id, msg)
+                return
             progressed = pr.acked(msg.index)
             if pr.state is ProgressState.PROBE:
                 pr.become_replicate()  # the match is found (or already known)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from metanode.errors import RaftInvariantError
-from metanode.raft.messages import AppendRequest, AppendResponse, Heartbeat
+from metanode.raft.core import Role
+from metanode.raft.messages import AppendRequest, AppendResponse, Heartbeat, VoteRequest
 from metanode.raft.progress import ProgressState
 from metanode.raft.types import LogId
 from tests.unit.raft_helpers import (
@@ -116,9 +117,11 @@ def test_committed_entries_are_never_truncated():
     that conflicts with committed entries leaves them alone (a peer's nonsense is
     dropped), and the log itself refuses to cut below its commit index."""
     core = follower(entry(2, 2), entry(2, 3), commit=3)
-    core.step(AppendRequest(2, 1, 2, LogId(1, 1), (entry(9, 2), entry(9, 3)), 3))
+    core.step(AppendRequest(2, 1, 2, LogId(1, 1), (entry(2, 2, b"other"), entry(2, 3, b"other")), 3))
     assert view(take(core)) == {"msgs": ["2->1 append_resp t2 ok 3"]}
     assert [str(e) for e in core.log.entries] == ["1-1:conf{1,2,3}", "2-2:1B", "2-3:1B"]
+    core.step(AppendRequest(2, 1, 2, LogId(1, 1), (entry(9, 2), entry(9, 3)), 3))
+    assert not core.has_ready()  # entries of a term newer than the message's: dropped
     with pytest.raises(RaftInvariantError):
         core.log.append([entry(9, 3)])
 
@@ -374,3 +377,34 @@ def test_replication_reaches_every_follower():
     assert set(n.logs().values()) == {LogId(2, 22)}
     assert {c.commit_index for c in n.cores.values()} == {22}
     assert all(len(a) == 22 for a in n.applied.values())
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        AppendRequest(2, 1, 2, LogId(1, 1), (entry(2, 3),), 1),  # gap after prev
+        AppendRequest(2, 1, 2, LogId(1, 1), (entry(2, 2), entry(2, 4)), 1),  # gap inside
+        AppendRequest(2, 1, 2, LogId(2, 1), (entry(1, 2),), 1),  # term goes back
+        AppendRequest(2, 1, 2, LogId(3, 1), (), 1),  # prev newer than the leader's term
+        AppendRequest(2, 2, 2, LogId(1, 1), (), 1),  # from itself
+        AppendRequest(2, 1, 3, LogId(1, 1), (), 1),  # for someone else
+        VoteRequest(2, 3, 2, LogId(5, 9)),  # last entry newer than the candidate's term
+    ],
+    ids=str,
+)
+def test_impossible_messages_from_peers_are_dropped_not_raised(msg):
+    """DESIGN §3: a remote peer's nonsense is logged and dropped, never raised; nothing
+    changes and nothing is answered."""
+    core = follower(entry(2, 2), commit=1, term=2)
+    before = core.status()
+    core.step(msg)
+    assert not core.has_ready() and core.status() == before
+
+
+def test_a_second_leader_of_the_same_term_is_dropped():
+    """§3.6.3 election safety cannot be broken by a peer: a leader that receives an
+    append from another self-declared leader of its term ignores it."""
+    n = leader_net()
+    n.take_msgs()
+    n[1].step(AppendRequest(n[1].term, 2, 1, LogId(1, 1), (), 1))
+    assert n[1].role is Role.LEADER and not n[1].has_ready()
