@@ -140,28 +140,15 @@ def _structure_uint(value: Any, _: Any) -> int:
     return value
 
 
-def _structure_bool(value: Any, _: Any) -> bool:
-    if type(value) is not bool:
-        raise TypeError(f"expected a bool, got {_describe(value)}")
-    return value
+def _exact(tp: type, what: str) -> Callable[[Any, Any], Any]:
+    """A structure hook accepting exactly `tp` (no bool for int, no "1" for 1)."""
 
+    def structure(value: Any, _: Any) -> Any:
+        if type(value) is not tp:
+            raise TypeError(f"expected {what}, got {_describe(value)}")
+        return value
 
-def _structure_float(value: Any, _: Any) -> float:
-    if type(value) is not float:
-        raise TypeError(f"expected a float, got {_describe(value)}")
-    return value
-
-
-def _structure_str(value: Any, _: Any) -> str:
-    if type(value) is not str:
-        raise TypeError(f"expected a str, got {_describe(value)}")
-    return value
-
-
-def _structure_bytes(value: Any, _: Any) -> bytes:
-    if type(value) is not bytes:
-        raise TypeError(f"expected bytes (msgpack bin), got {_describe(value)}")
-    return value
+    return structure
 
 
 _ENUM_TABLES: dict[type, tuple[type, dict[Any, enum.Enum]]] = {}
@@ -590,10 +577,10 @@ def _make_converter() -> cattrs.Converter:
     # Singledispatch hooks: exact-class registrations win over int for bool/IntEnum.
     c.register_structure_hook(int, _structure_int)
     c.register_structure_hook(_UInt, _structure_uint)
-    c.register_structure_hook(bool, _structure_bool)
-    c.register_structure_hook(float, _structure_float)
-    c.register_structure_hook(str, _structure_str)
-    c.register_structure_hook(bytes, _structure_bytes)
+    c.register_structure_hook(bool, _exact(bool, "a bool"))
+    c.register_structure_hook(float, _exact(float, "a float"))
+    c.register_structure_hook(str, _exact(str, "a str"))
+    c.register_structure_hook(bytes, _exact(bytes, "bytes (msgpack bin)"))
     c.register_structure_hook(enum.Enum, _structure_enum)
     c.register_structure_hook(enum.IntEnum, _structure_enum)
     c.register_structure_hook(enum.StrEnum, _structure_enum)
