@@ -4,9 +4,19 @@
 ``get``/``mget``/``list`` read; ``snapshot``/``restore`` (de)serialize the whole state.
 """
 
-from metanode.sm.commands import COMMAND_TYPES, Command, Upsert, validate_key
+from metanode.sm.commands import COMMAND_TYPES, Command, RemoveNode, SetNode, Upsert, validate_key
 from metanode.sm.kv import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, KVStateMachine
-from metanode.sm.types import ApplyError, ApplyResult, Change, KeyChange, MatchSeq, SeqV
+from metanode.sm.types import (
+    ApplyError,
+    ApplyResult,
+    Change,
+    Endpoint,
+    KeyChange,
+    MatchSeq,
+    NodeRecord,
+    NodeUpdate,
+    SeqV,
+)
 
 __all__ = [
     "COMMAND_TYPES",
@@ -15,11 +25,16 @@ __all__ = [
     "ApplyError",
     "ApplyResult",
     "Change",
+    "Endpoint",
     "Command",
     "KVStateMachine",
     "KeyChange",
     "MatchSeq",
+    "NodeRecord",
+    "NodeUpdate",
+    "RemoveNode",
     "SeqV",
+    "SetNode",
     "Upsert",
     "validate_key",
 ]

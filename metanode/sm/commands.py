@@ -6,18 +6,18 @@ from a log entry must always be buildable, so that a bad one reaches
 replica. Each command has ``validate()``, which raises ``ValueError`` with a clear
 message; the API layer calls it before proposing, and ``apply`` calls it again.
 
-Adding a command kind (``Txn``, ``AddNode``, ``RemoveNode``): define it here with a
+Adding a command kind (``Txn``, ...): define it here with a ``TAG`` and a
 ``validate()``, add it to ``Command`` and ``COMMAND_TYPES``, and add one ``case`` to
-``KVStateMachine._dispatch``.
+``KVStateMachine._dispatch``; `metanode.sm.codec` puts it on the wire.
 """
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import ClassVar, TypeAlias
 
 import attrs
 
-from metanode.sm.types import MatchSeq, is_int
+from metanode.sm.types import MatchSeq, NodeRecord, is_int
 
 
 def validate_key(key: object) -> None:
@@ -48,6 +48,7 @@ class Upsert:
     still be well-formed.
     """
 
+    TAG: ClassVar[str] = "upsert"
     key: str
     value: bytes | None
     match_seq: MatchSeq | None = None
@@ -88,8 +89,36 @@ class Upsert:
         return " ".join(parts)
 
 
-Command: TypeAlias = Upsert
-"""Every command kind the state machine applies (a union once there are more)."""
+@attrs.frozen
+class SetNode:
+    """Publish (or re-publish, when its addresses changed) the record of a node."""
 
-COMMAND_TYPES: tuple[type, ...] = (Upsert,)
+    TAG: ClassVar[str] = "set_node"
+    node_id: int
+    record: NodeRecord
+
+    def validate(self) -> None:
+        if not is_int(self.node_id) or self.node_id <= 0:
+            raise ValueError(f"node id must be a positive int, got {self.node_id!r}")
+        if not isinstance(self.record, NodeRecord):
+            raise ValueError("record must be a NodeRecord")
+        self.record.validate()
+
+
+@attrs.frozen
+class RemoveNode:
+    """Forget the record of a node that left the cluster."""
+
+    TAG: ClassVar[str] = "remove_node"
+    node_id: int
+
+    def validate(self) -> None:
+        if not is_int(self.node_id) or self.node_id <= 0:
+            raise ValueError(f"node id must be a positive int, got {self.node_id!r}")
+
+
+Command: TypeAlias = Upsert | SetNode | RemoveNode
+"""Every command kind the state machine applies."""
+
+COMMAND_TYPES: tuple[type, ...] = (Upsert, SetNode, RemoveNode)
 """The runtime counterpart of ``Command``, for ``isinstance`` checks."""

@@ -43,14 +43,25 @@ from typing import Any, assert_never
 import msgpack
 from sortedcontainers import SortedList
 
-from metanode.sm.commands import COMMAND_TYPES, Command, Upsert
-from metanode.sm.types import ApplyError, ApplyResult, Change, KeyChange, SeqV, is_int
+from metanode.sm.commands import COMMAND_TYPES, Command, RemoveNode, SetNode, Upsert
+from metanode.sm.types import (
+    ApplyError,
+    ApplyResult,
+    Change,
+    Endpoint,
+    KeyChange,
+    NodeRecord,
+    NodeUpdate,
+    SeqV,
+    is_int,
+)
 
 SNAPSHOT_FORMAT = "metanode.sm.kv"
 """The ``format`` field of a snapshot document."""
 
-SNAPSHOT_VERSION = 1
-"""The ``version`` field of a snapshot document; bump it when the layout changes."""
+SNAPSHOT_VERSION = 2
+"""The ``version`` field of a snapshot document; bump it when the layout changes.
+Version 1 had no ``nodes``; it is still read."""
 
 
 class KVStateMachine:
@@ -64,6 +75,7 @@ class KVStateMachine:
         self._kv: dict[str, SeqV] = {}
         self._keys: SortedList = SortedList()
         self._expiry: SortedList = SortedList()  # (expire_at_ms, key), only keys with a TTL
+        self._nodes: dict[int, NodeRecord] = {}  # cluster node records (SPEC §3)
         self._seq = 0
         self._log_time_ms = 0
         self._changes: list[KeyChange] = []  # collects the changes of the running apply
@@ -101,6 +113,13 @@ class KVStateMachine:
             f"<KVStateMachine keys={len(self._kv)} last_seq={self._seq} "
             f"log_time_ms={self._log_time_ms}>"
         )
+
+    def nodes(self) -> list[tuple[int, NodeRecord]]:
+        """Every published node record, by node id."""
+        return sorted(self._nodes.items())
+
+    def node(self, node_id: int) -> NodeRecord | None:
+        return self._nodes.get(node_id)
 
     # ------------------------------------------------------------------ reads
 
@@ -178,6 +197,12 @@ class KVStateMachine:
         match cmd:
             case Upsert():
                 return self._upsert(cmd)
+            case SetNode():
+                prev = self._nodes.get(cmd.node_id)
+                self._nodes[cmd.node_id] = cmd.record
+                return NodeUpdate(cmd.node_id, prev, cmd.record)
+            case RemoveNode():
+                return NodeUpdate(cmd.node_id, self._nodes.pop(cmd.node_id, None), None)
             case _:
                 assert_never(cmd)
 
@@ -234,8 +259,9 @@ class KVStateMachine:
         """The whole state as msgpack bytes; identical state gives identical bytes.
 
         Layout (a map, fields in this order): ``format`` (``"metanode.sm.kv"``),
-        ``version`` (1), ``seq`` (last seq), ``log_time_ms``, ``kv``: a list in key order
-        of ``[key, seq, data, expire_at_ms | nil]``.
+        ``version`` (2), ``seq`` (last seq), ``log_time_ms``, ``kv``: a list in key order
+        of ``[key, seq, data, expire_at_ms | nil]``, ``nodes``: a list by node id of
+        ``[id, name, addr, port, grpc_api_advertise_address | nil]``.
         """
         doc = {
             "format": SNAPSHOT_FORMAT,
@@ -243,6 +269,10 @@ class KVStateMachine:
             "seq": self._seq,
             "log_time_ms": self._log_time_ms,
             "kv": [[k, v.seq, v.data, v.expire_at_ms] for k, v in self.items()],
+            "nodes": [
+                [i, r.name, r.endpoint.addr, r.endpoint.port, r.grpc_api_advertise_address]
+                for i, r in self.nodes()
+            ],
         }
         return msgpack.packb(doc, use_bin_type=True)
 
@@ -266,7 +296,7 @@ class KVStateMachine:
             raise ValueError(f"snapshot must be a msgpack map, got {type(doc).__name__}")
         if doc.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"not a KV snapshot: format is {doc.get('format')!r}")
-        if doc.get("version") != SNAPSHOT_VERSION:
+        if doc.get("version") not in (1, SNAPSHOT_VERSION):
             raise ValueError(
                 f"unsupported KV snapshot version {doc.get('version')!r} "
                 f"(this build reads version {SNAPSHOT_VERSION})"
@@ -292,6 +322,9 @@ class KVStateMachine:
         sm._kv = kv
         sm._keys = SortedList(kv)
         sm._expiry = SortedList(expiry)
+        if doc["version"] >= 2 and "nodes" not in doc:
+            raise ValueError("snapshot field 'nodes' is missing")
+        sm._nodes = _parse_nodes(doc.get("nodes", []))
         sm._seq = seq
         sm._log_time_ms = log_time_ms
         sm._expire()
@@ -319,3 +352,22 @@ def _parse_entry(i: int, entry: object, last_seq: int) -> tuple[str, SeqV]:
     if expire_at_ms is not None and (not is_int(expire_at_ms) or expire_at_ms < 0):
         raise ValueError(f"snapshot kv entry {i} ({key!r}): bad expire_at_ms {expire_at_ms!r}")
     return key, SeqV(seq, data, expire_at_ms)
+
+
+def _parse_nodes(rows: object) -> dict[int, NodeRecord]:
+    if not isinstance(rows, list):
+        raise ValueError("snapshot field 'nodes' must be a list")
+    nodes: dict[int, NodeRecord] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != 5:
+            raise ValueError(f"snapshot node {i} must be [id, name, addr, port, grpc_address]")
+        node_id, name, addr, port, grpc = row
+        record = NodeRecord(name, Endpoint(addr, port), grpc)
+        try:
+            SetNode(node_id, record).validate()
+        except ValueError as e:
+            raise ValueError(f"snapshot node {i}: {e}") from None
+        if node_id in nodes:
+            raise ValueError(f"snapshot node {i}: node {node_id} listed twice")
+        nodes[node_id] = record
+    return nodes

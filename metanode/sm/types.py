@@ -128,5 +128,47 @@ class KeyChange:
         return f"{self.key!r}: {self.prev} -> {self.current}"
 
 
-ApplyResult: TypeAlias = Change | ApplyError
+@attrs.frozen
+class Endpoint:
+    """A raft address as the admin API shows it: ``{"addr": "localhost", "port": 28004}``."""
+
+    addr: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.addr}:{self.port}"
+
+
+@attrs.frozen
+class NodeRecord:
+    """What the cluster knows of a node (SPEC §3), as `/v1/cluster/nodes` lists it."""
+
+    name: str
+    endpoint: Endpoint
+    grpc_api_advertise_address: str | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("node name must be a non-empty str")
+        if not isinstance(self.endpoint, Endpoint):
+            raise ValueError("node endpoint must be an Endpoint")
+        if not isinstance(self.endpoint.addr, str) or not self.endpoint.addr:
+            raise ValueError("node endpoint addr must be a non-empty str")
+        if not is_int(self.endpoint.port) or not 0 < self.endpoint.port < 65536:
+            raise ValueError(f"node endpoint port must be in 1..65535, got {self.endpoint.port!r}")
+        g = self.grpc_api_advertise_address
+        if g is not None and not isinstance(g, str):
+            raise ValueError("grpc_api_advertise_address must be a str or None")
+
+
+@attrs.frozen
+class NodeUpdate:
+    """The result of `SetNode` / `RemoveNode`: the record before and after."""
+
+    node_id: int
+    prev: NodeRecord | None
+    current: NodeRecord | None
+
+
+ApplyResult: TypeAlias = Change | NodeUpdate | ApplyError
 """What ``KVStateMachine.apply`` returns; grows with new command kinds (e.g. ``TxnReply``)."""

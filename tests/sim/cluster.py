@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import msgpack
 
 from metanode.errors import ClientError
 from metanode.raft import (
@@ -42,6 +41,7 @@ from metanode.raft import (
     bootstrap_state,
 )
 from metanode.sm import KVStateMachine, MatchSeq, Upsert
+from metanode.sm import codec as sm_codec
 
 TICK_MS = 50
 
@@ -52,13 +52,14 @@ class InvariantViolation(AssertionError):
 
 # --------------------------------------------------------------------- commands
 def encode_command(kind: str, key: str, value: bytes | None, expect_seq: int | None, time_ms: int) -> bytes:
-    return msgpack.packb([kind, key, value, expect_seq, time_ms], use_bin_type=True)
+    """A client's put / cas / delete as the daemon encodes it into a log entry."""
+    match_seq = MatchSeq(exact=expect_seq) if kind == "cas" else None
+    return sm_codec.encode_command(Upsert(key, value if kind != "delete" else None, match_seq), time_ms)
 
 
 def apply_command(sm: KVStateMachine, data: bytes) -> Any:
-    kind, key, value, expect_seq, time_ms = msgpack.unpackb(data, raw=False)
-    match_seq = MatchSeq(exact=expect_seq) if kind == "cas" else None
-    return sm.apply(Upsert(key, value if kind != "delete" else None, match_seq), time_ms)
+    entry = sm_codec.decode_command(data)
+    return sm.apply(entry.cmd, entry.time_ms)
 
 
 # --------------------------------------------------------------------- disk

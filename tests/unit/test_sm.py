@@ -12,10 +12,15 @@ from metanode.sm import (
     SNAPSHOT_VERSION,
     ApplyError,
     Change,
+    Endpoint,
     KeyChange,
     KVStateMachine,
     MatchSeq,
+    NodeRecord,
+    NodeUpdate,
+    RemoveNode,
     SeqV,
+    SetNode,
     Upsert,
 )
 
@@ -379,7 +384,7 @@ def test_snapshot_round_trip_gives_identical_bytes_and_state():
 
 def test_snapshot_layout():
     doc = msgpack.unpackb(_sample().snapshot(), raw=False)
-    assert list(doc) == ["format", "version", "seq", "log_time_ms", "kv"]
+    assert list(doc) == ["format", "version", "seq", "log_time_ms", "kv", "nodes"]
     assert doc["format"] == SNAPSHOT_FORMAT and doc["version"] == SNAPSHOT_VERSION
     assert doc["kv"] == [["a", 2, b"", 106], ["b", 1, b"\x00\xff", None], ["c/é", 4, b"u", 10_000]]
 
@@ -391,7 +396,7 @@ def test_empty_snapshot_round_trip():
 
 
 def _doc(**override) -> bytes:
-    doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": 5, "log_time_ms": 10, "kv": []}
+    doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": 5, "log_time_ms": 10, "kv": [], "nodes": []}
     doc.update(override)
     return msgpack.packb(doc, use_bin_type=True)
 
@@ -406,7 +411,12 @@ def _doc(**override) -> bytes:
         msgpack.packb({1: 2}),
         _doc() + b"\x00",
         _doc(format="other"),
-        _doc(version=2),
+        _doc(version=3),
+        _doc(nodes=None),
+        _doc(nodes=[[1, "1", "localhost", 28004]]),
+        _doc(nodes=[[0, "1", "localhost", 28004, None]]),
+        _doc(nodes=[[1, "1", "localhost", 70000, None]]),
+        _doc(nodes=[[1, "1", "localhost", 28004, None], [1, "1", "h", 1, None]]),
         _doc(seq=-1),
         _doc(seq="5"),
         _doc(log_time_ms=None),
@@ -528,3 +538,32 @@ def test_random_commands_agree_with_a_dict_model_and_survive_snapshot(steps, cut
     assert KVStateMachine.restore(final).snapshot() == final
     if restored is not None:
         assert restored.snapshot() == final
+
+
+def test_node_records_are_set_replaced_removed_and_snapshotted():
+    """SPEC §3: each node's record is replicated; re-publishing replaces it; a removed
+    node's record goes; records survive a snapshot round trip (version 2)."""
+    sm = KVStateMachine()
+    rec = NodeRecord("1", Endpoint("localhost", 28004), None)
+    assert sm.apply(SetNode(1, rec), 5) == NodeUpdate(1, None, rec)
+    moved = NodeRecord("1", Endpoint("localhost", 28005), "127.0.0.1:9191")
+    assert sm.apply(SetNode(1, moved), 6) == NodeUpdate(1, rec, moved)
+    sm.apply(SetNode(2, NodeRecord("2", Endpoint("h2", 1))), 7)
+    assert [i for i, _ in sm.nodes()] == [1, 2] and sm.node(1) == moved
+    assert sm.last_seq == 0  # node records are not KV writes
+    restored = KVStateMachine.restore(sm.snapshot())
+    assert restored.nodes() == sm.nodes() and restored.snapshot() == sm.snapshot()
+    two = sm.node(2)
+    assert sm.apply(RemoveNode(2), 8) == NodeUpdate(2, two, None)
+    assert sm.apply(RemoveNode(2), 9) == NodeUpdate(2, None, None)
+    assert isinstance(sm.apply(SetNode(0, rec), 10), ApplyError)
+    assert isinstance(sm.apply(SetNode(3, NodeRecord("", Endpoint("h", 1))), 10), ApplyError)
+
+
+def test_version_1_snapshots_without_nodes_are_still_read():
+    data = msgpack.packb(
+        {"format": SNAPSHOT_FORMAT, "version": 1, "seq": 1, "log_time_ms": 0, "kv": [["a", 1, b"x", None]]},
+        use_bin_type=True,
+    )
+    sm = KVStateMachine.restore(data)
+    assert sm.get("a") == SeqV(1, b"x") and sm.nodes() == []
