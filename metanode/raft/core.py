@@ -71,7 +71,8 @@ class RaftConfig:
 
     id: int
     heartbeat_ticks: int = 1
-    election_ticks: int = 10  # minimum election timeout; random in [n, 2n) (§3.4)
+    election_ticks: int = 10  # minimum election timeout (§3.4)
+    election_ticks_max: int = 0  # timeouts are random in [election_ticks, this); 0: twice the minimum
     max_entries_per_msg: int = 256
     max_bytes_per_msg: int = 1 << 20
     max_inflight: int = 64
@@ -86,6 +87,8 @@ class RaftConfig:
             raise ValueError(f"raft node id must be positive, got {self.id}")
         if not 0 < self.heartbeat_ticks < self.election_ticks:
             raise ValueError("need 0 < heartbeat_ticks < election_ticks")
+        if self.election_ticks_max and self.election_ticks_max <= self.election_ticks:
+            raise ValueError("need election_ticks < election_ticks_max")
 
 
 @attrs.frozen
@@ -256,7 +259,7 @@ class RaftCore:
     # ------------------------------------------------------------------ transitions
     def _reset_randomized_timeout(self) -> None:
         n = self.config.election_ticks
-        self._randomized_timeout = self.rng.randrange(n, 2 * n)
+        self._randomized_timeout = self.rng.randrange(n, self.config.election_ticks_max or 2 * n)
 
     def _reset(self, term: int) -> None:
         if term != self.term:
