@@ -1,0 +1,807 @@
+"""The raft port over TCP (SPEC §7, DESIGN §4): `serve_raft`, `PeerLink`, `call`.
+
+Every connection starts with the dialer's `Hello`. Then the dialer either streams raft
+messages one way (a `PeerLink`, one per peer, fire and forget: Raft tolerates loss), or
+makes `Call`s answered on the same connection by `CallResult`s (`call`, one per
+connection). The listener answers a refused hello or a protocol violation with an
+`ErrorFrame` and closes that connection; nothing a dialer sends can stop the server or
+reach the raft core before its hello was accepted.
+
+I/O errors (`trio.BrokenResourceError`, `trio.ClosedResourceError`, `OSError`) are
+translated once, at the edge of a connection (`_Conn`), into `TransportError`, which
+never escapes a connection task: it ends that connection with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import attrs
+import trio
+
+from metanode.errors import (
+    BadRequest,
+    ClientError,
+    NotLeader,
+    Timeout,
+    TooLarge,
+    TransportError,
+    Unauthenticated,
+    Unavailable,
+)
+from metanode.raft.messages import MESSAGE_TYPES, Message
+from metanode.transport.frames import (
+    Call,
+    CallResult,
+    ErrorFrame,
+    ErrorInfo,
+    Hello,
+    decode_frame,
+    frame_bytes,
+)
+from metanode.wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    DecodeError,
+    EncodeError,
+    FrameDecoder,
+    FrameTooLarge,
+    encode_frame,
+    encode_message,
+)
+
+__all__ = [
+    "Identity",
+    "PeerLink",
+    "PeerLinkStats",
+    "call",
+    "error_from_info",
+    "parse_address",
+    "serve_raft",
+]
+
+log = logging.getLogger("metanode.transport")
+
+_RECEIVE_SIZE = 64 * 1024
+#: A connection that has not said hello by then is closed.
+HELLO_TIMEOUT = 10.0
+#: After an error frame, how long (and how many bytes) we read and discard what the
+#: dialer had already sent, so that closing does not reset the connection before the
+#: dialer could read the error frame.
+_LINGER_SECONDS = 0.5
+_LINGER_BYTES = 1 << 20
+#: Calls running at once on one connection; the reader waits beyond that.
+MAX_CALLS_PER_CONNECTION = 64
+#: A sender batch stops growing past this many bytes (it may exceed it by one frame).
+_MAX_BATCH_BYTES = 4 << 20
+
+_RAFT_TYPES = frozenset(MESSAGE_TYPES)
+_IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_ERRORS_BY_CODE: dict[str, type[ClientError]] = {
+    cls.code: cls
+    for cls in (ClientError, NotLeader, Unavailable, TooLarge, Unauthenticated, BadRequest, Timeout)
+}
+
+
+@attrs.frozen
+class Identity:
+    """Who this process is on the raft port. `cluster_id` is None until the node has
+    joined (or bootstrapped) a cluster; `node_id` 0 is "not a node" (the CLI)."""
+
+    node_id: int
+    cluster_name: str
+    cluster_id: str | None
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) as (host, port); `ValueError` if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {address!r}")
+    return host, port
+
+
+def _describe_io_error(exc: BaseException) -> str:
+    """An I/O error in words, down to the OS errors it was raised from (trio wraps them:
+    `open_tcp_stream` raises one OSError caused by a group of per-address errors)."""
+    parts: list[str] = []
+
+    def walk(e: BaseException | None, depth: int) -> None:
+        if e is None or depth > 8:
+            return
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub, depth + 1)
+            return
+        text = str(e)
+        if text and text not in parts:
+            parts.append(text)
+        if isinstance(e, OSError) and e.errno is not None:
+            return  # the OS error itself
+        walk(e.__cause__ or e.__context__, depth + 1)
+
+    walk(exc, 0)
+    return ": ".join(parts) if parts else type(exc).__name__
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def error_from_info(code: str, message: str, leader: str | None = None) -> ClientError:
+    """The `ClientError` subclass for `code` (a plain `ClientError` carrying an unknown
+    code); `NotLeader` gets ``.leader``, the leader's ``"host:port"`` or None."""
+    cls = _ERRORS_BY_CODE.get(code)
+    if cls is NotLeader:
+        return NotLeader(message, leader=leader)  # type: ignore[arg-type]
+    if cls is not None:
+        return cls(message)
+    err = ClientError(message)
+    err.code = code
+    return err
+
+
+class _Conn:
+    """A stream with frame I/O; the one place where I/O errors become `TransportError`.
+
+    Sends are serialized by a lock (calls answered concurrently share the stream).
+    """
+
+    def __init__(self, stream: trio.SocketStream, peer: str, max_frame_size: int) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.decoder = FrameDecoder(max_frame_size)
+        self._send_lock = trio.Lock()
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(data)
+            except _IO_ERRORS as exc:
+                raise TransportError(f"{self.peer}: send failed: {_describe_io_error(exc)}") from exc
+
+    async def receive(self) -> bytes:
+        """Some bytes, or b"" at the end of the stream."""
+        try:
+            return await self.stream.receive_some(_RECEIVE_SIZE)
+        except _IO_ERRORS as exc:
+            raise TransportError(
+                f"{self.peer}: receive failed: {_describe_io_error(exc)}"
+            ) from exc
+
+    async def receive_frames(self) -> list[bytes] | None:
+        """The frame bodies completed by the next read; None at a clean end of stream.
+
+        Raises `DecodeError` (a frame over the limit, a zero length, a stream cut in
+        the middle of a frame) and `TransportError`.
+        """
+        data = await self.receive()
+        if not data:
+            if self.decoder.pending:
+                raise DecodeError(
+                    f"connection closed in the middle of a frame ({self.decoder.pending} bytes pending)"
+                )
+            return None
+        return self.decoder.feed(data)
+
+    async def send_eof(self) -> None:
+        try:
+            await self.stream.send_eof()
+        except _IO_ERRORS as exc:
+            raise TransportError(f"{self.peer}: send_eof failed: {_describe_io_error(exc)}") from exc
+
+    async def drain(self, seconds: float, max_bytes: int) -> None:
+        """Read and discard until the end of the stream, `seconds` or `max_bytes`."""
+        with trio.move_on_after(seconds):
+            while max_bytes > 0:
+                data = await self.receive()
+                if not data:
+                    return
+                max_bytes -= len(data)
+
+
+# -------------------------------------------------------------------------- server
+
+
+class _Refuse(Exception):
+    """Ends a server connection with an error frame (internal control flow)."""
+
+    def __init__(self, code: str, message: str, *, linger: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.linger = linger
+
+
+@attrs.define
+class _Server:
+    """State shared by the connections of one `serve_raft`."""
+
+    identity: Callable[[], Identity]
+    on_message: Callable[[Message], None]
+    on_call: Callable[[str, bytes, Hello], Awaitable[bytes]]
+    on_cluster_id: Callable[[str], None]
+    leader_address: Callable[[int], str | None] | None
+    max_frame_size: int
+    #: The cluster id adopted from a peer while our identity had none (SPEC §3).
+    adopted_cluster_id: str | None = None
+
+    def our_cluster_id(self, ident: Identity) -> str | None:
+        return ident.cluster_id if ident.cluster_id is not None else self.adopted_cluster_id
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """The task of one accepted connection; never raises (but `Cancelled`)."""
+        conn = _Conn(stream, _peer_name(stream), self.max_frame_size)
+        try:
+            await _ServerConnection(self, conn).run()
+        except Exception:
+            # A bug of ours: loud, but it ends this connection only, not the server.
+            log.exception("%d raft port: connection from %s failed", self.identity().node_id,
+                          conn.peer)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+class _ServerConnection:
+    def __init__(self, server: _Server, conn: _Conn) -> None:
+        self.server = server
+        self.conn = conn
+        self.hello: Hello | None = None
+        self.raft_checked = False
+        self.call_slots = trio.Semaphore(MAX_CALLS_PER_CONNECTION)
+
+    @property
+    def node_id(self) -> int:
+        return self.server.identity().node_id
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._read_loop(nursery)
+            except _Refuse as refusal:
+                await self._refuse(refusal)
+            except DecodeError as exc:
+                log.warning("%d raft port: bad frame from %s: %s", self.node_id, self.conn.peer, exc)
+                code = "too_large" if isinstance(exc, FrameTooLarge) else "bad_request"
+                # Never read the body of a frame over the limit: close at once.
+                await self._refuse(_Refuse(code, str(exc), linger=not isinstance(exc, FrameTooLarge)))
+            except TransportError as exc:
+                log.debug("%d raft port: connection %s ended: %s", self.node_id, self.conn.peer, exc)
+            # End of stream or error: nobody is left to read the answers of running calls.
+            nursery.cancel_scope.cancel()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        hello_deadline = trio.current_time() + HELLO_TIMEOUT
+        while True:
+            if self.hello is None:
+                with trio.move_on_at(hello_deadline) as hello_wait:
+                    bodies = await self.conn.receive_frames()
+                if hello_wait.cancelled_caught:
+                    raise _Refuse("bad_request", f"no hello within {HELLO_TIMEOUT:g} s", linger=False)
+            else:
+                bodies = await self.conn.receive_frames()
+            if bodies is None:
+                return
+            for body in bodies:
+                await self._on_frame(decode_frame(body), nursery)
+
+    async def _on_frame(self, frame: Any, nursery: trio.Nursery) -> None:
+        if self.hello is None:
+            if not isinstance(frame, Hello):
+                raise _Refuse("bad_request", f"the first frame must be a hello, got {type(frame).__name__}")
+            self._check_hello(frame)
+            self.hello = frame
+            log.debug("%d raft port: %s from %s", self.node_id, frame, self.conn.peer)
+        elif type(frame) in _RAFT_TYPES:
+            self._check_raft(frame)
+            try:
+                self.server.on_message(frame)
+            except Exception:
+                log.exception("%d raft port: on_message failed for %s", self.node_id, frame)
+                raise _Refuse("internal", "internal error", linger=False) from None
+        elif isinstance(frame, Call):
+            await self.call_slots.acquire()
+            nursery.start_soon(self._run_call, frame)
+        else:
+            raise _Refuse("bad_request", f"unexpected {type(frame).__name__} frame")
+
+    def _check_hello(self, hello: Hello) -> None:
+        """Version, cluster name and cluster id must match ours (SPEC §3, §7)."""
+        ident = self.server.identity()
+        if hello.v != PROTOCOL_VERSION:
+            raise _Refuse(
+                "bad_request",
+                f"protocol version {hello.v} is not ours ({PROTOCOL_VERSION})",
+            )
+        if hello.cluster_name != ident.cluster_name:
+            raise _Refuse(
+                "unauthenticated",
+                f"cluster_name {hello.cluster_name!r} is not ours ({ident.cluster_name!r})",
+            )
+        ours = self.server.our_cluster_id(ident)
+        if hello.cluster_id is not None and ours is not None and hello.cluster_id != ours:
+            raise _Refuse(
+                "unauthenticated",
+                f"cluster_id {hello.cluster_id!r} is not ours ({ours!r})",
+            )
+
+    def _check_raft(self, msg: Any) -> None:
+        """May this connection carry raft messages, and is `msg` for us from the dialer?"""
+        assert self.hello is not None
+        ident = self.server.identity()
+        if not self.raft_checked:
+            theirs = self.hello.cluster_id
+            if theirs is None:
+                raise _Refuse(
+                    "unauthenticated", "raft messages need a cluster_id in the hello"
+                )
+            ours = self.server.our_cluster_id(ident)
+            if ours is None:
+                # A fresh node waiting to be added learns its cluster from the leader.
+                log.info("%d adopted cluster_id %s from node %d (%s)",
+                         ident.node_id, theirs, self.hello.from_id, self.conn.peer)
+                try:
+                    self.server.on_cluster_id(theirs)
+                except Exception:
+                    log.exception("%d on_cluster_id(%s) failed", ident.node_id, theirs)
+                    raise _Refuse("internal", "cannot adopt the cluster id", linger=False) from None
+                self.server.adopted_cluster_id = theirs
+            elif ours != theirs:
+                raise _Refuse("unauthenticated", f"cluster_id {theirs!r} is not ours ({ours!r})")
+            self.raft_checked = True
+        if msg.src != self.hello.from_id or msg.dst != ident.node_id:
+            raise _Refuse(
+                "bad_request",
+                f"message {msg.src}->{msg.dst} on a connection from node"
+                f" {self.hello.from_id} to node {ident.node_id}",
+            )
+
+    async def _run_call(self, frame: Call) -> None:
+        """Run one call and answer it; never raises (but `Cancelled`)."""
+        assert self.hello is not None
+        try:
+            try:
+                payload = await self.server.on_call(frame.method, frame.payload, self.hello)
+                result = CallResult(frame.id, payload=payload)
+            except ClientError as exc:
+                result = CallResult(frame.id, error=self._error_info(exc))
+            except Exception as exc:
+                log.exception("%d raft port: call %s from %s failed", self.node_id, frame, self.conn.peer)
+                result = CallResult(
+                    frame.id, error=ErrorInfo("internal", f"internal error: {type(exc).__name__}")
+                )
+            try:
+                data = frame_bytes(result)
+            except (EncodeError, ValueError):
+                log.exception("%d raft port: cannot encode the answer to %s", self.node_id, frame)
+                data = frame_bytes(CallResult(frame.id, error=ErrorInfo("internal", "bad answer")))
+            await self.conn.send(data)
+        except TransportError as exc:
+            log.debug("%d raft port: answer to %s lost: %s", self.node_id, frame, exc)
+        finally:
+            self.call_slots.release()
+
+    def _error_info(self, exc: ClientError) -> ErrorInfo:
+        leader = getattr(exc, "leader", None)
+        if isinstance(leader, int) and not isinstance(leader, bool):
+            resolve = self.server.leader_address
+            leader = resolve(leader) if resolve is not None else None
+        if not isinstance(leader, str):
+            leader = None
+        return ErrorInfo(exc.code, str(exc), leader)
+
+    async def _refuse(self, refusal: _Refuse) -> None:
+        """Send an error frame, then close (after a short linger, see `_LINGER_SECONDS`)."""
+        log.warning("%d raft port: refused %s (%s): %s", self.node_id, self.conn.peer,
+                    self.hello if self.hello is not None else "no hello", refusal.message)
+        try:
+            with trio.move_on_after(_LINGER_SECONDS):
+                await self.conn.send(frame_bytes(ErrorFrame(refusal.code, refusal.message)))
+                await self.conn.send_eof()
+            if refusal.linger:
+                await self.conn.drain(_LINGER_SECONDS, _LINGER_BYTES)
+        except TransportError as exc:
+            log.debug("%d raft port: error frame to %s lost: %s", self.node_id, self.conn.peer, exc)
+
+
+def _ignore_cluster_id(cluster_id: str) -> None:
+    """Default `on_cluster_id`: nothing to persist."""
+
+
+async def serve_raft(
+    host: str,
+    port: int,
+    *,
+    identity: Callable[[], Identity],
+    on_message: Callable[[Message], None],
+    on_call: Callable[[str, bytes, Hello], Awaitable[bytes]],
+    on_cluster_id: Callable[[str], None] = _ignore_cluster_id,
+    leader_address: Callable[[int], str | None] | None = None,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Listen on the raft port; never returns (cancel it to stop).
+
+    Binds with SO_REUSEADDR, then ``task_status.started(bound_port)`` (so ``port=0``
+    works). A port in use raises `OSError` (errno ``EADDRINUSE``) before `started`.
+
+    Each connection is its own task. Its first frame must be a `Hello` whose version
+    and cluster name equal ours and whose cluster id, when both sides have one, equals
+    ours; otherwise an `ErrorFrame` answers and the connection closes. Then:
+
+    * raft messages go to `on_message` (sync and non-blocking: the node puts them in
+      a bounded inbox). They need a cluster id in the hello, and must come from the
+      hello's node and be addressed to us. If we have no cluster id yet (a fresh node
+      waiting to be added), the dialer's is adopted: ``on_cluster_id(cluster_id)`` is
+      called once, before the first message, and later dialers must match it;
+    * each `Call` runs ``await on_call(method, payload, hello)`` in its own task, so
+      calls on one connection run concurrently; the answer carries the call's id. A
+      `ClientError` becomes an `ErrorInfo` (``code``, ``str(e)``, and the leader's
+      ``"host:port"`` for `NotLeader`: a str ``.leader`` as is, an int node id through
+      `leader_address`); any other exception is logged with its traceback and answered
+      with code ``internal``.
+
+    A frame over `max_frame_size` closes its connection as soon as its header is read
+    (the body is never buffered); undecodable or truncated frames close their
+    connection only, logged at warning with the peer address.
+    """
+    server = _Server(
+        identity=identity,
+        on_message=on_message,
+        on_call=on_call,
+        on_cluster_id=on_cluster_id,
+        leader_address=leader_address,
+        max_frame_size=max_frame_size,
+    )
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    bound_port: int = listeners[0].socket.getsockname()[1]
+    log.info("%d raft port listening on %s:%d", identity().node_id, host or "*", bound_port)
+    task_status.started(bound_port)
+    await trio.serve_listeners(server.handle, listeners)  # type: ignore[arg-type]
+    raise AssertionError("serve_listeners returned")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------- dialers
+
+
+async def _connect(address: str, timeout: float) -> trio.SocketStream:
+    """A TCP connection to `address`; `TransportError` naming it on any failure."""
+    try:
+        host, port = parse_address(address)
+    except ValueError as exc:
+        raise TransportError(f"cannot connect to {address}: {exc}") from None
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise TransportError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {address}: {_describe_io_error(exc)}") from exc
+
+
+def _hello(ident: Identity) -> Hello:
+    return Hello(PROTOCOL_VERSION, ident.cluster_id, ident.cluster_name, ident.node_id)
+
+
+async def call(
+    address: str,
+    identity: Identity,
+    method: str,
+    payload: bytes,
+    *,
+    timeout: float,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+) -> bytes:
+    """Call `method` on the node at `address` (``"host:port"`` of its raft port).
+
+    One connection: hello, one `Call`, wait for its `CallResult`, close. Returns the
+    result's payload. Raises the `ClientError` subclass of an error answer (or of an
+    error frame refusing our hello): `NotLeader` with ``.leader`` the leader's
+    ``"host:port"`` (or None), `Unavailable`, `BadRequest`, `TooLarge`,
+    `Unauthenticated`, `Timeout`, a plain `ClientError` with ``.code`` for a code we do
+    not know; `TransportError` (naming the address and the OS error) when the
+    connection fails or closes before the answer; `Timeout` after `timeout` seconds.
+    """
+    request = frame_bytes(_hello(identity)) + frame_bytes(Call(1, method, payload))
+    try:
+        with trio.fail_after(timeout):
+            stream = await _connect(address, math.inf)
+            try:
+                return await _call_on(_Conn(stream, address, max_frame_size), request)
+            finally:
+                await trio.aclose_forcefully(stream)
+    except trio.TooSlowError:
+        raise Timeout(f"{method} to {address}: no answer within {timeout:g} s") from None
+
+
+async def _call_on(conn: _Conn, request: bytes) -> bytes:
+    await conn.send(request)
+    while True:
+        try:
+            bodies = await conn.receive_frames()
+            if bodies is None:
+                raise TransportError(f"{conn.peer}: connection closed before the answer")
+            frames = [decode_frame(body) for body in bodies]
+        except DecodeError as exc:
+            raise TransportError(f"{conn.peer}: bad answer: {exc}") from exc
+        for frame in frames:
+            if isinstance(frame, CallResult) and frame.id == 1:
+                if frame.error is not None:
+                    e = frame.error
+                    raise error_from_info(e.code, e.message, e.leader)
+                assert frame.payload is not None
+                return frame.payload
+            if isinstance(frame, ErrorFrame):
+                raise error_from_info(frame.code, f"{conn.peer} refused: {frame.message}")
+            raise TransportError(f"{conn.peer}: unexpected answer {frame}")
+
+
+@attrs.define
+class PeerLinkStats:
+    """Counters of a `PeerLink`."""
+
+    sent: int = 0  #: messages written to a connection
+    dropped: int = 0  #: messages refused (queue full, disconnected) or lost with a connection
+    reconnects: int = 0  #: connections established after the first one
+    batches: int = 0  #: writes (each carries one or more messages)
+
+
+class PeerLink:
+    """The one outgoing connection to one peer, carrying raft messages one way.
+
+    A bounded queue feeds a sender task (`run`) that connects, says hello (with the
+    identity read at each connection: a joining node learns its cluster id late),
+    and writes every queued message in one ``send_all`` (concatenated frames). When the
+    connection fails it reconnects after a capped exponential backoff (`backoff_min`
+    doubling to `backoff_max`, times a jitter in [0.5, 1) drawn from `rng`), re-reading
+    `address` at each attempt (the peer's address can change; `reconnect_nowait`
+    skips the wait). Raft tolerates loss, so nothing is buffered without bound:
+    `send_nowait` drops a message when the queue is full or while disconnected (the
+    queue is emptied when a connection is lost) and counts it in `stats`.
+
+    A frame read back on the connection can only be an `ErrorFrame` (the peer refused
+    our hello, e.g. another cluster): it is logged and the connection retried later.
+    """
+
+    def __init__(
+        self,
+        peer_id: int,
+        address: Callable[[], str | None],
+        identity: Callable[[], Identity],
+        *,
+        queue_size: int = 1024,
+        rng: random.Random | None = None,
+        backoff_min: float = 0.05,
+        backoff_max: float = 2.0,
+        connect_timeout: float = 2.0,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        self.peer_id = peer_id
+        self._address = address
+        self._identity = identity
+        self._rng = rng if rng is not None else random.Random()
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._connect_timeout = connect_timeout
+        self._max_frame_size = max_frame_size
+        self._send_channel, self._receive_channel = trio.open_memory_channel[Message](queue_size)
+        self.stats = PeerLinkStats()
+        # Accept messages while connecting or connected; drop them while backing off.
+        self._accepting = True
+        self._connected = False
+        self._state_changed = trio.Event()
+        self._wake = trio.Event()
+        self._connection_scope: trio.CancelScope | None = None
+        self._connections = 0
+        self._last_error: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<PeerLink to {self.peer_id} {'up' if self._connected else 'down'} {self.stats}>"
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up (hello sent)."""
+        return self._connected
+
+    def send_nowait(self, msg: Message) -> bool:
+        """Queue `msg` for the peer; False (and counted in ``stats.dropped``) when the
+        queue is full or the link is down."""
+        if not self._accepting:
+            self.stats.dropped += 1
+            return False
+        try:
+            self._send_channel.send_nowait(msg)
+        except trio.WouldBlock:
+            self.stats.dropped += 1
+            return False
+        return True
+
+    def reconnect_nowait(self) -> None:
+        """Drop the current connection (if any) and connect again without backoff,
+        re-reading the address: call it when the peer's address changed."""
+        if self._connection_scope is not None:
+            self._connection_scope.cancel()
+        self._wake.set()
+
+    async def wait_connected(self) -> None:
+        """Return once a connection is up."""
+        while not self._connected:
+            await self._state_changed.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Return once no connection is up."""
+        while self._connected:
+            await self._state_changed.wait()
+
+    def _set_state(self, *, accepting: bool, connected: bool) -> None:
+        self._accepting = accepting
+        if connected != self._connected:
+            self._connected = connected
+            self._state_changed.set()
+            self._state_changed = trio.Event()
+
+    def _drop_queued(self) -> None:
+        while True:
+            try:
+                self._receive_channel.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self.stats.dropped += 1
+
+    async def run(self) -> NoReturn:
+        """The sender task: connect, send, reconnect, forever (cancel it to stop)."""
+        failures = 0
+        node_id = self._identity().node_id
+        while True:
+            self._wake = trio.Event()
+            self._set_state(accepting=True, connected=False)
+            started_at = trio.current_time()
+            error: str | None = None
+            try:
+                error = await self._run_connection()
+            finally:
+                self._set_state(accepting=False, connected=False)
+                self._drop_queued()
+            if self._wake.is_set():
+                failures = 0
+            elif trio.current_time() - started_at >= self._backoff_max:
+                failures = 0  # the link was up for a while: retry quickly
+            if error is not None and error != self._last_error:
+                log.warning("%d link to %d: %s", node_id, self.peer_id, error)
+            elif error is not None:
+                log.debug("%d link to %d: %s", node_id, self.peer_id, error)
+            self._last_error = error
+            delay = min(self._backoff_max, self._backoff_min * 2**failures)
+            delay *= self._rng.uniform(0.5, 1.0)
+            failures = min(failures + 1, 30)
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+
+    async def _run_connection(self) -> str | None:
+        """One connection, until it fails (returns why) or `reconnect_nowait` (None)."""
+        address = self._address()
+        if address is None:
+            return "no address known"
+        with trio.CancelScope() as scope:
+            self._connection_scope = scope
+            try:
+                stream = await _connect(address, self._connect_timeout)
+            except TransportError as exc:
+                return str(exc)
+            try:
+                conn = _Conn(stream, address, self._max_frame_size)
+                await conn.send(frame_bytes(_hello(self._identity())))
+                if self._connections:
+                    self.stats.reconnects += 1
+                self._connections += 1
+                self._set_state(accepting=True, connected=True)
+                if self._last_error is not None:
+                    log.info("%d link to %d: connected to %s", self._identity().node_id,
+                             self.peer_id, address)
+                    self._last_error = None
+                return await self._serve_connection(conn)
+            except TransportError as exc:
+                return str(exc)
+            finally:
+                self._connection_scope = None
+                await trio.aclose_forcefully(stream)
+        return None  # cancelled by reconnect_nowait
+
+    async def _serve_connection(self, conn: _Conn) -> str:
+        """Write queued messages and watch for an error frame until the connection ends."""
+        reason: list[str] = []
+
+        async def watch(cancel_scope: trio.CancelScope) -> None:
+            try:
+                reason.append(await self._read_error(conn))
+            except TransportError as exc:
+                reason.append(str(exc))
+            cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            try:
+                await self._write_loop(conn)
+            except TransportError as exc:
+                reason.append(str(exc))
+            nursery.cancel_scope.cancel()
+        return reason[0] if reason else "connection ended"
+
+    async def _read_error(self, conn: _Conn) -> str:
+        """Why the peer ended the connection: its error frame, or how it closed."""
+        while True:
+            try:
+                bodies = await conn.receive_frames()
+                if bodies is None:
+                    return f"{conn.peer} closed the connection"
+                frames = [decode_frame(body) for body in bodies]
+            except DecodeError as exc:
+                return f"{conn.peer} sent a bad frame: {exc}"
+            for frame in frames:
+                if isinstance(frame, ErrorFrame):
+                    return f"{conn.peer} refused us: {frame.code}: {frame.message}"
+                return f"{conn.peer} sent an unexpected {frame}"
+
+    async def _write_loop(self, conn: _Conn) -> NoReturn:
+        """Send what is queued, all of it in one write (up to `_MAX_BATCH_BYTES`)."""
+        receive = self._receive_channel
+        while True:
+            msg = await receive.receive()
+            parts: list[bytes] = []
+            size = 0
+            while True:
+                frame = self._encode(msg)
+                if frame is not None:
+                    parts.append(frame)
+                    size += len(frame)
+                if size >= _MAX_BATCH_BYTES:
+                    break
+                try:
+                    msg = receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            if not parts:
+                continue
+            try:
+                await conn.send(b"".join(parts))
+            except TransportError:
+                self.stats.dropped += len(parts)
+                raise
+            self.stats.sent += len(parts)
+            self.stats.batches += 1
+
+    def _encode(self, msg: Message) -> bytes | None:
+        """The frame of `msg`, or None (dropped and logged: a bug of ours)."""
+        try:
+            body = encode_message(msg)
+        except EncodeError:
+            log.exception("%d link to %d: cannot encode %s", self._identity().node_id,
+                          self.peer_id, msg)
+            self.stats.dropped += 1
+            return None
+        if len(body) > self._max_frame_size:
+            log.error("%d link to %d: %s is %d bytes, over the frame limit %d: dropped",
+                      self._identity().node_id, self.peer_id, msg, len(body),
+                      self._max_frame_size)
+            self.stats.dropped += 1
+            return None
+        return encode_frame(body)
