@@ -240,6 +240,24 @@ async def _restart_scenario(nursery: trio.Nursery) -> None:
         assert_no_message(server)
 
 
+async def test_peer_link_follows_a_new_address() -> None:
+    with trio.fail_after(LIMIT):
+        async with running_server() as old, running_server() as new:
+            address = {"peer": old.address}
+            async with trio.open_nursery() as nursery:
+                link = PeerLink(SERVER_ID, lambda: address["peer"], lambda: ident())
+                nursery.start_soon(link.run)
+                await link.wait_connected()
+                address["peer"] = new.address
+                link.reconnect_nowait()
+                await link.wait_disconnected()
+                await link.wait_connected()
+                assert link.send_nowait(hb(1))
+                assert await new.messages.receive() == hb(1)
+                assert_no_message(old)
+                nursery.cancel_scope.cancel()
+
+
 async def test_peer_link_reports_a_refusal_and_retries(caplog: pytest.LogCaptureFixture) -> None:
     with trio.fail_after(LIMIT):
         async with running_server() as server, trio.open_nursery() as nursery:
