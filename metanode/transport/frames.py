@@ -4,7 +4,8 @@ Every frame is one msgpack map, tagged under ``"t"`` and encoded by the one conv
 of `metanode.wire.codec`. The frame union holds:
 
 * ``hello``  -- `Hello`, the dialer's first frame: ``{"t": "hello", "v", "cluster_id",
-  "cluster_name", "from"}``;
+  "cluster_name", "from", "addr"?}`` (``addr``, the dialer's advertised raft address,
+  goes beyond SPEC §7: a node being added learns where the leader is from it);
 * ``call``   -- `Call`, a request answered on the same connection;
 * ``result`` -- `CallResult`, the answer to the `Call` with the same ``id``: a payload or
   an `ErrorInfo`;
@@ -58,6 +59,7 @@ class Hello:
     cluster_id: str | None
     cluster_name: str
     from_id: int
+    addr: str | None = None  # the dialer's advertised raft address, so replies can find it
 
     def __str__(self) -> str:
         return f"hello v{self.v} from {self.from_id} {self.cluster_name}/{self.cluster_id}"

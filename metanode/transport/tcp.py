@@ -95,6 +95,7 @@ class Identity:
     node_id: int
     cluster_name: str
     cluster_id: str | None
+    address: str | None = None  # our advertised raft address, sent in the hello
 
 
 # ------------------------------------------------------------------------- helpers
@@ -240,6 +241,7 @@ class _Server:
     on_message: Callable[[Message], None]
     on_call: Callable[[str, bytes, Hello], Awaitable[bytes]]
     on_cluster_id: Callable[[str], None]
+    on_peer: Callable[[int, str], None]
     leader_address: Callable[[int], str | None] | None
     max_frame_size: int
     #: The cluster id adopted from a peer while our identity had none (SPEC §3).
@@ -310,6 +312,8 @@ class _ServerConnection:
                 raise _Refuse("bad_request", f"the first frame must be a hello, got {type(frame).__name__}")
             self._check_hello(frame)
             self.hello = frame
+            if frame.from_id and frame.addr:
+                self.server.on_peer(frame.from_id, frame.addr)
             log.debug("%d raft port: %s from %s", self.node_id, frame, self.conn.peer)
         elif type(frame) in _RAFT_TYPES:
             self._check_raft(frame)
@@ -435,6 +439,7 @@ async def serve_raft(
     on_message: Callable[[Message], None],
     on_call: Callable[[str, bytes, Hello], Awaitable[bytes]],
     on_cluster_id: Callable[[str], None] = _ignore_cluster_id,
+    on_peer: Callable[[int, str], None] = lambda node_id, address: None,
     leader_address: Callable[[int], str | None] | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -458,7 +463,9 @@ async def serve_raft(
       `ClientError` becomes an `ErrorInfo` (``code``, ``str(e)``, and the leader's
       ``"host:port"`` for `NotLeader`: a str ``.leader`` as is, an int node id through
       `leader_address`); any other exception is logged with its traceback and answered
-      with code ``internal``.
+      with code ``internal``;
+    * a hello carrying the dialer's advertised address calls ``on_peer(node_id, addr)``
+      (how a node being added learns where the leader is before it has the log).
 
     A frame over `max_frame_size` closes its connection as soon as its header is read
     (the body is never buffered); undecodable or truncated frames close their
@@ -469,6 +476,7 @@ async def serve_raft(
         on_message=on_message,
         on_call=on_call,
         on_cluster_id=on_cluster_id,
+        on_peer=on_peer,
         leader_address=leader_address,
         max_frame_size=max_frame_size,
     )
@@ -499,7 +507,7 @@ async def _connect(address: str, timeout: float) -> trio.SocketStream:
 
 
 def _hello(ident: Identity) -> Hello:
-    return Hello(PROTOCOL_VERSION, ident.cluster_id, ident.cluster_name, ident.node_id)
+    return Hello(PROTOCOL_VERSION, ident.cluster_id, ident.cluster_name, ident.node_id, ident.address)
 
 
 async def call(
