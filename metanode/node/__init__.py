@@ -1,0 +1,1 @@
+"""The Trio runtime of one node: raft loop, apply loop, join/leave, servers."""

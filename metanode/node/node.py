@@ -1,0 +1,762 @@
+"""One metanode node: the Trio runtime around the pure raft core (DESIGN §4).
+
+`open_node(config)` opens the data dir and owns one nursery with:
+- `serve_raft` (the raft port), one `PeerLink` per peer it talks to;
+- `_run_raft_loop`, the only task that touches the `RaftCore`: it drains its inbox
+  (messages, ticks, requests) before each `Ready`, so many proposals share one WAL
+  write and one fsync (group commit) and one AppendEntries per peer (batching);
+  it persists, then sends, then hands committed entries to the apply loop, then
+  advances (the core's contract);
+- `_run_ticker`, `_run_apply_loop` (the state machine, waiters, snapshots);
+- `serve_admin` (Quart-Trio on Hypercorn);
+- at start: bootstrap (`single`), join (`join`), and (re)publishing this node's record.
+
+Reference: the Raft thesis (Ongaro 2014) for the core's rules; SPEC §3 for join/leave.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from metanode.config import Config
+from metanode.errors import (
+    BadRequest,
+    ClientError,
+    ConfigError,
+    FatalError,
+    NotLeader,
+    Timeout,
+    TransportError,
+    Unavailable,
+)
+from metanode.node import rpc
+from metanode.raft import (
+    EntryKind,
+    LogId,
+    Membership,
+    Message,
+    RaftConfig,
+    RaftCore,
+    Ready,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+    bootstrap_state,
+)
+from metanode.sm import ApplyError, Command, Endpoint, KVStateMachine, NodeRecord, NodeUpdate, RemoveNode, SetNode
+from metanode.sm.codec import DecodeError, decode_command, encode_command
+from metanode.storage import NodeMeta, RaftStorage
+from metanode.transport import Identity, PeerLink, call, serve_raft
+
+log = logging.getLogger("metanode.node")
+
+HEARTBEAT_TICKS = 5  # ticks per heartbeat interval: a tick is heartbeat_interval / 5
+JOIN_TRIES = 3
+JOIN_RETRY_S = 1.0
+INBOX_SIZE = 10_000
+
+
+class Removed(Exception):
+    """This node saw a committed membership without itself (SPEC §3): exit 0."""
+
+
+@attrs.define
+class _Waiter:
+    """One request waiting for the raft or apply loop."""
+
+    event: trio.Event = attrs.Factory(trio.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+    def set(self, value: Any) -> None:
+        if not self.event.is_set():
+            self.value = value
+            self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+    async def wait(self, timeout: float, what: str) -> Any:
+        with trio.move_on_after(timeout):
+            await self.event.wait()
+        if not self.event.is_set():
+            raise Timeout(f"{what}: no answer within {timeout:.1f} s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@attrs.frozen
+class _Applied:
+    """What the raft loop hands to the apply loop for one Ready."""
+
+    snapshot: Snapshot | None
+    committed: tuple[Any, ...]
+    read_states: tuple[Any, ...]
+    dropped_reads: tuple[Any, ...]
+
+
+class Node:
+    """A running node. Create it with `open_node`."""
+
+    def __init__(self, config: Config, storage: RaftStorage, meta: NodeMeta | None) -> None:
+        rc = config.raft_config
+        self.config = config
+        self.storage = storage
+        assert rc.id is not None
+        self.id: int = rc.id
+        self.meta = meta
+        self.advertise_address = f"{rc.raft_advertise_host}:{rc.raft_api_port}"
+        self.record = NodeRecord(
+            str(self.id),
+            Endpoint(rc.raft_advertise_host, rc.raft_api_port),
+            config.grpc_api_advertise_address,
+        )
+        self.tick_s = rc.heartbeat_interval / 1000 / HEARTBEAT_TICKS
+        self.raft_config = RaftConfig(
+            self.id,
+            heartbeat_ticks=HEARTBEAT_TICKS,
+            election_ticks=2 * HEARTBEAT_TICKS,  # SPEC §2: random in [2x, 3x) heartbeats
+            election_ticks_max=3 * HEARTBEAT_TICKS,
+            snapshot_chunk_size=rc.snapshot_chunk_size,
+            snapshot_timeout_ticks=max(1, math.ceil(rc.install_snapshot_timeout / 1000 / self.tick_s)),
+        )
+        self.core: RaftCore  # set in _start
+        self.sm = KVStateMachine()
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[Any](INBOX_SIZE)
+        self._apply_send, self._apply_recv = trio.open_memory_channel[_Applied](math.inf)
+        self._links: dict[int, PeerLink] = {}
+        self._addresses: dict[int, str] = {}  # raft addresses of peers we learned of
+        self._nursery: trio.Nursery | None = None
+        self._write_waiters: dict[int, tuple[int, _Waiter]] = {}  # index -> (term, waiter)
+        self._read_waiters: dict[int, _Waiter] = {}
+        self._reads_ready: list[tuple[int, _Waiter]] = []
+        self._read_ids = itertools.count(1)
+        self._watchers: list[tuple[Callable[[], bool], trio.Event]] = []
+        self.applied = LogId(0, 0)
+        self.applied_membership = Membership(())
+        self._was_member = False
+        self.removed = trio.Event()
+        self.stopping = trio.Event()
+        self._last_snapshot_index = 0
+        self._snapshot_lock = trio.Lock()
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> Identity:
+        cluster_id = self.meta.cluster_id if self.meta else None
+        return Identity(self.id, self.config.raft_config.cluster_name, cluster_id, self.advertise_address)
+
+    def _adopt_cluster_id(self, cluster_id: str) -> None:
+        if self.meta is None:
+            self.meta = NodeMeta(self.id, cluster_id, self.config.raft_config.cluster_name)
+            self.storage.save_meta(self.meta)
+            log.info("%d joined cluster %s", self.id, cluster_id)
+
+    def _learn_address(self, node_id: int, address: str | None) -> None:
+        if address and node_id != self.id and self._addresses.get(node_id) != address:
+            self._addresses[node_id] = address
+
+    def address_of(self, node_id: int) -> str | None:
+        rec = self.sm.node(node_id)
+        if rec is not None:
+            return f"{rec.endpoint.addr}:{rec.endpoint.port}"
+        return self._addresses.get(node_id)
+
+    # ------------------------------------------------------------------ start
+    def _start_core(self) -> None:
+        state = self.storage.load()
+        self.core = RaftCore(self.raft_config, state, random.Random())
+        if state.snapshot is not None:
+            self.sm = KVStateMachine.restore(state.snapshot.data)
+            self.applied = state.snapshot.meta.last_log_id
+            self.applied_membership = state.snapshot.meta.membership
+            self._last_snapshot_index = self.applied.index
+        self._was_member = self._is_member(self.core.committed_membership)
+
+    def _is_member(self, m: Membership) -> bool:
+        if self.config.raft_config.learner:
+            return self.id in m.node_ids
+        return m.is_voter(self.id)
+
+    def bootstrap(self) -> None:
+        """`single = true` on an empty dir: a one-voter cluster with a new cluster id."""
+        state = bootstrap_state([self.id])
+        self.meta = NodeMeta(self.id, uuid.uuid4().hex, self.config.raft_config.cluster_name)
+        self.storage.save_meta(self.meta)
+        self.storage.append(entries=state.entries, hard_state=state.hard_state)
+        log.info("%d initialized a new cluster %s", self.id, self.meta.cluster_id)
+
+    # ------------------------------------------------------------------ raft loop
+    async def _run_ticker(self) -> None:
+        while True:
+            await trio.sleep(self.tick_s)
+            await self._inbox_send.send(None)
+
+    def on_message(self, msg: Message) -> None:
+        try:
+            self._inbox_send.send_nowait(msg)
+        except trio.WouldBlock:
+            log.warning("%d inbox full: dropped %s", self.id, msg)
+
+    async def run_in_loop(self, fn: Callable[[RaftCore], Any]) -> Any:
+        """Run `fn(core)` inside the raft loop and return its result (or raise)."""
+        waiter = _Waiter()
+        await self._inbox_send.send((fn, waiter))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.value
+
+    async def _run_raft_loop(self) -> None:
+        recv = self._inbox_recv
+        while True:
+            self._handle(await recv.receive())
+            while True:
+                try:
+                    event = recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                self._handle(event)
+            await self._process_ready()
+
+    def _handle(self, event: Any) -> None:
+        core = self.core
+        if event is None:
+            core.tick()
+        elif isinstance(event, tuple):
+            fn, waiter = event
+            try:
+                waiter.set(fn(core))
+            except ClientError as e:
+                waiter.fail(e)
+        else:
+            core.step(event)
+
+    async def _process_ready(self) -> None:
+        core = self.core
+        while core.has_ready():
+            ready = core.take_ready()
+            if ready.snapshot is not None or ready.entries or ready.hard_state is not None:
+                await trio.to_thread.run_sync(self._persist, ready)
+            for msg in ready.messages:
+                self._send(msg)
+            if ready.snapshot is not None or ready.committed or ready.read_states or ready.dropped_reads:
+                self._apply_send.send_nowait(
+                    _Applied(ready.snapshot, ready.committed, ready.read_states, ready.dropped_reads)
+                )
+            core.advance(ready)
+        self._check_watchers()
+
+    def _persist(self, ready: Ready) -> None:
+        self.storage.append(entries=ready.entries, hard_state=ready.hard_state, snapshot=ready.snapshot)
+
+    def _send(self, msg: Message) -> None:
+        link = self._links.get(msg.dst)
+        if link is None:
+            if self._nursery is None:
+                return
+            link = PeerLink(msg.dst, lambda peer=msg.dst: self.address_of(peer), self.identity)
+            self._links[msg.dst] = link
+            self._nursery.start_soon(link.run)
+        link.send_nowait(msg)
+
+    # ------------------------------------------------------------------ watchers
+    def _check_watchers(self) -> None:
+        if not self._watchers:
+            return
+        keep = []
+        for pred, event in self._watchers:
+            if pred():
+                event.set()
+            else:
+                keep.append((pred, event))
+        self._watchers = keep
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait until `pred()` holds; it is checked after each Ready and each apply."""
+        if pred():
+            return
+        event = trio.Event()
+        self._watchers.append((pred, event))
+        with trio.move_on_after(timeout):
+            await event.wait()
+        if not event.is_set():
+            self._watchers = [w for w in self._watchers if w[1] is not event]
+            raise Timeout(f"{what}: not done within {timeout:.1f} s")
+
+    # ------------------------------------------------------------------ apply loop
+    async def _run_apply_loop(self) -> None:
+        async for batch in self._apply_recv:
+            if batch.snapshot is not None:
+                self.sm = KVStateMachine.restore(batch.snapshot.data)
+                self.applied = batch.snapshot.meta.last_log_id
+                self.applied_membership = batch.snapshot.meta.membership
+                self._last_snapshot_index = self.applied.index
+                self._membership_applied()
+            for entry in batch.committed:
+                self._apply(entry)
+            for rs in batch.read_states:
+                waiter = self._read_waiters.pop(rs.ctx, None)
+                if waiter is not None:
+                    self._reads_ready.append((rs.index, waiter))
+            for ctx in batch.dropped_reads:
+                waiter = self._read_waiters.pop(ctx, None)
+                if waiter is not None:
+                    waiter.fail(NotLeader("leadership changed during the read", leader=None))
+            if self._reads_ready:
+                ready = [(i, w) for i, w in self._reads_ready if i <= self.applied.index]
+                self._reads_ready = [(i, w) for i, w in self._reads_ready if i > self.applied.index]
+                for _, w in ready:
+                    w.set(self.applied.index)
+            self._check_watchers()
+            await self._maybe_snapshot()
+
+    def _apply(self, entry: Any) -> None:
+        result: Any = None
+        if entry.kind == EntryKind.NORMAL:
+            try:
+                logged = decode_command(entry.data)
+            except DecodeError as e:
+                result = ApplyError(f"undecodable entry {entry.log_id}: {e}")
+                log.error("%d %s", self.id, result.message)
+            else:
+                result = self.sm.apply(logged.cmd, logged.time_ms)
+        elif entry.kind == EntryKind.MEMBERSHIP:
+            self.applied_membership = entry.membership
+        self.applied = entry.log_id
+        waiting = self._write_waiters.pop(entry.index, None)
+        if waiting is not None:
+            term, waiter = waiting
+            if term == entry.term:
+                waiter.set(result)
+            else:
+                waiter.fail(Unavailable("leadership changed: the write was not applied"))
+        if entry.kind == EntryKind.MEMBERSHIP:
+            self._membership_applied()
+
+    def _membership_applied(self) -> None:
+        m = self.applied_membership
+        if m.is_joint:
+            return
+        if self._is_member(m) or self.id in m.node_ids:
+            self._was_member = True
+        elif self._was_member and not self.removed.is_set():
+            log.warning("%d was removed from the cluster (membership %s): exiting", self.id, m)
+            self.removed.set()
+
+    async def _maybe_snapshot(self, force: bool = False) -> None:
+        rc = self.config.raft_config
+        if not force and self.applied.index - self._last_snapshot_index < rc.snapshot_logs_since_last:
+            return
+        if self.applied.index <= self._last_snapshot_index and not force:
+            return
+        async with self._snapshot_lock:
+            applied = self.applied
+            if applied.index == 0:
+                return
+            meta = SnapshotMeta(applied, self.applied_membership)
+            snapshot = Snapshot(meta, self.sm.snapshot())
+            await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
+            self._last_snapshot_index = applied.index
+            purge_to = applied.index - rc.max_applied_log_to_keep
+
+            def compact(core: RaftCore) -> int:
+                core.compact(snapshot, purge_to)
+                return core.log.purged.index
+
+            purged = await self.run_in_loop(compact)
+            await trio.to_thread.run_sync(self.storage.purge, purged)
+            log.info("%d built snapshot %s (%d bytes), log purged to %d", self.id, applied, len(snapshot.data), purged)
+
+    async def trigger_snapshot(self) -> None:
+        await self._maybe_snapshot(force=True)
+
+    # ------------------------------------------------------------------ requests
+    async def propose(self, cmd: Command, timeout: float | None = None) -> Any:
+        """Propose on this node (the leader); wait until applied; the apply result."""
+        data = encode_command(cmd, int(time.time() * 1000))
+        waiter = _Waiter()
+
+        def go(core: RaftCore) -> LogId:
+            log_id = core.propose(data)
+            self._write_waiters[log_id.index] = (log_id.term, waiter)
+            return log_id
+
+        await self.run_in_loop(go)
+        return await waiter.wait(timeout or self._wait_s(), "write")
+
+    async def read_barrier(self, timeout: float | None = None) -> int:
+        """ReadIndex (§6.4) on this node (the leader): returns once it is safe to read."""
+        waiter = _Waiter()
+        ctx = next(self._read_ids)
+
+        def go(core: RaftCore) -> None:
+            self._read_waiters[ctx] = waiter
+            core.read_index(ctx)
+
+        try:
+            await self.run_in_loop(go)
+        except ClientError:
+            self._read_waiters.pop(ctx, None)
+            raise
+        return await waiter.wait(timeout or self._wait_s(), "read")
+
+    def _wait_s(self) -> float:
+        return self.config.raft_config.wait_leader_timeout / 1000
+
+    def leader_address(self) -> str | None:
+        leader = self.core.leader
+        if leader is None:
+            return None
+        return self.advertise_address if leader == self.id else self.address_of(leader)
+
+    async def call_leader(self, method: str, payload: bytes, local: Callable[[bytes], Any]) -> bytes:
+        """Run a request on the leader: locally if we lead, else forward it; follow
+        NotLeader hints and wait for an election, up to `wait_leader_timeout`."""
+        deadline = trio.current_time() + self._wait_s()
+        last: Exception | None = None
+        while trio.current_time() < deadline:
+            if self.core.is_leader:
+                try:
+                    return await local(payload)
+                except NotLeader as e:
+                    last = e
+            else:
+                address = self.leader_address()
+                if address is not None:
+                    try:
+                        return await call(address, self.identity(), method, payload,
+                                          timeout=max(0.1, deadline - trio.current_time()))
+                    except (NotLeader, Unavailable, TransportError) as e:
+                        last = e
+            await trio.sleep(self.tick_s * 2)
+        raise Unavailable(f"no leader answered {method} within {self._wait_s():.0f} s: {last}")
+
+    # ------------------------------------------------------------------ join / leave (leader side)
+    async def on_call(self, method: str, payload: bytes, hello: Any) -> bytes:
+        if method == rpc.JOIN:
+            return await self.call_leader(method, payload, self._join_local)
+        if method == rpc.LEAVE:
+            return await self.call_leader(method, payload, self._leave_local)
+        if method == rpc.WRITE:
+            return await self.call_leader(method, payload, self._write_local)
+        raise BadRequest(f"unknown method {method!r}")
+
+    async def _write_local(self, payload: bytes) -> bytes:
+        req = rpc.decode(payload, rpc.WriteRequest)
+        result = await self.propose(req.cmd)
+        if isinstance(result, ApplyError):
+            return rpc.encode(rpc.WriteReply(False, result.message))
+        return rpc.encode(rpc.WriteReply(True))
+
+    async def _change_membership(self, voters: set[int], learners: set[int]) -> None:
+        """Propose a change on this leader, retrying while another is in progress,
+        and wait until it is committed and applied here (C_new, not joint)."""
+        target = Membership.of(voters, learners)
+        deadline = trio.current_time() + self._wait_s()
+        while True:
+            try:
+                await self.run_in_loop(lambda core: core.change_membership(voters, learners))
+                break
+            except Unavailable:
+                if trio.current_time() > deadline:
+                    raise
+                await self.wait_for(lambda: not self.core.is_leader or self._change_possible(), self._wait_s(), "membership change")
+                if not self.core.is_leader:
+                    raise NotLeader("lost leadership", leader=self.core.leader) from None
+        await self.wait_for(lambda: self.applied_membership == target, self._wait_s(), "membership change")
+
+    def _change_possible(self) -> bool:
+        core = self.core
+        m = core.membership
+        return not m.is_joint and core.committed_membership == m and core.log.term_at(core.commit_index) == core.term
+
+    async def _join_local(self, payload: bytes) -> bytes:
+        req = rpc.decode(payload, rpc.JoinRequest)
+        nid = req.node_id
+        log.info("%d handles join of node %d at %s", self.id, nid, req.record.endpoint)
+        if self.sm.node(nid) != req.record:
+            await self._expect_applied(await self.propose(SetNode(nid, req.record)))
+        m = self.core.committed_membership
+        voters, learners = set(m.final_voters), set(m.learners)
+        if nid not in voters and nid not in learners:
+            await self._change_membership(voters, learners | {nid})
+            learners.add(nid)
+        if not req.learner and nid not in voters:
+            # Catch the learner up (log or snapshot) before it counts for a quorum.
+            def caught_up() -> bool:
+                pr = self.core.progress.get(nid)
+                return not self.core.is_leader or (pr is not None and pr.match >= self.core.commit_index)
+
+            await self.wait_for(caught_up, self._wait_s(), f"catching up node {nid}")
+            if not self.core.is_leader:
+                raise NotLeader("lost leadership while adding the node", leader=self.core.leader)
+            await self._change_membership(voters | {nid}, learners - {nid})
+        members = tuple(
+            rpc.NodeAddress(i, f"{r.endpoint.addr}:{r.endpoint.port}") for i, r in self.sm.nodes()
+        )
+        assert self.meta is not None
+        log.info("%d added node %d (membership %s)", self.id, nid, self.applied_membership)
+        return rpc.encode(rpc.JoinReply(self.meta.cluster_id, members))
+
+    async def _expect_applied(self, result: Any) -> None:
+        if isinstance(result, ApplyError):
+            raise BadRequest(result.message)
+
+    async def _leave_local(self, payload: bytes) -> bytes:
+        req = rpc.decode(payload, rpc.LeaveRequest)
+        nid = req.node_id
+        m = self.core.committed_membership
+        if nid not in m.node_ids:
+            return rpc.encode(rpc.LeaveReply(False, f"node {nid} is not a member of the cluster"))
+        voters, learners = set(m.final_voters) - {nid}, set(m.learners) - {nid}
+        if not voters:
+            raise BadRequest(f"node {nid} is the last voter: removing it would stop the cluster")
+        log.info("%d handles leave of node %d", self.id, nid)
+        # Removing the leader works too: the core keeps leading without counting
+        # itself, and hands leadership to an up-to-date voter once C_new commits.
+        await self._change_membership(voters, learners)
+        if self.core.is_leader and self.sm.node(nid) is not None:
+            try:
+                await self.propose(RemoveNode(nid), timeout=5)
+            except ClientError as e:
+                log.warning("%d could not remove the record of node %d: %s", self.id, nid, e)
+        return rpc.encode(rpc.LeaveReply(True, f"node {nid} removed; membership is now {self.applied_membership}"))
+
+    # ------------------------------------------------------------------ join (joiner side)
+    async def join(self) -> None:
+        """SPEC §3: skip when the committed membership already has us; otherwise ask
+        each `join` address in order, 3 tries each 1 s apart."""
+        rc = self.config.raft_config
+        if self._is_member(self.core.committed_membership):
+            log.info("%d is already a member: join skipped", self.id)
+            return
+        payload = rpc.encode(rpc.JoinRequest(self.id, self.record, rc.learner))
+        errors: list[str] = []
+        for address in rc.join:
+            for attempt in range(JOIN_TRIES):
+                try:
+                    reply = rpc.decode(
+                        await call(address, self.identity(), rpc.JOIN, payload, timeout=self._wait_s()),
+                        rpc.JoinReply,
+                    )
+                except (ClientError, TransportError) as e:
+                    errors.append(f"{address} (try {attempt + 1}): {e}")
+                    log.warning("%d join via %s failed: %s", self.id, address, e)
+                    await trio.sleep(JOIN_RETRY_S)
+                    continue
+                self._adopt_cluster_id(reply.cluster_id)
+                for member in reply.members:
+                    self._learn_address(member.node_id, member.address)
+                log.info("%d joined the cluster via %s", self.id, address)
+                return
+        raise JoinFailed(errors)
+
+    async def publish_record(self) -> None:
+        """(Re)publish this node's record when it is missing or stale (SPEC §3)."""
+        while True:
+            # Wait for a leader and for our state machine to have caught up with it.
+            await self.wait_for(
+                lambda: self.core.leader is not None and self.applied.index >= self.core.commit_index,
+                math.inf,
+                "leader",
+            )
+            if self.sm.node(self.id) == self.record or not self._is_member(self.core.committed_membership):
+                return
+            payload = rpc.encode(rpc.WriteRequest(SetNode(self.id, self.record)))
+            try:
+                await self.call_leader(rpc.WRITE, payload, self._write_local)
+                log.info("%d published its record %s", self.id, self.record.endpoint)
+                return
+            except ClientError as e:
+                log.warning("%d could not publish its record yet: %s", self.id, e)
+                await trio.sleep(1)
+
+    # ------------------------------------------------------------------ views (admin API)
+    def config_json(self) -> dict:
+        return self.config.redacted()
+
+    def cluster_nodes(self) -> list[dict]:
+        members = self.applied_membership.node_ids
+        return [
+            {
+                "name": r.name,
+                "endpoint": {"addr": r.endpoint.addr, "port": r.endpoint.port},
+                "grpc_api_advertise_address": r.grpc_api_advertise_address,
+            }
+            for i, r in self.sm.nodes()
+            if i in members
+        ]
+
+    def cluster_status(self) -> dict:
+        st = self.core.status()
+
+        def log_id(lid: LogId | None) -> dict | None:
+            if lid is None:
+                return None
+            return {"leader_id": {"term": lid.term, "node_id": st.leader or 0}, "index": lid.index}
+
+        role = st.role.value
+        if st.role is Role.FOLLOWER and not st.membership.is_voter(self.id):
+            role = "Learner"
+        return {
+            "id": self.id,
+            "endpoint": {"addr": self.record.endpoint.addr, "port": self.record.endpoint.port},
+            "state": "Candidate" if role == "PreCandidate" else role,
+            "is_leader": st.role is Role.LEADER,
+            "current_term": st.term,
+            "last_log_index": st.last_log_id.index,
+            "last_applied": log_id(self.applied),
+            "snapshot_last_log_id": log_id(st.snapshot_last_log_id),
+            "purged": log_id(st.purged) if st.purged.index else None,
+            "leader": self._leader_json(st.leader),
+            "replication": {str(p): {"index": m} for p, m in st.matched.items()} if st.role is Role.LEADER else None,
+            "voters": sorted(st.committed_membership.voter_ids),
+            "non_voters": list(st.committed_membership.learners),
+            "last_seq": self.sm.last_seq,
+            "cluster_id": self.meta.cluster_id if self.meta else None,
+        }
+
+    def _leader_json(self, leader: int | None) -> dict | None:
+        if leader is None:
+            return None
+        rec = self.sm.node(leader)
+        endpoint = {"addr": rec.endpoint.addr, "port": rec.endpoint.port} if rec else None
+        return {"id": leader, "endpoint": endpoint}
+
+    def metrics(self) -> dict[str, float]:
+        st = self.core.status()
+        return {
+            "metanode_raft_term": st.term,
+            "metanode_raft_is_leader": float(st.role is Role.LEADER),
+            "metanode_raft_leader_id": float(st.leader or 0),
+            "metanode_raft_last_log_index": st.last_log_id.index,
+            "metanode_raft_commit_index": st.commit,
+            "metanode_raft_applied_index": self.applied.index,
+            "metanode_raft_voters": len(st.committed_membership.voter_ids),
+            "metanode_sm_keys": len(self.sm),
+            "metanode_sm_last_seq": self.sm.last_seq,
+        }
+
+    async def transfer_leader(self, to: int | None) -> dict:
+        core = self.core
+        if not core.is_leader:
+            raise NotLeader(f"node {self.id} is not the leader", leader=core.leader)
+        voters = sorted(core.membership.voter_ids)
+        if to is None:
+            candidates = [p for p in voters if p != self.id]
+            if not candidates:
+                raise BadRequest("no other voter to transfer leadership to")
+            to = max(candidates, key=lambda p: core.progress[p].match if p in core.progress else 0)
+        target = to
+        await self.run_in_loop(lambda c: c.transfer_leadership(target))
+        return {"from": self.id, "to": target, "voter_ids": voters}
+
+
+class JoinFailed(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("could not join the cluster: " + "; ".join(errors) if errors else "no join address")
+        self.errors = errors
+
+
+def _check_data_dir(config: Config, meta: NodeMeta | None) -> None:
+    """SPEC §2: the stored id wins (a different config id is an error); an empty dir
+    needs `single` or `join`; an initialized one needs neither."""
+    rc = config.raft_config
+    if meta is not None:
+        if rc.id is not None and meta.node_id != rc.id:
+            raise ConfigError(
+                f"raft_config.id: {rc.id} differs from node id {meta.node_id} stored in {rc.raft_dir}"
+            )
+        if meta.cluster_name != rc.cluster_name:
+            raise ConfigError(
+                f"raft_config.cluster_name: {rc.cluster_name!r} differs from {meta.cluster_name!r}"
+                f" stored in {rc.raft_dir}"
+            )
+    elif not rc.single and not rc.join:
+        raise ConfigError(
+            f"raft_config: {rc.raft_dir} holds no cluster yet: set single = true to start a new"
+            " cluster or join = [...] to join one"
+        )
+
+
+@asynccontextmanager
+async def open_node(config: Config, *, admin: bool = True) -> AsyncIterator[Node]:
+    """Open the data dir, start every task, bootstrap or join; yield the running node.
+
+    Raises ConfigError for a bad data dir or a port in use, JoinFailed when joining
+    fails. Leaving the block cancels everything and closes storage.
+    """
+    rc = config.raft_config
+    storage = await trio.to_thread.run_sync(RaftStorage.open, rc.raft_dir)
+    try:
+        meta = storage.meta
+        _check_data_dir(config, meta)
+        if meta is not None and rc.id is None:
+            config = attrs.evolve(config, raft_config=attrs.evolve(rc, id=meta.node_id))
+        node = Node(config, storage, meta)
+        fresh = meta is None
+        if fresh and rc.single:
+            node.bootstrap()
+        node._start_core()
+        async with trio.open_nursery() as nursery:
+            node._nursery = nursery
+            try:
+                await nursery.start(
+                    _serve_raft_port, node, rc.raft_listen_host, rc.raft_api_port
+                )
+                nursery.start_soon(node._run_raft_loop)
+                nursery.start_soon(node._run_apply_loop)
+                nursery.start_soon(node._run_ticker)
+                if admin:
+                    from metanode.api.admin import serve_admin
+
+                    try:
+                        await nursery.start(
+                            lambda task_status: serve_admin(
+                                node, config.admin_api_address, token=config.admin_api_token,
+                                shutdown=node.stopping, task_status=task_status,
+                            )
+                        )
+                    except OSError as e:
+                        raise ConfigError(f"admin_api_address: cannot listen on {config.admin_api_address}: {e}") from None
+                if rc.join:
+                    await node.join()
+                nursery.start_soon(node.publish_record)
+                yield node
+            finally:
+                node.stopping.set()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(storage.close)
+
+
+async def _serve_raft_port(node: Node, host: str, port: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    try:
+        await serve_raft(
+            host, port,
+            identity=node.identity,
+            on_message=node.on_message,
+            on_call=node.on_call,
+            on_cluster_id=node._adopt_cluster_id,
+            on_peer=node._learn_address,
+            task_status=task_status,
+        )
+    except OSError as e:
+        raise ConfigError(f"raft_config.raft_api_port: cannot listen on {host}:{port}: {e}") from None
+
+
+__all__ = ["FatalError", "JoinFailed", "Node", "Removed", "open_node"]

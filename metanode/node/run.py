@@ -1,0 +1,58 @@
+"""`metanode -c FILE`: run one node in the foreground until SIGTERM/SIGINT (SPEC §1).
+
+Exit codes: 0 after a graceful stop or when this node was removed from the cluster;
+1 when joining failed or storage is damaged; 2 for a bad config or data dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import trio
+
+from metanode.config import Config
+from metanode.errors import ConfigError, FatalError
+from metanode.node.node import JoinFailed, open_node
+
+log = logging.getLogger("metanode.node")
+
+
+def run_node(config: Config) -> int:
+    try:
+        return trio.run(_main, config)
+    except ConfigError as e:
+        print(f"metanode: error: {e}", file=sys.stderr)
+        return 2
+    except JoinFailed as e:
+        print(f"metanode: error: {e}", file=sys.stderr)
+        return 1
+    except FatalError as e:
+        log.critical("stopped: %s", e)
+        print(f"metanode: fatal: {e}", file=sys.stderr)
+        return 1
+
+
+async def _main(config: Config) -> int:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_node(config) as node:
+            log.info("%d is running: raft %s, admin %s", node.id, node.advertise_address, config.admin_api_address)
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for signum in signals:
+                        log.info("%d got %s: shutting down", node.id, signal.Signals(signum).name)
+                        break
+                    nursery.cancel_scope.cancel()
+
+                async def on_removed() -> None:
+                    await node.removed.wait()
+                    await trio.sleep(0.5)  # let the reply to the leave request go out
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on_signal)
+                nursery.start_soon(on_removed)
+            if node.removed.is_set():
+                log.info("%d removed from the cluster: exit", node.id)
+    return 0
