@@ -1,0 +1,5 @@
+"""HTTP-facing APIs of a node: the admin API (SPEC §4)."""
+
+from metanode.api.admin import AdminNode, create_app, serve_admin
+
+__all__ = ["AdminNode", "create_app", "serve_admin"]

@@ -1,0 +1,414 @@
+"""The admin HTTP API (SPEC §4): Quart-Trio on Hypercorn.
+
+`create_app(node, token=...)` builds the app; `serve_admin(node, address, ...)` binds
+``admin_api_address`` and serves it until its `shutdown` event is set. The app sees the
+node only through `AdminNode`, so it is tested against a fake.
+
+Routes (all ``GET``; JSON bodies are ``application/json``, keys in the node's order):
+
+* ``/v1/health`` -> ``{"status":"pass"}``
+* ``/v1/config`` -> the effective config, secrets already redacted by the node
+* ``/v1/cluster/nodes`` -> ``[{"name":"1","endpoint":{"addr":..,"port":..},
+  "grpc_api_advertise_address":..}, ...]`` as the tutorial shows
+* ``/v1/cluster/status`` -> the node's status dict as is
+* ``/v1/metrics`` and ``/metrics`` -> Prometheus exposition (format by ``Accept``)
+* ``/v1/ctrl/trigger_snapshot`` -> ``null`` once the snapshot is built
+* ``/v1/ctrl/trigger_transfer_leader[?to=ID]`` -> ``{"from","to","voter_ids"}``
+
+Errors are JSON ``{"error": message}``: unknown route 404, wrong method 405, a bad
+parameter 400, a missing or wrong token on ``/v1/ctrl/*`` 401 (when a token is
+configured), and a `ClientError` from the node its natural status (`NotLeader` 404 with
+``"leader"``, `BadRequest` 400, `Unavailable` 503, `Timeout` 504, ...). Anything else is
+logged with its traceback and answered 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+from collections.abc import Callable, Coroutine, Iterator
+from functools import wraps
+from typing import Any, Protocol, TypeVar
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from metanode.config import format_address, parse_address
+from metanode.errors import (
+    BadRequest,
+    ClientError,
+    NotLeader,
+    Timeout,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger("metanode.admin")
+
+JSON_CONTENT_TYPE = "application/json"
+
+#: How long in-flight requests may run after `shutdown` is set before they are cut.
+GRACEFUL_TIMEOUT = 2.0
+
+#: How long an idle keep-alive connection stays open.
+KEEP_ALIVE_TIMEOUT = 5.0
+
+#: HTTP status of each `ClientError` class (the most specific class wins).
+STATUS_OF_ERROR: dict[type[ClientError], int] = {
+    NotLeader: 404,  # SPEC §4: "not leader: 404 with the current leader"
+    BadRequest: 400,
+    Unauthenticated: 401,
+    TooLarge: 413,
+    Unavailable: 503,
+    Timeout: 504,
+}
+
+#: HELP text of the gauges the node is known to report; others get a generic one.
+METRIC_HELP: dict[str, str] = {
+    "metanode_raft_term": "Current raft term of this node.",
+    "metanode_raft_is_leader": "1 if this node is the leader, else 0.",
+    "metanode_raft_last_log_index": "Index of the last entry in this node's log.",
+    "metanode_raft_commit_index": "Highest log index known to be committed.",
+    "metanode_raft_applied_index": "Highest log index applied to the state machine.",
+    "metanode_raft_leader_id": "Id of the leader this node knows of, 0 if none.",
+}
+
+
+class AdminNode(Protocol):
+    """What the admin app needs from a node."""
+
+    def config_json(self) -> dict:
+        """The effective config, secrets already redacted."""
+        ...
+
+    def cluster_nodes(self) -> list[dict]:
+        """Node records from the local committed state, ordered by id."""
+        ...
+
+    def cluster_status(self) -> dict:
+        """SPEC §4 ``/v1/cluster/status``, already shaped."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges: metric name -> value."""
+        ...
+
+    async def trigger_snapshot(self) -> None:
+        """Build a snapshot now; return once it is built."""
+        ...
+
+    async def transfer_leader(self, to: int | None) -> dict:
+        """Move leadership to `to` (or a voter of the node's choice): ``{"from", "to",
+        "voter_ids"}``. `NotLeader` when not the leader, `BadRequest` for a bad target."""
+        ...
+
+
+# ------------------------------------------------------------------------- responses
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """`value` as compact JSON, keys in their given order (Quart's jsonify sorts them)."""
+    body = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return Response(body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
+
+
+def error_response(message: str, status: int, **extra: Any) -> Response:
+    return json_response({"error": message, **extra}, status)
+
+
+def status_of(exc: ClientError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF_ERROR:
+            return STATUS_OF_ERROR[cls]  # type: ignore[index]
+    return 500
+
+
+def client_error_response(exc: ClientError) -> Response:
+    message = str(exc) or exc.code
+    if isinstance(exc, NotLeader):
+        return error_response(message, 404, leader=exc.leader)
+    return error_response(message, status_of(exc))
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+class _GaugeCollector:
+    """One scrape of `node.metrics()` as gauge families (no `describe`: the registry is
+    built per request with ``auto_describe=False``, so nothing is collected early)."""
+
+    def __init__(self, values: dict[str, float]) -> None:
+        self.values = values
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, value in self.values.items():
+            if value is None:
+                continue
+            help_text = METRIC_HELP.get(name, f"metanode gauge {name}.")
+            yield GaugeMetricFamily(name, help_text, value=float(value))
+
+
+def render_metrics(values: dict[str, float], accept: str | None) -> tuple[bytes, str]:
+    """The exposition body and its content type for an ``Accept`` header."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_GaugeCollector(values))  # type: ignore[arg-type]
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+# -------------------------------------------------------------------------------- app
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def _bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.strip()
+
+
+def parse_node_id(name: str, values: list[str]) -> int | None:
+    """An optional positive node id query parameter; `BadRequest` naming it if not."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"query parameter {name!r} given {len(values)} times; give it once")
+    text = values[0]
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+        raise BadRequest(
+            f"query parameter {name!r} must be a positive integer node id, got {text!r}"
+        )
+    return int(text)
+
+
+def create_app(node: AdminNode, *, token: str | None) -> QuartTrio:
+    """The admin app over `node`. With `token` set, ``/v1/ctrl/*`` require
+    ``Authorization: Bearer <token>``; read routes never do."""
+    if token is not None and not token:
+        raise ValueError("admin_api_token must not be empty (leave it unset for no token)")
+    expected = token.encode("utf-8") if token is not None else None
+
+    app = QuartTrio("metanode.admin")
+    # Quart's `app.logger` would start a QueueListener thread on first use when the
+    # logger has no handler: every error path below logs to `log` instead.
+
+    def mutating(handler: _Handler) -> _Handler:
+        @wraps(handler)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            if expected is not None:
+                given = _bearer_token(request.headers.get("Authorization"))
+                if given is None:
+                    return _unauthorized(
+                        "missing token: send 'Authorization: Bearer <admin_api_token>'"
+                    )
+                # Header values arrive latin-1 decoded: compare the raw bytes.
+                try:
+                    given_bytes = given.encode("latin-1")
+                except UnicodeEncodeError:
+                    given_bytes = given.encode("utf-8")
+                if not hmac.compare_digest(given_bytes, expected):
+                    return _unauthorized("invalid admin API token")
+            return await handler(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    @app.get("/v1/health")
+    async def health() -> Response:
+        return json_response({"status": "pass"})
+
+    @app.get("/v1/config")
+    async def config() -> Response:
+        return json_response(node.config_json())
+
+    @app.get("/v1/cluster/nodes")
+    async def cluster_nodes() -> Response:
+        return json_response(node.cluster_nodes())
+
+    @app.get("/v1/cluster/status")
+    async def cluster_status() -> Response:
+        return json_response(node.cluster_status())
+
+    @app.get("/v1/metrics")
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = render_metrics(node.metrics(), request.headers.get("Accept"))
+        return Response(body, status=200, content_type=content_type)
+
+    @app.get("/v1/ctrl/trigger_snapshot")
+    @mutating
+    async def trigger_snapshot() -> Response:
+        await node.trigger_snapshot()
+        return json_response(None)
+
+    @app.get("/v1/ctrl/trigger_transfer_leader")
+    @mutating
+    async def trigger_transfer_leader() -> Response:
+        to = parse_node_id("to", request.args.getlist("to"))
+        return json_response(await node.transfer_leader(to))
+
+    @app.errorhandler(ClientError)
+    async def on_client_error(exc: ClientError) -> Response:
+        return client_error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if isinstance(exc, NotFound):
+            return error_response(f"not found: {request.path}", 404)
+        if isinstance(exc, MethodNotAllowed):
+            allowed = sorted(exc.valid_methods or [])
+            message = f"method {request.method} not allowed on {request.path}"
+            response = error_response(f"{message}; allowed: {', '.join(allowed)}", 405)
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        return error_response(exc.description or exc.name, status)
+
+    @app.errorhandler(Exception)
+    async def on_unexpected(exc: Exception) -> Response:
+        log.error("admin API: %s %s failed", request.method, request.path, exc_info=exc)
+        return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    return app
+
+
+def _unauthorized(message: str) -> Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="metanode"'}
+    return json_response({"error": message}, 401, headers=headers)
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+async def bind_socket(address: str) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: the OS picks). `ValueError` for a
+    malformed address; `OSError` naming the address when it cannot be bound."""
+    host, port = parse_address(address)
+    try:
+        infos = await trio.socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot bind {address}: cannot resolve {host!r}: {exc}") from exc
+    # Prefer IPv4 for names like "localhost", as hypercorn and databend-meta bind it.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind {address}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def hypercorn_config(*, certfile: str | None = None, keyfile: str | None = None) -> HypercornConfig:
+    cfg = HypercornConfig()
+    cfg.include_server_header = False
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("metanode.admin.hypercorn")
+    cfg.graceful_timeout = GRACEFUL_TIMEOUT
+    cfg.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    if certfile is not None or keyfile is not None:
+        if certfile is None or keyfile is None:
+            raise ValueError("admin TLS needs both admin_tls_server_cert and admin_tls_server_key")
+        cfg.certfile = certfile
+        cfg.keyfile = keyfile
+    return cfg
+
+
+def shield_sends(app: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, None]]:
+    """The ASGI `app` with every ``send`` shielded from cancellation.
+
+    quart-trio cancels a request's nursery as soon as hypercorn reports the disconnect
+    that ends a response, while the same ``send`` is still inside hypercorn's h11
+    protocol re-arming the connection's keep-alive idle timer. The timer never starts,
+    so an idle keep-alive connection is neither closed after ``keep_alive_timeout`` nor
+    on shutdown, and every shutdown waits out ``graceful_timeout`` while a scraper holds
+    one. Hypercorn already shields the socket write itself, so this blocks no longer.
+    """
+
+    async def asgi(scope: Any, receive: Any, send: Callable[[Any], Any]) -> None:
+        async def shielded_send(message: Any) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await app(scope, receive, shielded_send)
+
+    return asgi
+
+
+class _StartedAs:
+    """A task status that reports our "host:port" instead of hypercorn's URL list."""
+
+    def __init__(self, outer: trio.TaskStatus[str], bound: str) -> None:
+        self.outer = outer
+        self.bound = bound
+
+    def started(self, value: object = None) -> None:
+        self.outer.started(self.bound)
+
+
+async def serve_admin(
+    node: AdminNode,
+    address: str,
+    *,
+    token: str | None,
+    shutdown: trio.Event,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API on `address` until `shutdown` is set.
+
+    ``task_status.started("host:port")`` (the bound address, so port 0 works) once
+    listening. After `shutdown` is set, new connections are refused, idle keep-alive
+    connections closed, and in-flight requests get `GRACEFUL_TIMEOUT` seconds to finish;
+    then it returns. A port in use or an unresolvable host raises `OSError` naming the
+    address before `started`; a malformed address raises `ValueError`.
+
+    The socket is bound here, not by hypercorn: its own bind failure surfaces wrapped in
+    exception groups after its lifespan task started, and it never closes the sockets it
+    creates (a ResourceWarning at garbage collection).
+    """
+    app = create_app(node, token=token)
+    cfg = hypercorn_config(certfile=certfile, keyfile=keyfile)
+    sock = await bind_socket(address)
+    try:
+        host, port = sock.getsockname()[:2]
+        bound = format_address(host, port)
+        tls = cfg.ssl_enabled
+        sockets = Sockets(
+            secure_sockets=[sock] if tls else [],
+            insecure_sockets=[] if tls else [sock],
+            quic_sockets=[],
+        )
+        log.info("admin API listening on %s://%s", "https" if tls else "http", bound)
+        await worker_serve(
+            wrap_app(shield_sends(app), cfg.wsgi_max_body_size, "asgi"),
+            cfg,
+            sockets=sockets,
+            shutdown_trigger=shutdown.wait,
+            task_status=_StartedAs(task_status, bound),  # type: ignore[arg-type]
+        )
+        log.info("admin API on %s stopped", bound)
+    finally:
+        sock.close()
