@@ -184,7 +184,10 @@ class Node:
             self.applied = state.snapshot.meta.last_log_id
             self.applied_membership = state.snapshot.meta.membership
             self._last_snapshot_index = self.applied.index
-        self._was_member = self._is_member(self.core.committed_membership)
+        # Replaying the log passes through memberships from before this node joined:
+        # removal is only judged once the replay reached the commit index at start.
+        self._replayed_at = self.core.commit_index
+        self._was_member = self.id in self.applied_membership.node_ids
 
     def _is_member(self, m: Membership) -> bool:
         if self.config.raft_config.learner:
@@ -305,9 +308,9 @@ class Node:
                 self.applied = batch.snapshot.meta.last_log_id
                 self.applied_membership = batch.snapshot.meta.membership
                 self._last_snapshot_index = self.applied.index
-                self._membership_applied()
             for entry in batch.committed:
                 self._apply(entry)
+            self._check_removed()
             for rs in batch.read_states:
                 waiter = self._read_waiters.pop(rs.ctx, None)
                 if waiter is not None:
@@ -344,16 +347,15 @@ class Node:
                 waiter.set(result)
             else:
                 waiter.fail(Unavailable("leadership changed: the write was not applied"))
-        if entry.kind == EntryKind.MEMBERSHIP:
-            self._membership_applied()
 
-    def _membership_applied(self) -> None:
+    def _check_removed(self) -> None:
+        """SPEC §3: a node that sees a committed membership without itself exits."""
         m = self.applied_membership
         if m.is_joint:
             return
-        if self._is_member(m) or self.id in m.node_ids:
+        if self.id in m.node_ids:
             self._was_member = True
-        elif self._was_member and not self.removed.is_set():
+        elif self._was_member and self.applied.index >= self._replayed_at and not self.removed.is_set():
             log.warning("%d was removed from the cluster (membership %s): exiting", self.id, m)
             self.removed.set()
 
