@@ -425,15 +425,15 @@ class Node:
             return None
         return self.advertise_address if leader == self.id else self.address_of(leader)
 
-    async def call_leader(self, method: str, payload: bytes, local: Callable[[bytes], Any]) -> bytes:
-        """Run a request on the leader: locally if we lead, else forward it; follow
-        NotLeader hints and wait for an election, up to `wait_leader_timeout`."""
+    async def call_leader(self, method: str, payload: bytes, local: Callable[[], Any]) -> bytes:
+        """Run a request on the leader: `local()` if we lead, else forward `payload`;
+        follow NotLeader hints and wait for an election, up to `wait_leader_timeout`."""
         deadline = trio.current_time() + self._wait_s()
         last: Exception | None = None
         while trio.current_time() < deadline:
             if self.core.is_leader:
                 try:
-                    return await local(payload)
+                    return await local()
                 except NotLeader as e:
                     last = e
             else:
@@ -449,16 +449,21 @@ class Node:
 
     # ------------------------------------------------------------------ join / leave (leader side)
     async def on_call(self, method: str, payload: bytes, hello: Any) -> bytes:
-        if method == rpc.JOIN:
-            return await self.call_leader(method, payload, self._join_local)
-        if method == rpc.LEAVE:
-            return await self.call_leader(method, payload, self._leave_local)
-        if method == rpc.WRITE:
-            return await self.call_leader(method, payload, self._write_local)
-        raise BadRequest(f"unknown method {method!r}")
+        handlers: dict[str, tuple[type, Callable[[Any], Any]]] = {
+            rpc.JOIN: (rpc.JoinRequest, self._join_local),
+            rpc.LEAVE: (rpc.LeaveRequest, self._leave_local),
+            rpc.WRITE: (rpc.WriteRequest, self._write_local),
+        }
+        if method not in handlers:
+            raise BadRequest(f"unknown method {method!r}")
+        cls, handler = handlers[method]
+        try:
+            req = rpc.decode(payload, cls)
+        except DecodeError as e:
+            raise BadRequest(f"bad {method} request: {e}") from None
+        return await self.call_leader(method, payload, lambda: handler(req))
 
-    async def _write_local(self, payload: bytes) -> bytes:
-        req = rpc.decode(payload, rpc.WriteRequest)
+    async def _write_local(self, req: rpc.WriteRequest) -> bytes:
         result = await self.propose(req.cmd)
         if isinstance(result, ApplyError):
             return rpc.encode(rpc.WriteReply(False, result.message))
@@ -486,8 +491,7 @@ class Node:
         m = core.membership
         return not m.is_joint and core.committed_membership == m and core.log.term_at(core.commit_index) == core.term
 
-    async def _join_local(self, payload: bytes) -> bytes:
-        req = rpc.decode(payload, rpc.JoinRequest)
+    async def _join_local(self, req: rpc.JoinRequest) -> bytes:
         nid = req.node_id
         log.info("%d handles join of node %d at %s", self.id, nid, req.record.endpoint)
         if self.sm.node(nid) != req.record:
@@ -518,8 +522,7 @@ class Node:
         if isinstance(result, ApplyError):
             raise BadRequest(result.message)
 
-    async def _leave_local(self, payload: bytes) -> bytes:
-        req = rpc.decode(payload, rpc.LeaveRequest)
+    async def _leave_local(self, req: rpc.LeaveRequest) -> bytes:
         nid = req.node_id
         m = self.core.committed_membership
         if nid not in m.node_ids:
@@ -578,9 +581,9 @@ class Node:
             )
             if self.sm.node(self.id) == self.record or not self._is_member(self.core.committed_membership):
                 return
-            payload = rpc.encode(rpc.WriteRequest(SetNode(self.id, self.record)))
+            request = rpc.WriteRequest(SetNode(self.id, self.record))
             try:
-                await self.call_leader(rpc.WRITE, payload, self._write_local)
+                await self.call_leader(rpc.WRITE, rpc.encode(request), lambda: self._write_local(request))
                 log.info("%d published its record %s", self.id, self.record.endpoint)
                 return
             except ClientError as e:
@@ -714,7 +717,7 @@ async def open_node(config: Config, *, admin: bool = True) -> AsyncIterator[Node
         if fresh and rc.single:
             node.bootstrap()
         node._start_core()
-        async with trio.open_nursery() as nursery:
+        async with _single_errors(), trio.open_nursery() as nursery:
             node._nursery = nursery
             try:
                 await nursery.start(
@@ -744,6 +747,21 @@ async def open_node(config: Config, *, admin: bool = True) -> AsyncIterator[Node
                 nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(storage.close)
+
+
+@asynccontextmanager
+async def _single_errors() -> AsyncIterator[None]:
+    """Let one error out of the node's nursery as itself, not as a one-member group
+    (callers catch ConfigError, JoinFailed, FatalError)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if exc is group:
+            raise
+        raise exc from None
 
 
 async def _serve_raft_port(node: Node, host: str, port: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -19,19 +19,9 @@ from metanode.node.node import JoinFailed, open_node
 log = logging.getLogger("metanode.node")
 
 
-def _single(exc: BaseException) -> BaseException:
-    """The one error inside (nested) exception groups from nurseries, if only one."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def run_node(config: Config) -> int:
     try:
-        try:
-            return trio.run(_main, config)
-        except BaseExceptionGroup as group:
-            raise _single(group) from None
+        return trio.run(_main, config)
     except ConfigError as e:
         print(f"metanode: error: {e}", file=sys.stderr)
         return 2

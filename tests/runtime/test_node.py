@@ -1,0 +1,143 @@
+"""`open_node` in-process on loopback TCP: bootstrap, join, leave, restart, failures.
+
+Faster and more precise than the multi-process tests: the test reads the nodes'
+state directly. Real sockets, so the real clock (STACK.md: no autojump with I/O).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from metanode.config import Config, load_config
+from metanode.errors import ConfigError
+from metanode.node import rpc
+from metanode.node.leave import _leave
+from metanode.node.node import JoinFailed, Node, open_node
+from metanode.sm import Upsert
+
+pytestmark = pytest.mark.runtime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Ports:
+    def __init__(self) -> None:
+        self.raft: dict[int, int] = {}
+
+    def address(self, i: int) -> str:
+        return f"127.0.0.1:{self.raft.setdefault(i, free_port())}"
+
+
+def config(tmp: Path, ports: Ports, i: int, *extra: str) -> Config:
+    return load_config(
+        [
+            "--id", str(i), "--raft-dir", str(tmp / f"d{i}"), "--log-dir", str(tmp / "logs"),
+            "--raft-api-port", ports.address(i).split(":")[1], "--raft-advertise-host", "127.0.0.1",
+            "--heartbeat-interval", "50", "--wait-leader-timeout", "5000", *extra,
+        ],
+        {},
+    )
+
+
+@asynccontextmanager
+async def node(tmp: Path, ports: Ports, i: int, *extra: str) -> AsyncIterator[Node]:
+    async with open_node(config(tmp, ports, i, *extra), admin=False) as n:
+        yield n
+
+
+async def until(pred, what: str, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.01)  # state of several nodes: polled, bounded
+
+
+async def test_a_single_node_bootstraps_and_publishes_its_record(tmp_path: Path) -> None:
+    ports = Ports()
+    async with node(tmp_path, ports, 1, "--single") as n1:
+        await until(lambda: n1.cluster_nodes() != [], "record")
+        assert n1.cluster_nodes() == [
+            {"name": "1", "endpoint": {"addr": "127.0.0.1", "port": ports.raft[1]}, "grpc_api_advertise_address": None}
+        ]
+        st = n1.cluster_status()
+        assert st["is_leader"] and st["voters"] == [1] and st["cluster_id"]
+        assert n1.storage.meta is not None and n1.storage.meta.cluster_id == st["cluster_id"]
+
+
+async def test_nodes_join_through_any_member_and_leave_including_the_leader(tmp_path: Path) -> None:
+    ports = Ports()
+    async with AsyncExitStack() as stack:
+        n1 = await stack.enter_async_context(node(tmp_path, ports, 1, "--single"))
+        n2 = await stack.enter_async_context(node(tmp_path, ports, 2, "--join", ports.address(1)))
+        # Node 3 joins through follower 2, which forwards to the leader.
+        n3 = await stack.enter_async_context(node(tmp_path, ports, 3, "--join", ports.address(2)))
+        for n in (n1, n2, n3):
+            await until(lambda n=n: [x["name"] for x in n.cluster_nodes()] == ["1", "2", "3"], "3 members")
+        assert n3.cluster_status()["voters"] == [1, 2, 3]
+        assert n3.meta is not None and n3.meta.cluster_id == n1.meta.cluster_id  # type: ignore[union-attr]
+        # Remove the leader (node 1) via node 3.
+        assert await _leave(1, [ports.address(3)], n3.config) == 0
+        await until(n1.removed.is_set, "node 1 to see its removal")
+        await until(lambda: n2.core.is_leader or n3.core.is_leader, "a new leader")
+        await until(lambda: [x["name"] for x in n2.cluster_nodes()] == ["2", "3"], "2 and 3 left")
+        # Not a member any more: leave says so and succeeds.
+        assert await _leave(1, [ports.address(2)], n2.config) == 0
+
+
+async def test_a_restarted_member_skips_join_and_keeps_its_state(tmp_path: Path) -> None:
+    ports = Ports()
+    async with node(tmp_path, ports, 1, "--single") as n1:
+        async with node(tmp_path, ports, 2, "--join", ports.address(1)) as n2:
+            await until(lambda: len(n2.cluster_nodes()) == 2, "2 members")
+            await n1.propose(Upsert("k", b"v"))
+        # Node 2 restarts with its join list: the committed membership has it.
+        async with node(tmp_path, ports, 2, "--join", ports.address(1)) as n2:
+            await until(lambda: n2.sm.get("k") is not None, "replay")
+            assert not n2.removed.is_set()
+            assert n2.cluster_status()["voters"] == [1, 2]
+
+
+async def test_a_join_that_fails_everywhere_names_every_address(tmp_path: Path) -> None:
+    ports = Ports()
+    dead = [ports.address(8), ports.address(9)]
+    with pytest.raises(JoinFailed) as info:
+        async with node(tmp_path, ports, 2, "--join", *dead):
+            pass
+    message = str(info.value)
+    assert all(a in message for a in dead) and message.count("try") == 6
+
+
+async def test_data_dir_rules(tmp_path: Path) -> None:
+    ports = Ports()
+    with pytest.raises(ConfigError, match="single = true"):
+        async with node(tmp_path, ports, 1):
+            pass
+    async with node(tmp_path, ports, 1, "--single"):
+        pass
+    with pytest.raises(ConfigError, match="raft_config.id: 5 differs from node id 1"):
+        async with open_node(config(tmp_path, ports, 5, "--raft-dir", str(tmp_path / "d1")), admin=False):
+            pass
+    async with node(tmp_path, ports, 1) as n1:  # initialized: neither single nor join needed
+        await until(lambda: n1.core.is_leader, "leader again")
+
+
+async def test_unknown_calls_and_bad_payloads_are_refused(tmp_path: Path) -> None:
+    from metanode.errors import BadRequest
+    from metanode.transport import call
+
+    ports = Ports()
+    async with node(tmp_path, ports, 1, "--single") as n1:
+        await until(lambda: n1.core.is_leader, "leader")
+        with pytest.raises(BadRequest, match="unknown method"):
+            await call(ports.address(1), n1.identity(), "nope", b"", timeout=5)
+        with pytest.raises(BadRequest):
+            await call(ports.address(1), n1.identity(), rpc.LEAVE, b"\xc1", timeout=5)
