@@ -379,7 +379,9 @@ class Node:
                 core.compact(snapshot, purge_to)
                 return core.log.purged.index
 
-            purged = await self.run_in_loop(compact)
+            # The core may have purged further for a snapshot just installed from the
+            # leader (persisted by its own Ready): only purge behind our own snapshot.
+            purged = min(await self.run_in_loop(compact), applied.index)
             await trio.to_thread.run_sync(self.storage.purge, purged)
             log.info("%d built snapshot %s (%d bytes), log purged to %d", self.id, applied, len(snapshot.data), purged)
 
