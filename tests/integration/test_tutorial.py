@@ -8,6 +8,7 @@ and the sample files in etc/, run from a fresh directory so their relative
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -29,7 +30,18 @@ def expected(ids: list[int]) -> list[dict]:
     ]
 
 
+def assert_ports_free() -> None:
+    for port in (28002, 28004, 28201, 28203, 28301, 28303, 28701, 28703):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError as e:
+                pytest.fail(f"the tutorial's port {port} is taken by another process: {e}")
+
+
 def test_the_cluster_management_tutorial(tmp_path: Path) -> None:
+    assert_ports_free()
     for i in (1, 2, 3, 7):
         shutil.copy(ETC / f"databend-meta-{i}.toml", tmp_path)
     procs: dict[int, Proc] = {}
