@@ -20,7 +20,8 @@ class NotLeader(ClientError):
 
     code = "not_leader"
 
-    def __init__(self, message: str = "not the leader", leader: int | None = None) -> None:
+    def __init__(self, message: str = "not the leader", leader: int | str | None = None) -> None:
+        # A node id inside a node; the leader's "host:port" once it crossed the wire.
         super().__init__(message)
         self.leader = leader
 
