@@ -153,6 +153,7 @@ class Node:
         self.stopping = trio.Event()
         self._last_snapshot_index = 0
         self._snapshot_lock = trio.Lock()
+        self._membership_lock = trio.Lock()
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> Identity:
@@ -471,21 +472,29 @@ class Node:
             return rpc.encode(rpc.WriteReply(False, result.message))
         return rpc.encode(rpc.WriteReply(True))
 
-    async def _change_membership(self, voters: set[int], learners: set[int]) -> None:
-        """Propose a change on this leader, retrying while another is in progress,
-        and wait until it is committed and applied here (C_new, not joint)."""
-        target = Membership.of(voters, learners)
-        deadline = trio.current_time() + self._wait_s()
+    async def _change_membership(
+        self, update: Callable[[set[int], set[int]], tuple[set[int], set[int]]]
+    ) -> None:
+        """On this leader, wait until no change is in flight, apply `update(voters,
+        learners)` to the current membership, propose it, and wait until it is
+        committed and applied here (C_new, not joint). Callers hold the membership
+        lock, so the update always starts from the latest membership."""
+        if not self._membership_lock.locked():
+            raise RuntimeError("_change_membership needs the membership lock")
         while True:
+            await self.wait_for(
+                lambda: not self.core.is_leader or self._change_possible(), self._wait_s(), "membership change"
+            )
+            if not self.core.is_leader:
+                raise NotLeader("lost leadership", leader=self.core.leader)
+            m = self.core.membership
+            voters, learners = update(set(m.final_voters), set(m.learners))
+            target = Membership.of(voters, learners)
             try:
                 await self.run_in_loop(lambda core: core.change_membership(voters, learners))
                 break
             except Unavailable:
-                if trio.current_time() > deadline:
-                    raise
-                await self.wait_for(lambda: not self.core.is_leader or self._change_possible(), self._wait_s(), "membership change")
-                if not self.core.is_leader:
-                    raise NotLeader("lost leadership", leader=self.core.leader) from None
+                continue  # a change of the previous leader is still finishing
         await self.wait_for(lambda: self.applied_membership == target, self._wait_s(), "membership change")
 
     def _change_possible(self) -> bool:
@@ -498,21 +507,18 @@ class Node:
         log.info("%d handles join of node %d at %s", self.id, nid, req.record.endpoint)
         if self.sm.node(nid) != req.record:
             await self._expect_applied(await self.propose(SetNode(nid, req.record)))
-        m = self.core.committed_membership
-        voters, learners = set(m.final_voters), set(m.learners)
-        if nid not in voters and nid not in learners:
-            await self._change_membership(voters, learners | {nid})
-            learners.add(nid)
-        if not req.learner and nid not in voters:
-            # Catch the learner up (log or snapshot) before it counts for a quorum.
-            def caught_up() -> bool:
-                pr = self.core.progress.get(nid)
-                return not self.core.is_leader or (pr is not None and pr.match >= self.core.commit_index)
+        async with self._membership_lock:  # one join or leave at a time
+            m = self.core.membership
+            if nid not in m.node_ids:
+                await self._change_membership(lambda v, learners: (v, learners | {nid}))
+            if not req.learner and not self.core.membership.is_voter(nid):
+                # Catch the learner up (log or snapshot) before it counts for a quorum.
+                def caught_up() -> bool:
+                    pr = self.core.progress.get(nid)
+                    return not self.core.is_leader or (pr is not None and pr.match >= self.core.commit_index)
 
-            await self.wait_for(caught_up, self._wait_s(), f"catching up node {nid}")
-            if not self.core.is_leader:
-                raise NotLeader("lost leadership while adding the node", leader=self.core.leader)
-            await self._change_membership(voters | {nid}, learners - {nid})
+                await self.wait_for(caught_up, self._wait_s(), f"catching up node {nid}")
+                await self._change_membership(lambda v, learners: (v | {nid}, learners - {nid}))
         members = tuple(
             rpc.NodeAddress(i, f"{r.endpoint.addr}:{r.endpoint.port}") for i, r in self.sm.nodes()
         )
@@ -526,16 +532,16 @@ class Node:
 
     async def _leave_local(self, req: rpc.LeaveRequest) -> bytes:
         nid = req.node_id
-        m = self.core.committed_membership
-        if nid not in m.node_ids:
-            return rpc.encode(rpc.LeaveReply(False, f"node {nid} is not a member of the cluster"))
-        voters, learners = set(m.final_voters) - {nid}, set(m.learners) - {nid}
-        if not voters:
-            raise BadRequest(f"node {nid} is the last voter: removing it would stop the cluster")
-        log.info("%d handles leave of node %d", self.id, nid)
-        # Removing the leader works too: the core keeps leading without counting
-        # itself, and hands leadership to an up-to-date voter once C_new commits.
-        await self._change_membership(voters, learners)
+        async with self._membership_lock:
+            m = self.core.membership
+            if nid not in m.node_ids:
+                return rpc.encode(rpc.LeaveReply(False, f"node {nid} is not a member of the cluster"))
+            if set(m.final_voters) <= {nid}:
+                raise BadRequest(f"node {nid} is the last voter: removing it would stop the cluster")
+            log.info("%d handles leave of node %d", self.id, nid)
+            # Removing the leader works too: the core keeps leading without counting
+            # itself, and hands leadership to an up-to-date voter once C_new commits.
+            await self._change_membership(lambda v, learners: (v - {nid}, learners - {nid}))
         if self.core.is_leader and self.sm.node(nid) is not None:
             try:
                 await self.propose(RemoveNode(nid), timeout=5)

@@ -141,3 +141,27 @@ async def test_unknown_calls_and_bad_payloads_are_refused(tmp_path: Path) -> Non
             await call(ports.address(1), n1.identity(), "nope", b"", timeout=5)
         with pytest.raises(BadRequest):
             await call(ports.address(1), n1.identity(), rpc.LEAVE, b"\xc1", timeout=5)
+
+
+async def test_concurrent_joins_are_serialized_and_nobody_is_dropped(tmp_path: Path) -> None:
+    """Three nodes join at once: the leader runs one membership change at a time, each
+    from the latest membership, so no join undoes another (a stale target once dropped
+    a learner, which then exited as removed)."""
+    ports = Ports()
+    async with node(tmp_path, ports, 1, "--single") as n1:
+        await until(lambda: n1.core.is_leader, "leader")
+        joined: dict[int, Node] = {}
+        done = trio.Event()
+
+        async def run(i: int) -> None:
+            async with node(tmp_path, ports, i, "--join", ports.address(1)) as n:
+                joined[i] = n
+                await done.wait()
+
+        async with trio.open_nursery() as nursery:
+            for i in (2, 3, 4):
+                nursery.start_soon(run, i)
+            await until(lambda: n1.cluster_status()["voters"] == [1, 2, 3, 4], "four voters")
+            await until(lambda: len(joined) == 3, "three joins answered")
+            assert not any(n.removed.is_set() for n in joined.values())
+            done.set()
