@@ -835,13 +835,14 @@ class RaftCore:
             for ctx in waiting:
                 self._start_read(ctx)
         committed = self.committed_membership
-        if committed is before:
-            return
         if committed is self.membership and committed.is_joint:
-            # §4.3: C_old,new committed, now append C_new.
+            # §4.3: C_old,new committed (now, or known committed when this leader was
+            # elected: its no-op just committed), so append C_new.
             final = committed.finalized()
             self._append([Entry(self.term, self.log.last_index + 1, EntryKind.MEMBERSHIP, b"", final)])
             log.info("%d proposed membership %s", self.id, final)
+        if committed is before:
+            return
         self._sync_progress()
         if not committed.is_joint and not committed.is_voter(self.id):
             # §4.2.2: a leader that is not in C_new steps down once C_new commits;

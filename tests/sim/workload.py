@@ -358,6 +358,15 @@ class Run:
 
         c.run_for(10_000, stop=converged)
         c.check_converged()
+        # Liveness of membership changes: none is stuck half-way (§4.3), so the
+        # operator could change the membership again.
+        leader = c.leader()
+        assert leader is not None
+        m = leader.core.membership
+        if m.is_joint or leader.core.committed_membership != m:
+            raise InvariantViolation(
+                f"membership change stuck at the end: latest {m}, committed {leader.core.committed_membership}"
+            )
         self.stats.sim_ms = c.now
         self.stats.messages = c.messages_sent
         self.stats.snapshots_installed = c.snapshots_installed

@@ -352,3 +352,15 @@ def test_a_node_cannot_be_voter_and_learner_or_demoted_in_one_change():
     with pytest.raises(BadRequest, match=r"nodes \[3\] are voters"):
         n[1].change_membership((1, 2), learners=(3,))
     assert not n[1].has_ready()
+
+
+def test_a_new_leader_finishes_a_joint_change_it_knows_is_committed():
+    """§4.3: C_new must follow a committed C_old,new even when the new leader learned
+    that commit from the old leader (a heartbeat) and never got C_new: it appends C_new
+    once its own no-op commits, or every later change waits forever."""
+    joint = state_with([noop(2, 2), conf(2, 3, (1, 2, 3), (1, 2))], term=2, commit=3)
+    n = Net(states={1: joint, 2: joint, 3: joint})
+    c1 = n.campaign(1)
+    n.stabilize()
+    assert [str(e) for e in c1.log.entries[2:]] == ["2-3:conf{1,2,3}&{1,2}", "3-4:noop", "3-5:conf{1,2}"]
+    assert c1.committed_membership == Membership.of((1, 2))
