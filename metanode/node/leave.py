@@ -17,6 +17,7 @@ from metanode.config import Config
 from metanode.errors import ClientError, TransportError
 from metanode.node import rpc
 from metanode.transport import Identity, call
+from metanode.wire import DecodeError
 
 
 def leave_cluster(node_id: int, addresses: Sequence[str], config: Config) -> int:
@@ -31,10 +32,10 @@ async def _leave(node_id: int, addresses: list[str], config: Config) -> int:
     for address in addresses:
         try:
             body = await call(address, identity, rpc.LEAVE, payload, timeout=rc.wait_leader_timeout / 1000)
-        except (ClientError, TransportError) as e:
+            reply = rpc.decode(body, rpc.LeaveReply)
+        except (ClientError, TransportError, DecodeError) as e:
             errors.append(f"{address}: {e}")
             continue
-        reply = rpc.decode(body, rpc.LeaveReply)
         if reply.was_member:
             print(f"node {node_id} left the cluster: {reply.message}")
         else:

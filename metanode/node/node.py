@@ -67,8 +67,28 @@ JOIN_RETRY_S = 1.0
 INBOX_SIZE = 10_000
 
 
-class Removed(Exception):
-    """This node saw a committed membership without itself (SPEC §3): exit 0."""
+SHUTDOWN_GRACE_S = 2.0
+
+
+class _InFlight:
+    """Counts requests being served, so a shutdown can let them finish."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        self.count += 1
+        self._idle = trio.Event() if self.count == 1 else self._idle
+
+    def __exit__(self, *exc: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
 
 @attrs.define
@@ -154,6 +174,7 @@ class Node:
         self._last_snapshot_index = 0
         self._snapshot_lock = trio.Lock()
         self._membership_lock = trio.Lock()
+        self.calls = _InFlight()
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> Identity:
@@ -167,14 +188,20 @@ class Node:
             log.info("%d joined cluster %s", self.id, cluster_id)
 
     def _learn_address(self, node_id: int, address: str | None) -> None:
+        """A peer told us its address (its hello, a join reply): the freshest source,
+        e.g. after it restarted on a new port and before its new record is applied."""
         if address and node_id != self.id and self._addresses.get(node_id) != address:
             self._addresses[node_id] = address
+            link = self._links.get(node_id)
+            if link is not None:
+                link.reconnect_nowait()
 
     def address_of(self, node_id: int) -> str | None:
+        learned = self._addresses.get(node_id)
+        if learned is not None:
+            return learned
         rec = self.sm.node(node_id)
-        if rec is not None:
-            return f"{rec.endpoint.addr}:{rec.endpoint.port}"
-        return self._addresses.get(node_id)
+        return f"{rec.endpoint.addr}:{rec.endpoint.port}" if rec is not None else None
 
     # ------------------------------------------------------------------ start
     def _start_core(self) -> None:
@@ -198,9 +225,11 @@ class Node:
     def bootstrap(self) -> None:
         """`single = true` on an empty dir: a one-voter cluster with a new cluster id."""
         state = bootstrap_state([self.id])
+        # The log first, the meta last: a crash in between leaves an empty-looking dir
+        # that bootstraps again, never a dir with a meta and no log.
+        self.storage.append(entries=state.entries, hard_state=state.hard_state)
         self.meta = NodeMeta(self.id, uuid.uuid4().hex, self.config.raft_config.cluster_name)
         self.storage.save_meta(self.meta)
-        self.storage.append(entries=state.entries, hard_state=state.hard_state)
         log.info("%d initialized a new cluster %s", self.id, self.meta.cluster_id)
 
     # ------------------------------------------------------------------ raft loop
@@ -305,7 +334,16 @@ class Node:
     async def _run_apply_loop(self) -> None:
         async for batch in self._apply_recv:
             if batch.snapshot is not None:
-                self.sm = KVStateMachine.restore(batch.snapshot.data)
+                try:
+                    self.sm = KVStateMachine.restore(batch.snapshot.data)
+                except ValueError as e:
+                    raise FatalError(
+                        f"snapshot {batch.snapshot.meta.last_log_id} from the leader is unreadable: {e}"
+                    ) from None
+                covered = [i for i in self._write_waiters if i <= batch.snapshot.meta.last_log_id.index]
+                for index in covered:
+                    _, waiter = self._write_waiters.pop(index)
+                    waiter.fail(Timeout("the write's outcome is unknown: a snapshot replaced the log"))
                 self.applied = batch.snapshot.meta.last_log_id
                 self.applied_membership = batch.snapshot.meta.membership
                 self._last_snapshot_index = self.applied.index
@@ -340,6 +378,8 @@ class Node:
                 result = self.sm.apply(logged.cmd, logged.time_ms)
         elif entry.kind == EntryKind.MEMBERSHIP:
             self.applied_membership = entry.membership
+            if self.id in entry.membership.node_ids:
+                self._was_member = True
         self.applied = entry.log_id
         waiting = self._write_waiters.pop(entry.index, None)
         if waiting is not None:
@@ -400,8 +440,12 @@ class Node:
             self._write_waiters[log_id.index] = (log_id.term, waiter)
             return log_id
 
-        await self.run_in_loop(go)
-        return await waiter.wait(timeout or self._wait_s(), "write")
+        log_id = await self.run_in_loop(go)
+        try:
+            return await waiter.wait(timeout or self._wait_s(), "write")
+        finally:
+            if self._write_waiters.get(log_id.index, (0, None))[1] is waiter:
+                del self._write_waiters[log_id.index]
 
     async def read_barrier(self, timeout: float | None = None) -> int:
         """ReadIndex (§6.4) on this node (the leader): returns once it is safe to read."""
@@ -417,7 +461,10 @@ class Node:
         except ClientError:
             self._read_waiters.pop(ctx, None)
             raise
-        return await waiter.wait(timeout or self._wait_s(), "read")
+        try:
+            return await waiter.wait(timeout or self._wait_s(), "read")
+        finally:
+            self._read_waiters.pop(ctx, None)
 
     def _wait_s(self) -> float:
         return self.config.raft_config.wait_leader_timeout / 1000
@@ -464,7 +511,27 @@ class Node:
             req = rpc.decode(payload, cls)
         except DecodeError as e:
             raise BadRequest(f"bad {method} request: {e}") from None
-        return await self.call_leader(method, payload, lambda: handler(req))
+        if isinstance(req, rpc.JoinRequest):
+            self._check_join(req, hello)
+        with self.calls:
+            return await self.call_leader(method, payload, lambda: handler(req))
+
+    def _check_join(self, req: rpc.JoinRequest, hello: Any) -> None:
+        """Refuse a fresh data dir (no cluster id in its hello) taking over the id of a
+        member at another address: two processes would vote as one node."""
+        if req.node_id <= 0:
+            raise BadRequest(f"node id must be positive, got {req.node_id}")
+        known = self.sm.node(req.node_id)
+        if (
+            hello.cluster_id is None
+            and req.node_id in self.core.membership.node_ids
+            and known is not None
+            and known != req.record
+        ):
+            raise BadRequest(
+                f"node id {req.node_id} is already a member at {known.endpoint}: a node with an"
+                " empty data dir cannot take over its id"
+            )
 
     async def _write_local(self, req: rpc.WriteRequest) -> bytes:
         result = await self.propose(req.cmd)
@@ -495,12 +562,27 @@ class Node:
                 break
             except Unavailable:
                 continue  # a change of the previous leader is still finishing
-        await self.wait_for(lambda: self.applied_membership == target, self._wait_s(), "membership change")
+        def done_or_lost() -> bool:
+            # Done when applied here; lost when we no longer lead and the log no longer
+            # heads to the target (a removed leader steps down once C_new commits: it
+            # then waits for its own apply).
+            m = self.core.membership
+            heading = m.final_voters == target.final_voters and m.learners == target.learners
+            return self.applied_membership == target or (not self.core.is_leader and not heading)
+
+        await self.wait_for(done_or_lost, self._wait_s(), "membership change")
+        if self.applied_membership != target:
+            raise NotLeader("lost leadership during the membership change", leader=self.core.leader)
 
     def _change_possible(self) -> bool:
         core = self.core
         m = core.membership
-        return not m.is_joint and core.committed_membership == m and core.log.term_at(core.commit_index) == core.term
+        return (
+            not m.is_joint
+            and core.committed_membership == m
+            and core.log.term_at(core.commit_index) == core.term
+            and not core.transferring
+        )
 
     async def _join_local(self, req: rpc.JoinRequest) -> bytes:
         nid = req.node_id
@@ -542,11 +624,11 @@ class Node:
             # Removing the leader works too: the core keeps leading without counting
             # itself, and hands leadership to an up-to-date voter once C_new commits.
             await self._change_membership(lambda v, learners: (v - {nid}, learners - {nid}))
-        if self.core.is_leader and self.sm.node(nid) is not None:
-            try:
-                await self.propose(RemoveNode(nid), timeout=5)
-            except ClientError as e:
-                log.warning("%d could not remove the record of node %d: %s", self.id, nid, e)
+            if self.core.is_leader and self.sm.node(nid) is not None:
+                try:
+                    await self.propose(RemoveNode(nid), timeout=5)
+                except ClientError as e:
+                    log.warning("%d could not remove the record of node %d: %s", self.id, nid, e)
         return rpc.encode(rpc.LeaveReply(True, f"node {nid} removed; membership is now {self.applied_membership}"))
 
     # ------------------------------------------------------------------ join (joiner side)
@@ -566,7 +648,7 @@ class Node:
                         await call(address, self.identity(), rpc.JOIN, payload, timeout=self._wait_s()),
                         rpc.JoinReply,
                     )
-                except (ClientError, TransportError) as e:
+                except (ClientError, TransportError, DecodeError) as e:
                     errors.append(f"{address} (try {attempt + 1}): {e}")
                     log.warning("%d join via %s failed: %s", self.id, address, e)
                     await trio.sleep(JOIN_RETRY_S)
@@ -591,10 +673,15 @@ class Node:
                 return
             request = rpc.WriteRequest(SetNode(self.id, self.record))
             try:
-                await self.call_leader(rpc.WRITE, rpc.encode(request), lambda: self._write_local(request))
+                reply = rpc.decode(
+                    await self.call_leader(rpc.WRITE, rpc.encode(request), lambda: self._write_local(request)),
+                    rpc.WriteReply,
+                )
+                if not reply.ok:
+                    raise BadRequest(reply.message)
                 log.info("%d published its record %s", self.id, self.record.endpoint)
                 return
-            except ClientError as e:
+            except (ClientError, DecodeError) as e:
                 log.warning("%d could not publish its record yet: %s", self.id, e)
                 await trio.sleep(1)
 
@@ -689,6 +776,9 @@ def _check_data_dir(config: Config, meta: NodeMeta | None) -> None:
     """SPEC §2: the stored id wins (a different config id is an error); an empty dir
     needs `single` or `join`; an initialized one needs neither."""
     rc = config.raft_config
+    for key in ("raft_secret", "raft_tls_server_cert", "raft_tls_server_key"):
+        if getattr(rc, key):
+            raise ConfigError(f"raft_config.{key}: not supported by this version (peer authentication and TLS on the raft port are not built yet)")
     if meta is not None:
         if rc.id is not None and meta.node_id != rc.id:
             raise ConfigError(
@@ -725,7 +815,7 @@ async def open_node(config: Config, *, admin: bool = True) -> AsyncIterator[Node
         if fresh and rc.single:
             node.bootstrap()
         node._start_core()
-        async with _single_errors(), trio.open_nursery() as nursery:
+        async with single_errors(), trio.open_nursery() as nursery:
             node._nursery = nursery
             try:
                 await nursery.start(
@@ -741,24 +831,37 @@ async def open_node(config: Config, *, admin: bool = True) -> AsyncIterator[Node
                         await nursery.start(
                             lambda task_status: serve_admin(
                                 node, config.admin_api_address, token=config.admin_api_token,
-                                shutdown=node.stopping, task_status=task_status,
+                                shutdown=node.stopping, certfile=config.admin_tls_server_cert,
+                                keyfile=config.admin_tls_server_key, task_status=task_status,
                             )
                         )
                     except OSError as e:
                         raise ConfigError(f"admin_api_address: cannot listen on {config.admin_api_address}: {e}") from None
-                if rc.join:
+                # Replay the local log first: the committed membership decides whether
+                # to join, and a node removed earlier must not join again (SPEC §3).
+                await node.wait_for(
+                    lambda: node.applied.index >= node._replayed_at, node._wait_s(), "replaying the log"
+                )
+                if node.removed.is_set():
+                    log.warning("%d was removed from the cluster earlier: not joining again", node.id)
+                elif rc.join:
                     await node.join()
                 nursery.start_soon(node.publish_record)
                 yield node
             finally:
+                # Graceful stop (SPEC §1): stop the admin server, let in-flight calls
+                # answer for a bounded time, then cancel everything.
                 node.stopping.set()
+                with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE_S):
+                    await node.calls.wait_idle()
                 nursery.cancel_scope.cancel()
     finally:
-        await trio.to_thread.run_sync(storage.close)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(storage.close)
 
 
 @asynccontextmanager
-async def _single_errors() -> AsyncIterator[None]:
+async def single_errors() -> AsyncIterator[None]:
     """Let one error out of the node's nursery as itself, not as a one-member group
     (callers catch ConfigError, JoinFailed, FatalError)."""
     try:
@@ -781,10 +884,11 @@ async def _serve_raft_port(node: Node, host: str, port: int, task_status: Any = 
             on_call=node.on_call,
             on_cluster_id=node._adopt_cluster_id,
             on_peer=node._learn_address,
+            leader_address=node.address_of,
             task_status=task_status,
         )
     except OSError as e:
         raise ConfigError(f"raft_config.raft_api_port: cannot listen on {host}:{port}: {e}") from None
 
 
-__all__ = ["FatalError", "JoinFailed", "Node", "Removed", "open_node"]
+__all__ = ["FatalError", "JoinFailed", "Node", "open_node"]

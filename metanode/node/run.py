@@ -14,7 +14,7 @@ import trio
 
 from metanode.config import Config
 from metanode.errors import ConfigError, FatalError
-from metanode.node.node import JoinFailed, open_node
+from metanode.node.node import JoinFailed, open_node, single_errors
 
 log = logging.getLogger("metanode.node")
 
@@ -35,24 +35,22 @@ def run_node(config: Config) -> int:
 
 
 async def _main(config: Config) -> int:
+    # Signals are watched from the start, so SIGTERM also stops a node that is still
+    # joining or replaying (a graceful stop: exit 0).
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_node(config) as node:
-            log.info("%d is running: raft %s, admin %s", node.id, node.advertise_address, config.admin_api_address)
-            async with trio.open_nursery() as nursery:
+        async with single_errors(), trio.open_nursery() as nursery:
 
-                async def on_signal() -> None:
-                    async for signum in signals:
-                        log.info("%d got %s: shutting down", node.id, signal.Signals(signum).name)
-                        break
-                    nursery.cancel_scope.cancel()
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("got %s: shutting down", signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
 
-                async def on_removed() -> None:
-                    await node.removed.wait()
-                    await trio.sleep(0.5)  # let the reply to the leave request go out
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on_signal)
-                nursery.start_soon(on_removed)
-            if node.removed.is_set():
+            nursery.start_soon(on_signal)
+            async with open_node(config) as node:
+                log.info("%d is running: raft %s, admin %s", node.id, node.advertise_address, config.admin_api_address)
+                await node.removed.wait()
+                await trio.sleep(0.5)  # let the reply to the leave request go out
                 log.info("%d removed from the cluster: exit", node.id)
+            nursery.cancel_scope.cancel()
     return 0

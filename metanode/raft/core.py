@@ -221,6 +221,11 @@ class RaftCore:
     def commit_index(self) -> int:
         return self.log.commit
 
+    @property
+    def transferring(self) -> bool:
+        """A leadership transfer is in progress (proposals and changes wait)."""
+        return self._transferee is not None
+
     def status(self) -> Status:
         matched = {p: pr.match for p, pr in self.progress.items()} if self.is_leader else {}
         return Status(

@@ -312,7 +312,9 @@ class _ServerConnection:
                 raise _Refuse("bad_request", f"the first frame must be a hello, got {type(frame).__name__}")
             self._check_hello(frame)
             self.hello = frame
-            if frame.from_id and frame.addr:
+            if frame.from_id and frame.addr and frame.cluster_id is not None:
+                # Only a member of our cluster may tell us where it is now (a fresh
+                # dialer claiming a member's id must not redirect that member's traffic).
                 self.server.on_peer(frame.from_id, frame.addr)
             log.debug("%d raft port: %s from %s", self.node_id, frame, self.conn.peer)
         elif type(frame) in _RAFT_TYPES:
@@ -464,8 +466,9 @@ async def serve_raft(
       ``"host:port"`` for `NotLeader`: a str ``.leader`` as is, an int node id through
       `leader_address`); any other exception is logged with its traceback and answered
       with code ``internal``;
-    * a hello carrying the dialer's advertised address calls ``on_peer(node_id, addr)``
-      (how a node being added learns where the leader is before it has the log).
+    * a hello of our cluster carrying the dialer's advertised address calls
+      ``on_peer(node_id, addr)`` (how a node being added learns where the leader is
+      before it has the log); dialers without a cluster id are not trusted with it.
 
     A frame over `max_frame_size` closes its connection as soon as its header is read
     (the body is never buffered); undecodable or truncated frames close their

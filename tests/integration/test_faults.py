@@ -181,3 +181,20 @@ def test_an_unwritable_data_dir_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     result = run_cli(["--id", "1", "--single", "--raft-dir", str(blocker / "d"), "--log-dir", str(tmp_path / "l")], tmp_path)
     assert result.returncode == 2 and str(blocker) in result.stderr, result.stderr
+
+
+def test_sigterm_stops_a_node_that_is_still_joining(tmp_path: Path) -> None:
+    """SPEC §1: SIGTERM shuts down gracefully (exit 0), also while the node is still
+    trying its join addresses."""
+    import signal
+
+    from tests.integration.harness import Proc, free_port, write_config
+
+    cfg = write_config(tmp_path / "n.toml", 2, free_port(), free_port(), free_port(),
+                       join=[f"127.0.0.1:{free_port()}"], extra="")
+    proc = Proc("joining", ["-c", str(cfg)], tmp_path).start()
+    time.sleep(1.5)  # inside its 3 tries, 1 s apart
+    assert proc.running
+    started = time.monotonic()
+    assert proc.stop(signal.SIGTERM, timeout=10) == 0
+    assert time.monotonic() - started < 5

@@ -165,3 +165,51 @@ async def test_concurrent_joins_are_serialized_and_nobody_is_dropped(tmp_path: P
             await until(lambda: len(joined) == 3, "three joins answered")
             assert not any(n.removed.is_set() for n in joined.values())
             done.set()
+
+
+async def test_a_removed_node_restarted_with_join_stays_out(tmp_path: Path) -> None:
+    """SPEC §3: a node whose committed membership no longer has it exits; restarted
+    with its old `join` list it must not join again (it used to rejoin as a voter and
+    then exit, leaving a dead voter behind)."""
+    ports = Ports()
+    async with node(tmp_path, ports, 1, "--single") as n1:
+        async with node(tmp_path, ports, 2, "--join", ports.address(1)) as n2:
+            await until(lambda: n1.cluster_status()["voters"] == [1, 2], "two voters")
+            assert await _leave(2, [ports.address(1)], n1.config) == 0
+            await until(n2.removed.is_set, "node 2 sees its removal")
+        async with node(tmp_path, ports, 2, "--join", ports.address(1)) as again:
+            assert again.removed.is_set()
+        assert n1.cluster_status()["voters"] == [1]
+        assert n1.core.membership.node_ids == {1}
+
+
+async def test_a_fresh_node_cannot_take_over_a_members_id(tmp_path: Path) -> None:
+    """Two processes voting as one node would break Raft's safety: a join from an empty
+    data dir with the id of a member at another address is refused."""
+    ports = Ports()
+    async with node(tmp_path, ports, 1, "--single") as n1:
+        async with node(tmp_path, ports, 2, "--join", ports.address(1)):
+            await until(lambda: n1.cluster_status()["voters"] == [1, 2], "two voters")
+            impostor = load_config(
+                ["--id", "2", "--raft-dir", str(tmp_path / "impostor"), "--log-dir", str(tmp_path / "logs"),
+                 "--raft-api-port", str(free_port()), "--raft-advertise-host", "127.0.0.1",
+                 "--heartbeat-interval", "50", "--wait-leader-timeout", "2000", "--join", ports.address(1)],
+                {},
+            )
+            with pytest.raises(JoinFailed, match="already a member"):
+                async with open_node(impostor, admin=False):
+                    pass
+            assert n1.address_of(2) == ports.address(2)
+
+
+async def test_a_member_restarted_on_a_new_port_is_found_and_republishes(tmp_path: Path) -> None:
+    """SPEC §3: a node re-publishes its record when its address changes; the leader
+    learns the new address from the node's own hello before the record is applied."""
+    ports = Ports()
+    async with node(tmp_path, ports, 1, "--single") as n1:
+        async with node(tmp_path, ports, 2, "--join", ports.address(1)):
+            await until(lambda: n1.cluster_status()["voters"] == [1, 2], "two voters")
+        ports.raft[2] = free_port()
+        async with node(tmp_path, ports, 2) as n2:
+            await until(lambda: n2.core.leader is not None and n1.core.leader == n2.core.leader, "one leader again")
+            await until(lambda: n1.sm.node(2) is not None and n1.sm.node(2).endpoint.port == ports.raft[2], "new record")
