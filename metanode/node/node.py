@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -54,7 +55,7 @@ from metanode.raft import (
     SnapshotMeta,
     bootstrap_state,
 )
-from metanode.sm import ApplyError, Command, Endpoint, KVStateMachine, NodeRecord, NodeUpdate, RemoveNode, SetNode
+from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode
 from metanode.sm.codec import DecodeError, decode_command, encode_command
 from metanode.storage import NodeMeta, RaftStorage
 from metanode.transport import Identity, PeerLink, call, serve_raft
@@ -503,6 +504,7 @@ class Node:
             rpc.JOIN: (rpc.JoinRequest, self._join_local),
             rpc.LEAVE: (rpc.LeaveRequest, self._leave_local),
             rpc.WRITE: (rpc.WriteRequest, self._write_local),
+            rpc.READ: (rpc.ReadRequest, self._read_local),
         }
         if method not in handlers:
             raise BadRequest(f"unknown method {method!r}")
@@ -537,7 +539,40 @@ class Node:
         result = await self.propose(req.cmd)
         if isinstance(result, ApplyError):
             return rpc.encode(rpc.WriteReply(False, result.message))
-        return rpc.encode(rpc.WriteReply(True))
+        return rpc.encode(rpc.WriteReply(True, change=result if isinstance(result, Change) else None))
+
+    async def _read_local(self, req: rpc.ReadRequest) -> bytes:
+        return rpc.encode(rpc.ReadReply(await self.read_barrier()))
+
+    # ------------------------------------------------------------------ client requests
+    async def client_write(self, cmd: Command) -> Any:
+        """A client's write: proposed here when leading, else forwarded to the leader.
+        Returns the apply result; a command the state machine refuses is BadRequest."""
+        request = rpc.WriteRequest(cmd)
+        with self.calls:
+            body = await self.call_leader(rpc.WRITE, rpc.encode(request), lambda: self._write_local(request))
+        reply = rpc.decode(body, rpc.WriteReply)
+        if not reply.ok:
+            raise BadRequest(reply.message)
+        return reply.change
+
+    async def client_read_barrier(self) -> None:
+        """Make a following local read linearizable (§6.4): get a read index from the
+        leader (ourselves, or over the raft port) and wait until we applied it."""
+        request = rpc.ReadRequest()
+        with self.calls:
+            body = await self.call_leader(rpc.READ, rpc.encode(request), lambda: self._read_local(request))
+        index = rpc.decode(body, rpc.ReadReply).index
+        await self.wait_for(lambda: self.applied.index >= index, self._wait_s(), "catching up for a read")
+
+    def client_addresses(self) -> list[str]:
+        """The client API addresses the members publish (SPEC §5 `member_list`)."""
+        members = self.applied_membership.node_ids
+        return [
+            r.grpc_api_advertise_address
+            for i, r in self.sm.nodes()
+            if i in members and r.grpc_api_advertise_address
+        ]
 
     async def _change_membership(
         self, update: Callable[[set[int], set[int]], tuple[set[int], set[int]]]
@@ -797,7 +832,7 @@ def _check_data_dir(config: Config, meta: NodeMeta | None) -> None:
 
 
 @asynccontextmanager
-async def open_node(config: Config, *, admin: bool = True) -> AsyncIterator[Node]:
+async def open_node(config: Config, *, admin: bool = True, client_api: bool = True) -> AsyncIterator[Node]:
     """Open the data dir, start every task, bootstrap or join; yield the running node.
 
     Raises ConfigError for a bad data dir or a port in use, JoinFailed when joining
@@ -837,6 +872,18 @@ async def open_node(config: Config, *, admin: bool = True) -> AsyncIterator[Node
                         )
                     except OSError as e:
                         raise ConfigError(f"admin_api_address: cannot listen on {config.admin_api_address}: {e}") from None
+                if client_api:
+                    from metanode.api.client_api import serve_client_api
+
+                    try:
+                        await nursery.start(
+                            partial(
+                                serve_client_api, node, config.grpc_api_address,
+                                max_message_size=config.grpc_api_max_message_size, shutdown=node.stopping,
+                            )
+                        )
+                    except OSError as e:
+                        raise ConfigError(f"grpc_api_address: cannot listen on {config.grpc_api_address}: {e}") from None
                 # Replay the local log first: the committed membership decides whether
                 # to join, and a node removed earlier must not join again (SPEC §3).
                 await node.wait_for(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import attrs
 
-from metanode.sm import Command, NodeRecord
+from metanode.sm import Change, Command, NodeRecord
 from metanode.sm import codec as _sm_codec  # registers the command union first
 from metanode.wire import decode, encode, register_class
 
 JOIN = "join"
 LEAVE = "leave"
 WRITE = "write"
+READ = "read"
 
 
 @attrs.frozen
@@ -55,23 +56,39 @@ class WriteRequest:
 
 @attrs.frozen
 class WriteReply:
+    """`change` is the result of an upsert; `message` the ApplyError's when not ok."""
+
     ok: bool
     message: str = ""
+    change: Change | None = None
 
 
-for _cls in (JoinRequest, NodeAddress, JoinReply, LeaveRequest, LeaveReply, WriteRequest, WriteReply):
+@attrs.frozen
+class ReadRequest:
+    """Ask the leader for a read index (ReadIndex from a follower, §6.4)."""
+
+
+@attrs.frozen
+class ReadReply:
+    index: int  # the follower may read once it applied this index
+
+
+for _cls in (JoinRequest, NodeAddress, JoinReply, LeaveRequest, LeaveReply, WriteRequest, WriteReply, ReadRequest, ReadReply):
     register_class(_cls)
 del _sm_codec
 
 __all__ = [
     "JOIN",
     "LEAVE",
+    "READ",
     "WRITE",
     "JoinReply",
     "JoinRequest",
     "LeaveReply",
     "LeaveRequest",
     "NodeAddress",
+    "ReadReply",
+    "ReadRequest",
     "WriteReply",
     "WriteRequest",
     "decode",

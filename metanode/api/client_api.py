@@ -1,0 +1,254 @@
+"""The client API (SPEC §5): WebSocket at `/v1` on `grpc_api_address`, msgpack messages.
+
+Each binary message is one request map `{"id": n, "op": NAME, ...}`; each reply is
+`{"id": n, "ok": RESULT}` or `{"id": n, "error": {code, message, leader}}`. Requests on
+one socket run concurrently (each in its own task); replies go out as they finish.
+The wire shapes are documented in docs/reference/client-protocol.md.
+
+Errors are translated once, here: a `ClientError` becomes its code; a malformed
+message is `bad_request`; an oversized one `too_large` (the socket stays usable up to
+twice the limit; beyond that trio-websocket closes it with 1009); anything else is
+logged and answered `internal`. On shutdown every socket is closed with code 1001.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, Protocol
+
+import msgpack
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from metanode import __version__
+from metanode.config import parse_address
+from metanode.errors import BadRequest, ClientError, TooLarge
+from metanode.sm import Change, Command, KVStateMachine, MatchSeq, SeqV, Upsert
+
+log = logging.getLogger("metanode.api")
+
+PATH = "/v1"
+
+
+class ClientNode(Protocol):
+    """What the client API needs from a node."""
+
+    sm: KVStateMachine
+
+    async def client_write(self, cmd: Command) -> Any: ...
+    async def client_read_barrier(self) -> None: ...
+    def client_addresses(self) -> list[str]: ...
+    def cluster_status(self) -> dict: ...
+    def address_of(self, node_id: int) -> str | None: ...
+
+
+# ---------------------------------------------------------------------- wire shapes
+def seqv_out(v: SeqV | None) -> dict | None:
+    if v is None:
+        return None
+    meta = {"expire_at_ms": v.expire_at_ms} if v.expire_at_ms is not None else None
+    return {"seq": v.seq, "data": v.data, "meta": meta}
+
+
+def change_out(c: Change) -> dict:
+    return {"prev": seqv_out(c.prev), "result": seqv_out(c.result)}
+
+
+def _arg(req: dict, name: str, types: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    if name not in req or (optional and req[name] is None):
+        if optional:
+            return None
+        raise BadRequest(f"{req.get('op')}: missing argument {name!r}")
+    value = req[name]
+    # bool is an int in Python: refuse True where an int is expected.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+        raise BadRequest(f"{req.get('op')}: argument {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def match_seq_in(value: Any) -> MatchSeq | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, n), = value.items()
+        if kind in ("exact", "ge") and isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            return MatchSeq(exact=n) if kind == "exact" else MatchSeq(ge=n)
+    raise BadRequest(f'match_seq must be null, {{"exact": n}} or {{"ge": n}}, got {value!r}')
+
+
+def _strings(values: Any, name: str) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise BadRequest(f"{name} must be a list of strings")
+    return values
+
+
+# ---------------------------------------------------------------------- operations
+class ClientSession:
+    """One WebSocket: concurrent requests, one reply each."""
+
+    def __init__(self, node: ClientNode, ws: WebSocketConnection, max_message_size: int) -> None:
+        self.node = node
+        self.ws = ws
+        self.max_message_size = max_message_size
+        self.ops: dict[str, Callable[[dict], Any]] = {
+            "handshake": self.op_handshake,
+            "upsert": self.op_upsert,
+            "get": self.op_get,
+            "mget": self.op_mget,
+            "list": self.op_list,
+            "member_list": self.op_member_list,
+            "cluster_status": self.op_cluster_status,
+        }
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    message = await self.ws.get_message()
+                except ConnectionClosed:
+                    break
+                nursery.start_soon(self.serve, message)
+            nursery.cancel_scope.cancel()
+
+    async def serve(self, message: bytes | str) -> None:
+        rid: Any = None
+        try:
+            if isinstance(message, str):
+                raise BadRequest("messages must be binary msgpack, not text")
+            try:
+                req = msgpack.unpackb(message, raw=False, strict_map_key=False)
+            except (ValueError, msgpack.UnpackException) as e:
+                raise BadRequest(f"malformed msgpack: {type(e).__name__} {e}".rstrip()) from None
+            if isinstance(req, dict):
+                rid = req.get("id")
+            if len(message) > self.max_message_size:
+                raise TooLarge(f"message of {len(message)} bytes is over the limit of {self.max_message_size}")
+            if not isinstance(req, dict):
+                raise BadRequest("a request must be a msgpack map")
+            if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
+                raise BadRequest("a request needs a non-negative integer 'id'")
+            op = self.ops.get(req.get("op"))  # type: ignore[arg-type]
+            if op is None:
+                raise BadRequest(f"unknown op {req.get('op')!r}")
+            result = await op(req)
+            reply: dict = {"id": rid, "ok": result}
+        except ClientError as e:
+            reply = {"id": rid, "error": self._error(e)}
+        except Exception:
+            log.exception("client request failed")
+            reply = {"id": rid, "error": {"code": "internal", "message": "internal error", "leader": None}}
+        try:
+            await self.ws.send_message(msgpack.packb(reply, use_bin_type=True))
+        except ConnectionClosed:
+            pass
+
+    def _error(self, e: ClientError) -> dict:
+        leader = getattr(e, "leader", None)
+        if isinstance(leader, int):
+            leader = self.node.address_of(leader)
+        return {"code": e.code, "message": str(e), "leader": leader if isinstance(leader, str) else None}
+
+    async def _read(self, req: dict) -> None:
+        consistency = req.get("consistency", "linearizable")
+        if consistency == "linearizable":
+            await self.node.client_read_barrier()
+        elif consistency != "local":
+            raise BadRequest(f'consistency must be "linearizable" or "local", got {consistency!r}')
+
+    async def op_handshake(self, req: dict) -> dict:
+        return {"server": "metanode", "version": __version__}
+
+    async def op_upsert(self, req: dict) -> dict:
+        cmd = Upsert(
+            _arg(req, "key", str),
+            _arg(req, "value", (bytes, type(None))),
+            match_seq_in(req.get("match_seq")),
+            _arg(req, "ttl_ms", int, optional=True),
+            _arg(req, "expire_at_ms", int, optional=True),
+        )
+        try:
+            cmd.validate()
+        except ValueError as e:
+            raise BadRequest(f"upsert: {e}") from None
+        return change_out(await self.node.client_write(cmd))
+
+    async def op_get(self, req: dict) -> dict | None:
+        key = _arg(req, "key", str)
+        await self._read(req)
+        return seqv_out(self.node.sm.get(key))
+
+    async def op_mget(self, req: dict) -> list:
+        keys = _strings(req.get("keys"), "keys")
+        await self._read(req)
+        return [seqv_out(v) for v in self.node.sm.mget(keys)]
+
+    async def op_list(self, req: dict) -> list:
+        prefix = _arg(req, "prefix", str)
+        limit = _arg(req, "limit", int, optional=True)
+        if limit is not None and limit < 0:
+            raise BadRequest("list: limit must be >= 0")
+        await self._read(req)
+        return [[k, seqv_out(v)] for k, v in self.node.sm.list(prefix, limit)]
+
+    async def op_member_list(self, req: dict) -> list[str]:
+        return self.node.client_addresses()
+
+    async def op_cluster_status(self, req: dict) -> dict:
+        return self.node.cluster_status()
+
+
+async def serve_client_api(
+    node: ClientNode,
+    address: str,
+    *,
+    max_message_size: int,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the client API on `address` until `shutdown` is set; then close every
+    socket with 1001 and return. `task_status.started("host:port")` once listening;
+    a port in use raises OSError."""
+    host, port = parse_address(address)
+    sockets: set[WebSocketConnection] = set()
+
+    async def handler(request: WebSocketRequest) -> None:
+        if request.path != PATH:
+            await request.reject(404, body=f"the client API is at {PATH}".encode())
+            return
+        ws = await request.accept()
+        sockets.add(ws)
+        try:
+            await ClientSession(node, ws, max_message_size).run()
+        finally:
+            sockets.discard(ws)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(
+                serve_websocket, handler, host, port, None, handler_nursery=nursery,
+                max_message_size=2 * max_message_size + (1 << 20), message_queue_size=64,
+                receive_buffer_size=None,
+            )
+        )
+        bound = server.port
+        log.info("client API listening on ws://%s:%d%s", host, bound, PATH)
+        task_status.started(f"{host}:{bound}")
+        await shutdown.wait()
+        await _close_all(sockets)
+        nursery.cancel_scope.cancel()
+
+
+async def _close_all(sockets: Iterable[WebSocketConnection]) -> None:
+    with trio.move_on_after(2):
+        async with trio.open_nursery() as nursery:
+            for ws in list(sockets):
+                nursery.start_soon(partial(ws.aclose, 1001, "server shutting down"))
+
+
+__all__ = ["ClientNode", "ClientSession", "serve_client_api"]
