@@ -1,0 +1,173 @@
+"""The client API server at the protocol level (docs/reference/client-protocol.md):
+raw WebSocket + msgpack against real nodes in-process on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from metanode.config import load_config
+from metanode.node.node import Node, open_node
+
+pytestmark = pytest.mark.runtime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.raft: dict[int, int] = {}
+        self.grpc: dict[int, int] = {}
+
+    def port(self, i: int) -> int:
+        self.raft.setdefault(i, free_port())
+        return self.grpc.setdefault(i, free_port())
+
+    @asynccontextmanager
+    async def node(self, i: int, *extra: str, max_message: int | None = None) -> AsyncIterator[Node]:
+        self.port(i)
+        args = [
+            "--id", str(i), "--raft-dir", str(self.tmp / f"d{i}"), "--log-dir", str(self.tmp / "logs"),
+            "--raft-api-port", str(self.raft[i]), "--raft-advertise-host", "127.0.0.1",
+            "--grpc-api-address", f"127.0.0.1:{self.grpc[i]}", "--heartbeat-interval", "50",
+            "--wait-leader-timeout", "5000", *extra,
+        ]
+        if max_message is not None:
+            args += ["--grpc-api-max-message-size", str(max_message)]
+        async with open_node(load_config(args, {}), admin=False) as n:
+            yield n
+
+    @asynccontextmanager
+    async def socket(self, i: int) -> AsyncIterator[WebSocketConnection]:
+        async with open_websocket_url(
+            f"ws://127.0.0.1:{self.grpc[i]}/v1", max_message_size=64 << 20, receive_buffer_size=None
+        ) as ws:
+            yield ws
+        await ws._stream.aclose()  # STACK.md: the client leaks its socket otherwise
+
+
+async def ask(ws: WebSocketConnection, **req: Any) -> dict:
+    await ws.send_message(msgpack.packb(req, use_bin_type=True))
+    return msgpack.unpackb(await ws.get_message(), raw=False)
+
+
+async def until(pred, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.01)
+
+
+async def test_every_op_on_a_single_node(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        assert (await ask(ws, id=1, op="handshake"))["ok"]["server"] == "metanode"
+        r = await ask(ws, id=2, op="upsert", key="a", value=b"1")
+        assert r == {"id": 2, "ok": {"prev": None, "result": {"seq": 1, "data": b"1", "meta": None}}}
+        # seq mismatch: nothing changes and prev == result
+        r = await ask(ws, id=3, op="upsert", key="a", value=b"x", match_seq={"exact": 5})
+        assert r["ok"]["prev"] == r["ok"]["result"] == {"seq": 1, "data": b"1", "meta": None}
+        r = await ask(ws, id=4, op="upsert", key="a/b", value=b"2", match_seq={"exact": 0}, ttl_ms=60_000)
+        assert r["ok"]["result"]["seq"] == 2 and r["ok"]["result"]["meta"]["expire_at_ms"] > 0
+        assert (await ask(ws, id=5, op="get", key="a"))["ok"]["data"] == b"1"
+        assert (await ask(ws, id=6, op="get", key="zz"))["ok"] is None
+        assert [v and v["seq"] for v in (await ask(ws, id=7, op="mget", keys=["a", "zz", "a/b"]))["ok"]] == [1, None, 2]
+        assert [k for k, _ in (await ask(ws, id=8, op="list", prefix="a/"))["ok"]] == ["a/b"]
+        assert len((await ask(ws, id=9, op="list", prefix="", limit=1))["ok"]) == 1
+        r = await ask(ws, id=10, op="upsert", key="a", value=None)
+        assert r["ok"]["result"] is None and r["ok"]["prev"]["seq"] == 1
+        assert (await ask(ws, id=11, op="get", key="a", consistency="local"))["ok"] is None
+        assert (await ask(ws, id=12, op="member_list"))["ok"] == []
+        assert (await ask(ws, id=13, op="cluster_status"))["ok"]["is_leader"] is True
+
+
+@pytest.mark.parametrize(
+    "req, message",
+    [
+        ({"op": "get", "key": "a"}, "non-negative integer 'id'"),
+        ({"id": 1, "op": "nope"}, "unknown op"),
+        ({"id": 1, "op": "get"}, "missing argument 'key'"),
+        ({"id": 1, "op": "get", "key": 3}, "wrong type"),
+        ({"id": 1, "op": "upsert", "key": "k", "value": "text"}, "wrong type"),
+        ({"id": 1, "op": "upsert", "key": "k", "value": b"", "match_seq": {"gt": 1}}, "match_seq"),
+        ({"id": 1, "op": "upsert", "key": "k", "value": b"", "ttl_ms": True}, "wrong type"),
+        ({"id": 1, "op": "upsert", "key": "k", "value": b"", "ttl_ms": -1}, "ttl_ms"),
+        ({"id": 1, "op": "mget", "keys": "a"}, "list of strings"),
+        ({"id": 1, "op": "list", "prefix": "", "limit": -1}, "limit"),
+        ({"id": 1, "op": "get", "key": "a", "consistency": "eventual"}, "consistency"),
+    ],
+)
+async def test_bad_requests_get_bad_request_and_harm_nobody(tmp_path: Path, req: dict, message: str) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        r = await ask(ws, **req)
+        assert r["error"]["code"] == "bad_request" and message in r["error"]["message"]
+        assert (await ask(ws, id=99, op="handshake"))["ok"]  # the socket still works
+
+
+async def test_garbage_text_and_oversized_messages(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single", max_message=1000) as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        await ws.send_message(b"\xc1\x00")
+        assert msgpack.unpackb(await ws.get_message())["error"]["code"] == "bad_request"
+        await ws.send_message("text")
+        assert msgpack.unpackb(await ws.get_message())["error"]["code"] == "bad_request"
+        r = await ask(ws, id=5, op="upsert", key="k", value=b"x" * 1500)
+        assert r["id"] == 5 and r["error"]["code"] == "too_large"
+        assert (await ask(ws, id=6, op="get", key="k"))["ok"] is None
+
+
+async def test_many_requests_in_flight_on_one_socket(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        for i in range(200):
+            await ws.send_message(msgpack.packb({"id": i, "op": "upsert", "key": f"k{i % 7}", "value": b"v"}))
+        replies = [msgpack.unpackb(await ws.get_message()) for _ in range(200)]
+        assert sorted(r["id"] for r in replies) == list(range(200))
+        assert sorted(r["ok"]["result"]["seq"] for r in replies) == list(range(1, 201))
+
+
+async def test_a_follower_forwards_writes_and_serves_linearizable_reads(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1:
+        await until(lambda: n1.core.is_leader)
+        async with c.node(2, "--join", f"127.0.0.1:{c.raft[1]}") as n2, c.socket(2) as ws:
+            assert not n2.core.is_leader
+            r = await ask(ws, id=1, op="upsert", key="k", value=b"v")
+            assert r["ok"]["result"]["seq"] == 1
+            # Linearizable: the follower reads after the leader's read index.
+            assert (await ask(ws, id=2, op="get", key="k"))["ok"]["data"] == b"v"
+            r = await ask(ws, id=3, op="upsert", key="k", value=b"w")
+            assert (await ask(ws, id=4, op="get", key="k"))["ok"]["data"] == b"w"
+            assert n1.sm.get("k").data == b"w"  # type: ignore[union-attr]
+
+
+async def test_shutdown_closes_client_sockets_with_1001(tmp_path: Path) -> None:
+    from trio_websocket import ConnectionClosed
+
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1:
+        await until(lambda: n1.core.is_leader)
+        ws_cm = c.socket(1)
+        ws = await ws_cm.__aenter__()
+        n1.stopping.set()
+        with trio.fail_after(5), pytest.raises(ConnectionClosed) as info:
+            await ws.get_message()
+        assert info.value.reason.code == 1001
+        await ws_cm.__aexit__(None, None, None)
