@@ -1,10 +1,30 @@
 """The KV state machine (SPEC §5): pure, deterministic, no trio, no clock, no I/O.
 
-``KVStateMachine.apply(cmd, log_time_ms)`` applies committed commands in log order;
+``KVStateMachine.apply(cmd, log_time_ms)`` applies committed commands (``Upsert``, ``Txn``,
+``SetNode``, ``RemoveNode``) in log order;
 ``get``/``mget``/``list`` read; ``snapshot``/``restore`` (de)serialize the whole state.
 """
 
-from metanode.sm.commands import COMMAND_TYPES, Command, RemoveNode, SetNode, Upsert, validate_key
+from metanode.sm.commands import (
+    COMMAND_TYPES,
+    MAX_TXN_CONDITIONS,
+    MAX_TXN_OPS,
+    TXN_COMPARISONS,
+    TXN_OP_TYPES,
+    TXN_TARGETS,
+    Command,
+    RemoveNode,
+    SetNode,
+    Txn,
+    TxnCondition,
+    TxnDelete,
+    TxnDeleteByPrefix,
+    TxnGet,
+    TxnOp,
+    TxnPut,
+    Upsert,
+    validate_key,
+)
 from metanode.sm.kv import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, KVStateMachine
 from metanode.sm.types import (
     ApplyError,
@@ -16,10 +36,21 @@ from metanode.sm.types import (
     NodeRecord,
     NodeUpdate,
     SeqV,
+    TxnDeleteByPrefixResponse,
+    TxnDeleteResponse,
+    TxnGetResponse,
+    TxnPutResponse,
+    TxnReply,
+    TxnResponse,
 )
 
 __all__ = [
     "COMMAND_TYPES",
+    "MAX_TXN_CONDITIONS",
+    "MAX_TXN_OPS",
+    "TXN_COMPARISONS",
+    "TXN_OP_TYPES",
+    "TXN_TARGETS",
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_VERSION",
     "ApplyError",
@@ -35,6 +66,19 @@ __all__ = [
     "RemoveNode",
     "SeqV",
     "SetNode",
+    "Txn",
+    "TxnCondition",
+    "TxnDelete",
+    "TxnDeleteByPrefix",
+    "TxnDeleteByPrefixResponse",
+    "TxnDeleteResponse",
+    "TxnGet",
+    "TxnGetResponse",
+    "TxnOp",
+    "TxnPut",
+    "TxnPutResponse",
+    "TxnReply",
+    "TxnResponse",
     "Upsert",
     "validate_key",
 ]

@@ -6,7 +6,7 @@ from a log entry must always be buildable, so that a bad one reaches
 replica. Each command has ``validate()``, which raises ``ValueError`` with a clear
 message; the API layer calls it before proposing, and ``apply`` calls it again.
 
-Adding a command kind (``Txn``, ...): define it here with a ``TAG`` and a
+Adding a command kind: define it here with a ``TAG`` and a
 ``validate()``, add it to ``Command`` and ``COMMAND_TYPES``, and add one ``case`` to
 ``KVStateMachine._dispatch``; `metanode.sm.codec` puts it on the wire.
 """
@@ -19,19 +19,33 @@ import attrs
 
 from metanode.sm.types import MatchSeq, NodeRecord, is_int
 
+MAX_TXN_CONDITIONS = 1000
+"""The most conditions a ``Txn`` may carry."""
 
-def validate_key(key: object) -> None:
+MAX_TXN_OPS = 1000
+"""The most ops a ``Txn`` may carry in each branch (``if_then``, ``else_then``)."""
+
+TXN_TARGETS: tuple[str, ...] = ("seq", "value")
+"""What a ``TxnCondition`` compares: the key's seq, or its value bytes."""
+
+TXN_COMPARISONS: tuple[str, ...] = ("==", "!=", "<", "<=", ">", ">=")
+"""The comparison operators of a ``TxnCondition``."""
+
+
+def validate_key(key: object, what: str = "key") -> None:
     """Raise ``ValueError`` unless ``key`` is a ``str`` that encodes as UTF-8.
+
+    ``what`` names the argument in the message (``"prefix"``, say).
 
     Keys are ordered by code point, which equals UTF-8 byte order for encodable
     strings; a lone surrogate could not be encoded into a snapshot, so it is refused.
     """
     if not isinstance(key, str):
-        raise ValueError(f"key must be a str, got {type(key).__name__}")
+        raise ValueError(f"{what} must be a str, got {type(key).__name__}")
     try:
         key.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"key is not valid UTF-8: {key!r}") from e
+        raise ValueError(f"{what} is not valid UTF-8: {key!r}") from e
 
 
 @attrs.frozen
@@ -117,8 +131,177 @@ class RemoveNode:
             raise ValueError(f"node id must be a positive int, got {self.node_id!r}")
 
 
-Command: TypeAlias = Upsert | SetNode | RemoveNode
+# ---------------------------------------------------------------------------- txn
+
+
+@attrs.frozen
+class TxnCondition:
+    """One condition of a ``Txn``: ``<target of key> <op> <operand>``.
+
+    - ``target="seq"``: the key's current seq (0 when absent or expired) compared
+      with ``operand``, a non-negative ``int``.
+    - ``target="value"``: the key's value bytes compared with ``operand``, ``bytes``,
+      lexicographically byte by byte (as Rust compares ``Vec<u8>``). When the key is
+      absent (or expired) there is no value to compare: the condition is **false for
+      every op except** ``"!="``, which is true (an absent value differs from any
+      bytes). databend-meta makes every value condition on an absent key false,
+      ``!=`` included; this is a deliberate departure. Use a seq condition
+      (``seq == 0``) to test for absence.
+    - ``op``: one of ``TXN_COMPARISONS`` (``==``, ``!=``, ``<``, ``<=``, ``>``, ``>=``).
+    """
+
+    key: str
+    target: str
+    op: str
+    operand: int | bytes
+
+    def validate(self) -> None:
+        validate_key(self.key)
+        if self.target not in TXN_TARGETS:
+            raise ValueError(f"target must be 'seq' or 'value', got {self.target!r}")
+        if self.op not in TXN_COMPARISONS:
+            raise ValueError(f"op must be one of {', '.join(TXN_COMPARISONS)}; got {self.op!r}")
+        if self.target == "seq":
+            if not is_int(self.operand) or not 0 <= self.operand < 2**63:  # type: ignore[operator]
+                raise ValueError(
+                    f"a seq condition needs an int operand in [0, 2**63), got {self.operand!r}"
+                )
+        elif not isinstance(self.operand, bytes):
+            raise ValueError(
+                f"a value condition needs a bytes operand, got {type(self.operand).__name__}"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.target}({self.key!r}) {self.op} {self.operand!r}"
+
+
+@attrs.frozen
+class TxnPut:
+    """Txn op: write ``value`` to ``key``, as ``Upsert`` with a non-``None`` value does."""
+
+    TAG: ClassVar[str] = "put"
+    key: str
+    value: bytes
+    match_seq: MatchSeq | None = None
+    ttl_ms: int | None = None
+    expire_at_ms: int | None = None
+
+    def as_upsert(self) -> Upsert:
+        return Upsert(self.key, self.value, self.match_seq, self.ttl_ms, self.expire_at_ms)
+
+    def validate(self) -> None:
+        if not isinstance(self.value, bytes):
+            raise ValueError(f"value must be bytes, got {type(self.value).__name__}")
+        self.as_upsert().validate()
+
+
+@attrs.frozen
+class TxnGet:
+    """Txn op: read ``key`` (seeing the writes of earlier ops of the same txn)."""
+
+    TAG: ClassVar[str] = "get"
+    key: str
+
+    def validate(self) -> None:
+        validate_key(self.key)
+
+
+@attrs.frozen
+class TxnDelete:
+    """Txn op: delete ``key``, as ``Upsert(key, None, match_seq)`` does."""
+
+    TAG: ClassVar[str] = "delete"
+    key: str
+    match_seq: MatchSeq | None = None
+
+    def as_upsert(self) -> Upsert:
+        return Upsert(self.key, None, self.match_seq)
+
+    def validate(self) -> None:
+        self.as_upsert().validate()
+
+
+@attrs.frozen
+class TxnDeleteByPrefix:
+    """Txn op: delete every live key starting with ``prefix`` (``""``: every key)."""
+
+    TAG: ClassVar[str] = "delete_by_prefix"
+    prefix: str
+
+    def validate(self) -> None:
+        validate_key(self.prefix, "prefix")
+
+
+TxnOp: TypeAlias = TxnPut | TxnGet | TxnDelete | TxnDeleteByPrefix
+"""One operation of a ``Txn`` branch (a tagged union on the wire)."""
+
+TXN_OP_TYPES: tuple[type, ...] = (TxnPut, TxnGet, TxnDelete, TxnDeleteByPrefix)
+"""The runtime counterpart of ``TxnOp``."""
+
+
+@attrs.frozen
+class Txn:
+    """A conditional multi-key transaction (SPEC §5 ``txn``; databend-meta ``TxnRequest``).
+
+    When every condition holds (an empty ``conditions`` always holds) ``if_then`` runs,
+    otherwise ``else_then``. Ops run in order, each seeing the effects of the earlier
+    ones; each op behaves exactly like the equivalent separate command at the same log
+    time (a put bumps seq as an upsert does, a write already due to expire is removed
+    right after its op). The whole txn is one log entry and one ``apply``: it is
+    atomic and every op uses that apply's log time for TTLs.
+
+    Validation covers both branches, whichever runs: any invalid condition or op
+    rejects the whole txn (``ApplyError``, nothing changes). Limits: at most
+    ``MAX_TXN_CONDITIONS`` (1000) conditions and ``MAX_TXN_OPS`` (1000) ops per
+    branch; keys and prefixes must be valid UTF-8 ``str`` (as ``Upsert``'s);
+    ``conditions``, ``if_then`` and ``else_then`` must be tuples.
+    """
+
+    TAG: ClassVar[str] = "txn"
+    conditions: tuple[TxnCondition, ...] = ()
+    if_then: tuple[TxnOp, ...] = ()
+    else_then: tuple[TxnOp, ...] = ()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad part (``if_then[2]: ...``)."""
+        if not isinstance(self.conditions, tuple):
+            raise ValueError(f"conditions must be a tuple, got {type(self.conditions).__name__}")
+        if len(self.conditions) > MAX_TXN_CONDITIONS:
+            raise ValueError(
+                f"too many conditions: {len(self.conditions)} (at most {MAX_TXN_CONDITIONS})"
+            )
+        for i, cond in enumerate(self.conditions):
+            if not isinstance(cond, TxnCondition):
+                raise ValueError(
+                    f"conditions[{i}] must be a TxnCondition, got {type(cond).__name__}"
+                )
+            try:
+                cond.validate()
+            except ValueError as e:
+                raise ValueError(f"conditions[{i}]: {e}") from None
+        for name in ("if_then", "else_then"):
+            ops = getattr(self, name)
+            if not isinstance(ops, tuple):
+                raise ValueError(f"{name} must be a tuple, got {type(ops).__name__}")
+            if len(ops) > MAX_TXN_OPS:
+                raise ValueError(f"too many ops in {name}: {len(ops)} (at most {MAX_TXN_OPS})")
+            for i, op in enumerate(ops):
+                if not isinstance(op, TXN_OP_TYPES):
+                    raise ValueError(f"{name}[{i}]: unknown txn op type {type(op).__name__}")
+                try:
+                    op.validate()
+                except ValueError as e:
+                    raise ValueError(f"{name}[{i}] ({op.TAG}): {e}") from None
+
+    def __str__(self) -> str:
+        return (
+            f"txn {len(self.conditions)} conditions, "
+            f"{len(self.if_then)} then / {len(self.else_then)} else ops"
+        )
+
+
+Command: TypeAlias = Upsert | SetNode | RemoveNode | Txn
 """Every command kind the state machine applies."""
 
-COMMAND_TYPES: tuple[type, ...] = (Upsert, SetNode, RemoveNode)
+COMMAND_TYPES: tuple[type, ...] = (Upsert, SetNode, RemoveNode, Txn)
 """The runtime counterpart of ``Command``, for ``isinstance`` checks."""

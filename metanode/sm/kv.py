@@ -43,7 +43,20 @@ from typing import Any, assert_never
 import msgpack
 from sortedcontainers import SortedList
 
-from metanode.sm.commands import COMMAND_TYPES, Command, RemoveNode, SetNode, Upsert
+from metanode.sm.commands import (
+    COMMAND_TYPES,
+    Command,
+    RemoveNode,
+    SetNode,
+    Txn,
+    TxnCondition,
+    TxnDelete,
+    TxnDeleteByPrefix,
+    TxnGet,
+    TxnOp,
+    TxnPut,
+    Upsert,
+)
 from metanode.sm.types import (
     ApplyError,
     ApplyResult,
@@ -53,6 +66,12 @@ from metanode.sm.types import (
     NodeRecord,
     NodeUpdate,
     SeqV,
+    TxnDeleteByPrefixResponse,
+    TxnDeleteResponse,
+    TxnGetResponse,
+    TxnPutResponse,
+    TxnReply,
+    TxnResponse,
     is_int,
 )
 
@@ -163,7 +182,8 @@ class KVStateMachine:
         Steps: validate (on failure return ``ApplyError`` and change nothing); advance
         the log time to ``max(log_time_ms, self.log_time_ms)``; remove keys expired at
         that time; run the command; remove keys already expired by the command's own
-        writes. Returns the command's result (``Change`` for ``Upsert``). Total and
+        writes. Returns the command's result (``Change`` for ``Upsert``, ``NodeUpdate`` for
+        ``SetNode``/``RemoveNode``, ``TxnReply`` for ``Txn``). Total and
         deterministic: it never raises because of the command or the log time.
         """
         self._last_changes = ()
@@ -203,8 +223,69 @@ class KVStateMachine:
                 return NodeUpdate(cmd.node_id, prev, cmd.record)
             case RemoveNode():
                 return NodeUpdate(cmd.node_id, self._nodes.pop(cmd.node_id, None), None)
+            case Txn():
+                return self._txn(cmd)
             case _:
                 assert_never(cmd)
+
+    def _txn(self, cmd: Txn) -> TxnReply:
+        """Evaluate the conditions, then run the chosen branch's ops in order.
+
+        Conditions are all evaluated on the state before any op runs. After each op
+        the keys already due are expired, so every op behaves exactly like the same
+        operation applied as its own command at this log time (a ``ttl_ms=0`` put is
+        gone for the next op, as it would be for the next command).
+        """
+        success = all(self._condition_holds(c) for c in cmd.conditions)
+        ops = cmd.if_then if success else cmd.else_then
+        responses: list[TxnResponse] = []
+        for op in ops:
+            responses.append(self._txn_op(op))
+            self._expire()
+        return TxnReply(success, tuple(responses))
+
+    def _condition_holds(self, cond: TxnCondition) -> bool:
+        current = self._kv.get(cond.key)
+        left: int | bytes
+        if cond.target == "seq":
+            left = current.seq if current is not None else 0
+        elif current is None:
+            return cond.op == "!="  # no value: it differs from any bytes, nothing else holds
+        else:
+            left = current.data
+        right = cond.operand
+        match cond.op:
+            case "==":
+                return left == right
+            case "!=":
+                return left != right
+            case "<":
+                return left < right  # type: ignore[operator]
+            case "<=":
+                return left <= right  # type: ignore[operator]
+            case ">":
+                return left > right  # type: ignore[operator]
+            case ">=":
+                return left >= right  # type: ignore[operator]
+        raise AssertionError(f"unvalidated comparison {cond.op!r}")  # pragma: no cover
+
+    def _txn_op(self, op: TxnOp) -> TxnResponse:
+        match op:
+            case TxnPut():
+                change = self._upsert(op.as_upsert())
+                return TxnPutResponse(op.key, change.prev, change.result)
+            case TxnGet():
+                return TxnGetResponse(op.key, self._kv.get(op.key))
+            case TxnDelete():
+                change = self._upsert(op.as_upsert())
+                return TxnDeleteResponse(op.key, change.prev, change.result)
+            case TxnDeleteByPrefix():
+                keys = [key for key, _ in self.list(op.prefix)]
+                for key in keys:
+                    self._write(key, None)
+                return TxnDeleteByPrefixResponse(op.prefix, len(keys))
+            case _:
+                assert_never(op)
 
     def _upsert(self, cmd: Upsert) -> Change:
         """Conditional insert/update/delete of one key (also the building block of txn ops).

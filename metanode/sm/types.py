@@ -7,7 +7,7 @@ apply loop, watchers and clients.
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import attrs
 
@@ -170,5 +170,71 @@ class NodeUpdate:
     current: NodeRecord | None
 
 
-ApplyResult: TypeAlias = Change | NodeUpdate | ApplyError
-"""What ``KVStateMachine.apply`` returns; grows with new command kinds (e.g. ``TxnReply``)."""
+# ---------------------------------------------------------------------------- txn
+# One response per op run, in op order; each has the TAG of its op.
+
+
+@attrs.frozen
+class TxnPutResponse:
+    """The result of a ``TxnPut``: as ``Change`` (``prev == result`` on a seq mismatch)."""
+
+    TAG: ClassVar[str] = "put"
+    key: str
+    prev: SeqV | None
+    result: SeqV | None
+
+
+@attrs.frozen
+class TxnGetResponse:
+    """The result of a ``TxnGet``: the live value at that point of the txn, or ``None``."""
+
+    TAG: ClassVar[str] = "get"
+    key: str
+    value: SeqV | None
+
+
+@attrs.frozen
+class TxnDeleteResponse:
+    """The result of a ``TxnDelete``: as ``Change``.
+
+    ``result`` is ``None`` when the key was deleted or was already absent, and equals
+    ``prev`` (the untouched value) on a ``match_seq`` mismatch.
+    """
+
+    TAG: ClassVar[str] = "delete"
+    key: str
+    prev: SeqV | None
+    result: SeqV | None
+
+    @property
+    def success(self) -> bool:
+        """True when this op removed the key (databend-meta's ``success``)."""
+        return self.prev is not None and self.result is None
+
+
+@attrs.frozen
+class TxnDeleteByPrefixResponse:
+    """The result of a ``TxnDeleteByPrefix``: how many live keys it deleted."""
+
+    TAG: ClassVar[str] = "delete_by_prefix"
+    prefix: str
+    count: int
+
+
+TxnResponse: TypeAlias = (
+    TxnPutResponse | TxnGetResponse | TxnDeleteResponse | TxnDeleteByPrefixResponse
+)
+"""The response to one txn op."""
+
+
+@attrs.frozen
+class TxnReply:
+    """The result of a ``Txn``: whether every condition held (so ``if_then`` ran,
+    else ``else_then`` ran) and one response per op of the branch that ran."""
+
+    success: bool
+    responses: tuple[TxnResponse, ...]
+
+
+ApplyResult: TypeAlias = Change | NodeUpdate | TxnReply | ApplyError
+"""What ``KVStateMachine.apply`` returns."""

@@ -4,7 +4,20 @@ wire codec with the leader's time stamp; anything else is a DecodeError."""
 import msgpack
 import pytest
 
-from metanode.sm import Endpoint, MatchSeq, NodeRecord, RemoveNode, SetNode, Upsert
+from metanode.sm import (
+    Endpoint,
+    MatchSeq,
+    NodeRecord,
+    RemoveNode,
+    SetNode,
+    Txn,
+    TxnCondition,
+    TxnDelete,
+    TxnDeleteByPrefix,
+    TxnGet,
+    TxnPut,
+    Upsert,
+)
 from metanode.sm.codec import DecodeError, LogCommand, decode_command, encode_command
 
 COMMANDS = [
@@ -15,12 +28,59 @@ COMMANDS = [
     SetNode(7, NodeRecord("7", Endpoint("localhost", 28703), "127.0.0.1:28702")),
     SetNode(1, NodeRecord("1", Endpoint("localhost", 28004))),
     RemoveNode(3),
+    Txn(),
+    Txn(
+        (
+            TxnCondition("k", "seq", "==", 0),
+            TxnCondition("k", "seq", ">=", 2**63 - 1),
+            TxnCondition("é", "value", "!=", b"\x00\xff"),
+        ),
+        (
+            TxnPut("k", b"v"),
+            TxnPut("k", b"", MatchSeq(exact=3), ttl_ms=10),
+            TxnPut("k", b"x", expire_at_ms=99),
+            TxnGet("k"),
+            TxnDelete("k"),
+            TxnDelete("k", MatchSeq(ge=1)),
+            TxnDeleteByPrefix(""),
+        ),
+        (TxnGet("other"),),
+    ),
+    # invalid for apply, but must still decode so that apply can refuse it everywhere
+    Txn((TxnCondition("k", "target?", "=", b"1"),), (), (TxnPut("k", b"", ttl_ms=-1),)),
 ]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=str)
 def test_commands_round_trip_with_their_log_time(cmd):
     assert decode_command(encode_command(cmd, 1234)) == LogCommand(1234, cmd)
+
+
+def test_txn_fields_come_back_as_tuples_of_the_right_classes():
+    cmd = COMMANDS[-2]
+    back = decode_command(encode_command(cmd, 1)).cmd
+    assert isinstance(back, Txn)
+    for name in ("conditions", "if_then", "else_then"):
+        assert type(getattr(back, name)) is tuple
+    assert [type(op) for op in back.if_then] == [type(op) for op in cmd.if_then]
+    assert type(back.conditions[2].operand) is bytes and type(back.conditions[0].operand) is int
+
+
+def test_txn_ops_carry_their_tag():
+    body = msgpack.unpackb(encode_command(COMMANDS[-2], 1))["cmd"]
+    assert body["t"] == "txn"
+    assert [op["t"] for op in body["if_then"]] == [
+        "put", "put", "put", "get", "delete", "delete", "delete_by_prefix"
+    ]
+    assert body["if_then"][0] == {"t": "put", "key": "k", "value": b"v"}
+
+
+def txn(**fields) -> bytes:
+    return msgpack.packb({"time_ms": 1, "cmd": {"t": "txn", **fields}})
+
+
+def cond(**fields) -> dict:
+    return {"key": "k", "target": "seq", "op": "==", "operand": 0, **fields}
 
 
 @pytest.mark.parametrize(
@@ -31,6 +91,15 @@ def test_commands_round_trip_with_their_log_time(cmd):
         (msgpack.packb({"time_ms": -1, "cmd": {"t": "remove_node", "node_id": 1}}), "time_ms"),
         (msgpack.packb({"time_ms": 1, "cmd": {"t": "upsert", "key": 1, "value": None}}), "key"),
         (msgpack.packb({"time_ms": 1, "cmd": {"t": "remove_node", "node_id": "1"}}), "node_id"),
+        (txn(if_then=[{"t": "zap"}]), r"if_then\[0\]: unknown txn op tag 'zap'"),
+        (txn(else_then=[{"key": "k"}]), r"else_then\[0\]: no tag"),
+        (txn(if_then={"t": "get", "key": "k"}), "if_then: expected an array"),
+        (txn(if_then=[{"t": "upsert", "key": "k", "value": None}]), "unknown txn op tag 'upsert'"),
+        (txn(if_then=[{"t": "get", "key": "k", "x": 1}]), "unexpected field"),
+        (txn(conditions=[cond(operand="1")]), r"conditions\[0\]\.operand: expected an int or b"),
+        (txn(conditions=[cond(operand=True)]), "operand"),
+        (txn(conditions=[cond(operand=2**64 - 1)]), "64 bits"),
+        (txn(conditions=[{"key": "k", "target": "seq", "op": "=="}]), "operand: required field"),
     ],
 )
 def test_bad_payloads_are_decode_errors_naming_the_problem(body, problem):
