@@ -25,7 +25,27 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from metanode import __version__
 from metanode.config import parse_address
 from metanode.errors import BadRequest, ClientError, TooLarge
-from metanode.sm import Change, Command, KVStateMachine, MatchSeq, SeqV, Upsert
+from metanode.sm import (
+    Change,
+    Command,
+    KVStateMachine,
+    MatchSeq,
+    SeqV,
+    Txn,
+    TxnCondition,
+    TxnDelete,
+    TxnDeleteByPrefix,
+    TxnDeleteByPrefixResponse,
+    TxnDeleteResponse,
+    TxnGet,
+    TxnGetResponse,
+    TxnOp,
+    TxnPut,
+    TxnPutResponse,
+    TxnReply,
+    TxnResponse,
+    Upsert,
+)
 
 log = logging.getLogger("metanode.api")
 
@@ -82,6 +102,56 @@ def match_seq_in(value: Any) -> MatchSeq | None:
     raise BadRequest(f'match_seq must be null, {{"exact": n}} or {{"ge": n}}, got {value!r}')
 
 
+def txn_op_in(value: Any, where: str) -> TxnOp:
+    """`{"put": {...}}`, `{"get": {key}}`, `{"delete": {key, match_seq?}}` or
+    `{"delete_by_prefix": {prefix}}` (SPEC §5)."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise BadRequest(f"txn {where}: an op is a map with one key: put, get, delete or delete_by_prefix")
+    (kind, args), = value.items()
+    if not isinstance(args, dict):
+        raise BadRequest(f"txn {where}: the arguments of {kind!r} must be a map")
+    args = dict(args, op=f"txn {where} {kind}")
+    if kind == "put":
+        return TxnPut(
+            _arg(args, "key", str), _arg(args, "value", bytes), match_seq_in(args.get("match_seq")),
+            _arg(args, "ttl_ms", int, optional=True), _arg(args, "expire_at_ms", int, optional=True),
+        )
+    if kind == "get":
+        return TxnGet(_arg(args, "key", str))
+    if kind == "delete":
+        return TxnDelete(_arg(args, "key", str), match_seq_in(args.get("match_seq")))
+    if kind == "delete_by_prefix":
+        return TxnDeleteByPrefix(_arg(args, "prefix", str))
+    raise BadRequest(f"txn {where}: unknown op {kind!r}")
+
+
+def txn_condition_in(value: Any, where: str) -> TxnCondition:
+    """`{"key", "target": "seq"|"value", "op": "=="|..., "operand": int|bytes}`; the
+    state machine validates target and op (and says which is wrong)."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"txn {where}: a condition is a map {{key, target, op, operand}}")
+    key = value.get("key")
+    if not isinstance(key, str):
+        raise BadRequest(f"txn {where}: 'key' must be a string")
+    operand = value.get("operand")
+    if not isinstance(operand, (int, bytes)) or isinstance(operand, bool):
+        raise BadRequest(f"txn {where}: 'operand' must be an int (seq) or bytes (value)")
+    return TxnCondition(key, value.get("target"), value.get("op"), operand)  # type: ignore[arg-type]
+
+
+def txn_response_out(r: TxnResponse) -> dict:
+    match r:
+        case TxnPutResponse():
+            return {"put": {"key": r.key, "prev": seqv_out(r.prev), "result": seqv_out(r.result)}}
+        case TxnGetResponse():
+            return {"get": {"key": r.key, "value": seqv_out(r.value)}}
+        case TxnDeleteResponse():
+            return {"delete": {"key": r.key, "prev": seqv_out(r.prev), "result": seqv_out(r.result)}}
+        case TxnDeleteByPrefixResponse():
+            return {"delete_by_prefix": {"prefix": r.prefix, "count": r.count}}
+    raise TypeError(f"unknown txn response {r!r}")
+
+
 def _strings(values: Any, name: str) -> list[str]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise BadRequest(f"{name} must be a list of strings")
@@ -99,6 +169,7 @@ class ClientSession:
         self.ops: dict[str, Callable[[dict], Any]] = {
             "handshake": self.op_handshake,
             "upsert": self.op_upsert,
+            "txn": self.op_txn,
             "get": self.op_get,
             "mget": self.op_mget,
             "list": self.op_list,
@@ -177,6 +248,26 @@ class ClientSession:
         except ValueError as e:
             raise BadRequest(f"upsert: {e}") from None
         return change_out(await self.node.client_write(cmd))
+
+    async def op_txn(self, req: dict) -> dict:
+        def items(name: str) -> list:
+            value = req.get(name, [])
+            if not isinstance(value, list):
+                raise BadRequest(f"txn: {name} must be a list")
+            return value
+
+        cmd = Txn(
+            tuple(txn_condition_in(c, f"conditions[{i}]") for i, c in enumerate(items("conditions"))),
+            tuple(txn_op_in(o, f"if_then[{i}]") for i, o in enumerate(items("if_then"))),
+            tuple(txn_op_in(o, f"else_then[{i}]") for i, o in enumerate(items("else_then"))),
+        )
+        try:
+            cmd.validate()
+        except ValueError as e:
+            raise BadRequest(f"txn: {e}") from None
+        reply = await self.node.client_write(cmd)
+        assert isinstance(reply, TxnReply)
+        return {"success": reply.success, "responses": [txn_response_out(r) for r in reply.responses]}
 
     async def op_get(self, req: dict) -> dict | None:
         key = _arg(req, "key", str)

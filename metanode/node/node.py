@@ -55,7 +55,7 @@ from metanode.raft import (
     SnapshotMeta,
     bootstrap_state,
 )
-from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode
+from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode, TxnReply
 from metanode.sm.codec import DecodeError, decode_command, encode_command
 from metanode.storage import NodeMeta, RaftStorage
 from metanode.transport import Identity, PeerLink, call, serve_raft
@@ -539,7 +539,13 @@ class Node:
         result = await self.propose(req.cmd)
         if isinstance(result, ApplyError):
             return rpc.encode(rpc.WriteReply(False, result.message))
-        return rpc.encode(rpc.WriteReply(True, change=result if isinstance(result, Change) else None))
+        return rpc.encode(
+            rpc.WriteReply(
+                True,
+                change=result if isinstance(result, Change) else None,
+                txn=result if isinstance(result, TxnReply) else None,
+            )
+        )
 
     async def _read_local(self, req: rpc.ReadRequest) -> bytes:
         return rpc.encode(rpc.ReadReply(await self.read_barrier()))
@@ -554,7 +560,7 @@ class Node:
         reply = rpc.decode(body, rpc.WriteReply)
         if not reply.ok:
             raise BadRequest(reply.message)
-        return reply.change
+        return reply.txn if reply.txn is not None else reply.change
 
     async def client_read_barrier(self) -> None:
         """Make a following local read linearizable (§6.4): get a read index from the

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import attrs
 
-from metanode.sm import Change, Command, NodeRecord
+from metanode.sm import Change, Command, NodeRecord, TxnReply, TxnResponse
 from metanode.sm import codec as _sm_codec  # registers the command union first
-from metanode.wire import decode, encode, register_class
+from metanode.wire import decode, encode, register_class, register_tagged_union
 
 JOIN = "join"
 LEAVE = "leave"
@@ -56,11 +56,13 @@ class WriteRequest:
 
 @attrs.frozen
 class WriteReply:
-    """`change` is the result of an upsert; `message` the ApplyError's when not ok."""
+    """`change` is the result of an upsert, `txn` of a transaction; `message` the
+    ApplyError's when not ok."""
 
     ok: bool
     message: str = ""
     change: Change | None = None
+    txn: TxnReply | None = None
 
 
 @attrs.frozen
@@ -73,6 +75,7 @@ class ReadReply:
     index: int  # the follower may read once it applied this index
 
 
+register_tagged_union(TxnResponse, name="txn response")
 for _cls in (JoinRequest, NodeAddress, JoinReply, LeaveRequest, LeaveReply, WriteRequest, WriteReply, ReadRequest, ReadReply):
     register_class(_cls)
 del _sm_codec

@@ -171,3 +171,35 @@ async def test_shutdown_closes_client_sockets_with_1001(tmp_path: Path) -> None:
             await ws.get_message()
         assert info.value.reason.code == 1001
         await ws_cm.__aexit__(None, None, None)
+
+
+async def test_txn_runs_one_branch_atomically(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        await ask(ws, id=1, op="upsert", key="k", value=b"old")
+        await ask(ws, id=2, op="upsert", key="p/1", value=b"")
+        r = await ask(
+            ws, id=3, op="txn",
+            conditions=[{"key": "k", "target": "value", "op": "==", "operand": b"old"},
+                        {"key": "k", "target": "seq", "op": ">=", "operand": 1}],
+            if_then=[{"put": {"key": "k", "value": b"new"}}, {"get": {"key": "k"}},
+                     {"delete_by_prefix": {"prefix": "p/"}}, {"delete": {"key": "k", "match_seq": {"exact": 99}}}],
+            else_then=[{"put": {"key": "k", "value": b"other"}}],
+        )
+        ok = r["ok"]
+        assert ok["success"] is True
+        assert ok["responses"][0]["put"]["result"]["data"] == b"new"
+        assert ok["responses"][1] == {"get": {"key": "k", "value": ok["responses"][0]["put"]["result"]}}
+        assert ok["responses"][2] == {"delete_by_prefix": {"prefix": "p/", "count": 1}}
+        assert ok["responses"][3]["delete"]["result"] == ok["responses"][3]["delete"]["prev"]  # mismatch
+        r = await ask(ws, id=4, op="txn", conditions=[{"key": "k", "target": "value", "op": "==", "operand": b"old"}],
+                      if_then=[{"put": {"key": "k", "value": b"x"}}], else_then=[{"get": {"key": "k"}}])
+        assert r["ok"]["success"] is False and r["ok"]["responses"][0]["get"]["value"]["data"] == b"new"
+        # A bad op anywhere: bad_request, nothing applied.
+        for bad in ([{"put": {"key": "k"}}], [{"frob": {}}], [{"put": {"key": "k", "value": b"", "ttl_ms": 1, "expire_at_ms": 2}}]):
+            r = await ask(ws, id=5, op="txn", if_then=[{"put": {"key": "z", "value": b""}}, *bad])
+            assert r["error"]["code"] == "bad_request", r
+        r = await ask(ws, id=6, op="txn", conditions=[{"key": "k", "target": "size", "op": "==", "operand": 1}])
+        assert r["error"]["code"] == "bad_request" and "target" in r["error"]["message"]
+        assert (await ask(ws, id=7, op="get", key="z"))["ok"] is None
