@@ -55,7 +55,7 @@ from metanode.raft import (
     SnapshotMeta,
     bootstrap_state,
 )
-from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode, TxnReply
+from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode, Tick, TxnReply
 from metanode.sm.codec import DecodeError, decode_command, encode_command
 from metanode.storage import NodeMeta, RaftStorage
 from metanode.transport import Identity, PeerLink, call, serve_raft
@@ -176,6 +176,9 @@ class Node:
         self._snapshot_lock = trio.Lock()
         self._membership_lock = trio.Lock()
         self.calls = _InFlight()
+        # The leader's clock stamps every entry (SPEC §5: TTL by log time); a test
+        # hook may replace it to skew one node's clock.
+        self.clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> Identity:
@@ -433,7 +436,7 @@ class Node:
     # ------------------------------------------------------------------ requests
     async def propose(self, cmd: Command, timeout: float | None = None) -> Any:
         """Propose on this node (the leader); wait until applied; the apply result."""
-        data = encode_command(cmd, int(time.time() * 1000))
+        data = encode_command(cmd, self.clock_ms())
         waiter = _Waiter()
 
         def go(core: RaftCore) -> LogId:
@@ -548,7 +551,28 @@ class Node:
         )
 
     async def _read_local(self, req: rpc.ReadRequest) -> bytes:
+        await self._expire_due()  # a read after a key's expiry must not see it
         return rpc.encode(rpc.ReadReply(await self.read_barrier()))
+
+    def _expiry_due(self) -> bool:
+        due = self.sm.next_expiry_ms()
+        return due is not None and due <= self.clock_ms()
+
+    async def _expire_due(self) -> None:
+        """On the leader: when keys are due by our clock, log a Tick so every replica
+        expires them at the same log position (SPEC §5)."""
+        if self._expiry_due():
+            await self.propose(Tick())
+
+    async def _run_expiry(self) -> None:
+        """Expire due keys even when nobody writes or reads: one check a heartbeat."""
+        while True:
+            await trio.sleep(self.config.raft_config.heartbeat_interval / 1000)
+            if self.core.is_leader and self._expiry_due():
+                try:
+                    await self._expire_due()
+                except ClientError as e:
+                    log.debug("%d expiry tick not applied: %s", self.id, e)
 
     # ------------------------------------------------------------------ client requests
     async def client_write(self, cmd: Command) -> Any:
@@ -865,6 +889,7 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
                 nursery.start_soon(node._run_raft_loop)
                 nursery.start_soon(node._run_apply_loop)
                 nursery.start_soon(node._run_ticker)
+                nursery.start_soon(node._run_expiry)
                 if admin:
                     from metanode.api.admin import serve_admin
 

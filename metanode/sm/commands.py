@@ -300,8 +300,20 @@ class Txn:
         )
 
 
-Command: TypeAlias = Upsert | SetNode | RemoveNode | Txn
+@attrs.frozen
+class Tick:
+    """Advance the log time only: the leader proposes one when keys are due to expire,
+    so expiry happens at a log position on every replica without a client write
+    (SPEC §5: TTL by the leader's clock)."""
+
+    TAG: ClassVar[str] = "tick"
+
+    def validate(self) -> None:
+        pass
+
+
+Command: TypeAlias = Upsert | SetNode | RemoveNode | Txn | Tick
 """Every command kind the state machine applies."""
 
-COMMAND_TYPES: tuple[type, ...] = (Upsert, SetNode, RemoveNode, Txn)
+COMMAND_TYPES: tuple[type, ...] = (Upsert, SetNode, RemoveNode, Txn, Tick)
 """The runtime counterpart of ``Command``, for ``isinstance`` checks."""

@@ -48,6 +48,7 @@ from metanode.sm.commands import (
     Command,
     RemoveNode,
     SetNode,
+    Tick,
     Txn,
     TxnCondition,
     TxnDelete,
@@ -132,6 +133,10 @@ class KVStateMachine:
             f"<KVStateMachine keys={len(self._kv)} last_seq={self._seq} "
             f"log_time_ms={self._log_time_ms}>"
         )
+
+    def next_expiry_ms(self) -> int | None:
+        """The earliest `expire_at_ms` of a live key, or None."""
+        return self._expiry[0][0] if self._expiry else None
 
     def nodes(self) -> list[tuple[int, NodeRecord]]:
         """Every published node record, by node id."""
@@ -225,6 +230,8 @@ class KVStateMachine:
                 return NodeUpdate(cmd.node_id, self._nodes.pop(cmd.node_id, None), None)
             case Txn():
                 return self._txn(cmd)
+            case Tick():
+                return None
             case _:
                 assert_never(cmd)
 

@@ -203,3 +203,32 @@ async def test_txn_runs_one_branch_atomically(tmp_path: Path) -> None:
         r = await ask(ws, id=6, op="txn", conditions=[{"key": "k", "target": "size", "op": "==", "operand": 1}])
         assert r["error"]["code"] == "bad_request" and "target" in r["error"]["message"]
         assert (await ask(ws, id=7, op="get", key="z"))["ok"] is None
+
+
+async def test_ttl_follows_the_leaders_clock_on_every_replica(tmp_path: Path) -> None:
+    """SPEC §5: the leader stamps entries with its clock and expiry happens at log
+    positions: a follower whose clock is an hour ahead still sees the key until the
+    leader's clock says it expired, and then no replica returns it."""
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1:
+        await until(lambda: n1.core.is_leader)
+        async with c.node(2, "--join", f"127.0.0.1:{c.raft[1]}") as n2, c.socket(2) as ws:
+            n2.clock_ms = lambda: int(trio.current_time() * 1000) + 3_600_000  # skewed, unused for TTL
+            r = await ask(ws, id=1, op="upsert", key="t", value=b"v", ttl_ms=800)
+            expire_at = r["ok"]["result"]["meta"]["expire_at_ms"]
+            assert abs(expire_at - n1.clock_ms() - 800) < 5_000  # the leader's clock, not the follower's
+            assert (await ask(ws, id=2, op="get", key="t"))["ok"] is not None
+            await trio.sleep(1.0)
+            assert (await ask(ws, id=3, op="get", key="t"))["ok"] is None  # linearizable read: expired
+            await until(lambda: n1.sm.get("t") is None and n2.sm.get("t") is None)
+            assert n1.sm.log_time_ms == n2.sm.log_time_ms
+
+
+async def test_keys_expire_without_any_client_traffic(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        await ask(ws, id=1, op="upsert", key="t", value=b"v", ttl_ms=200)
+        index = n1.applied.index
+        await until(lambda: n1.sm.get("t") is None, timeout=5)  # the leader logged a Tick
+        assert n1.applied.index > index

@@ -567,3 +567,18 @@ def test_version_1_snapshots_without_nodes_are_still_read():
     )
     sm = KVStateMachine.restore(data)
     assert sm.get("a") == SeqV(1, b"x") and sm.nodes() == []
+
+
+def test_a_tick_only_advances_log_time_and_expires_due_keys():
+    """SPEC §5: expiry happens at a log position; a Tick proposed by the leader moves
+    the log time so due keys go without any client write."""
+    from metanode.sm import Tick
+
+    sm = KVStateMachine()
+    sm.apply(Upsert("t", b"v", ttl_ms=100), 1_000)
+    sm.apply(Upsert("p", b"v"), 1_000)
+    assert sm.next_expiry_ms() == 1_100
+    assert sm.apply(Tick(), 1_050) is None and sm.get("t") is not None
+    assert sm.apply(Tick(), 1_100) is None and sm.get("t") is None
+    assert [c.key for c in sm.last_changes] == ["t"] and sm.next_expiry_ms() is None
+    assert sm.last_seq == 2 and sm.get("p") is not None

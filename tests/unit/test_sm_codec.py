@@ -105,3 +105,9 @@ def cond(**fields) -> dict:
 def test_bad_payloads_are_decode_errors_naming_the_problem(body, problem):
     with pytest.raises(DecodeError, match=problem):
         decode_command(body)
+
+
+def test_a_tick_round_trips():
+    from metanode.sm import Tick
+
+    assert decode_command(encode_command(Tick(), 5)) == LogCommand(5, Tick())
