@@ -211,6 +211,7 @@ class Node:
     def _start_core(self) -> None:
         state = self.storage.load()
         self.core = RaftCore(self.raft_config, state, random.Random())
+        self._synced_term_vote = (state.hard_state.term, state.hard_state.vote)
         if state.snapshot is not None:
             self.sm = KVStateMachine.restore(state.snapshot.data)
             self.applied = state.snapshot.meta.last_log_id
@@ -298,7 +299,15 @@ class Node:
         self._check_watchers()
 
     def _persist(self, ready: Ready) -> None:
-        self.storage.append(entries=ready.entries, hard_state=ready.hard_state, snapshot=ready.snapshot)
+        hs = ready.hard_state
+        # §3.8: entries, snapshots, term and vote must be on disk before the messages
+        # that depend on them; a commit index alone need not be (etcd's MustSync).
+        sync = bool(ready.entries) or ready.snapshot is not None or (
+            hs is not None and (hs.term, hs.vote) != (self._synced_term_vote)
+        )
+        self.storage.append(entries=ready.entries, hard_state=hs, snapshot=ready.snapshot, sync=sync)
+        if hs is not None:
+            self._synced_term_vote = (hs.term, hs.vote)
 
     def _send(self, msg: Message) -> None:
         link = self._links.get(msg.dst)

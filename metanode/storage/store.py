@@ -224,8 +224,12 @@ class RaftStorage:
         entries: Sequence[Entry] = (),
         hard_state: HardState | None = None,
         snapshot: Snapshot | None = None,
+        sync: bool = True,
     ) -> None:
-        """Persist what one `Ready` asks for; durable when this returns.
+        """Persist what one `Ready` asks for; durable when this returns (with
+        `sync=False`, only a hard state whose commit index alone changed: written but
+        not fsynced, as etcd does; a lost commit index is learned again from the
+        leader).
 
         In order: install `snapshot` (received from the leader: its file is written
         and synced first, then the log is reset to it), append `entries` (replacing
@@ -256,7 +260,9 @@ class RaftStorage:
             if hard_state is not None:
                 bodies.append(wal.encode_hard_state(hard_state))
             first_hint = entries[0].index if entries else last + 1
-            self._guard(self._wal.write, bodies, self._checkpoint, first_hint)
+            if not sync and (entries or snapshot is not None):
+                raise ValueError("entries and snapshots are always synced")
+            self._guard(self._wal.write, bodies, self._checkpoint, first_hint, sync)
             self._recovered = None
             self._stats.appends += 1
             if snapshot is not None:

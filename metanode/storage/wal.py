@@ -468,9 +468,11 @@ class WalWriter:
         return self.segments[-1]
 
     def write(
-        self, bodies: list[bytes], checkpoint: Callable[[], list[bytes]], first_hint: int
+        self, bodies: list[bytes], checkpoint: Callable[[], list[bytes]], first_hint: int,
+        sync: bool = True,
     ) -> None:
-        """Append the records `bodies` durably: one write, one fdatasync.
+        """Append the records `bodies` durably: one write, one fdatasync (none when
+        `sync` is false: the records become durable with the next synced write).
 
         When the active segment holds `segment_bytes` or more, the records go to a
         new segment (numbered at least `first_hint`) after its header and
@@ -486,7 +488,8 @@ class WalWriter:
             return
         try:
             n = write_parts(self._fd, parts)
-            fdatasync(self._fd)
+            if sync:
+                fdatasync(self._fd)
         except OSError as exc:
             raise FatalError(
                 f"{seg.path}: cannot append to the WAL: {describe_os_error(exc)}"
@@ -494,7 +497,8 @@ class WalWriter:
         seg.size += n
         seg.records += len(bodies)
         self.stats.wal_bytes_written += n
-        self.stats.wal_fsyncs += 1
+        if sync:
+            self.stats.wal_fsyncs += 1
         self.stats.wal_bytes += n
 
     def _roll(self, parts: list[bytes], checkpoint: list[bytes], first_hint: int) -> None:

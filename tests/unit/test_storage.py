@@ -744,3 +744,20 @@ def test_persisted_state_round_trip_through_raft_core(tmp_path: Path) -> None:
     assert after.snapshot_last_log_id == s.meta.last_log_id
     assert after.membership == before.membership == Membership.of([1])
     assert again.log.entries == core.log.entries
+
+
+def test_a_commit_only_hard_state_may_skip_the_fsync(tmp_path):
+    """etcd's MustSync: entries and term/vote are always synced; a hard state whose
+    commit alone moved may be written without an fsync (the next synced write carries
+    it), and reloads like any other record."""
+    from metanode.raft.types import Entry, HardState
+
+    store = RaftStorage.open(tmp_path / "d")
+    store.append(entries=[Entry(1, 1)], hard_state=HardState(1, 1, 0))
+    before = store.stats.wal_fsyncs
+    store.append(hard_state=HardState(1, 1, 1), sync=False)
+    assert store.stats.wal_fsyncs == before
+    with pytest.raises(ValueError):
+        store.append(entries=[Entry(1, 2)], sync=False)
+    store.close()
+    assert RaftStorage.open(tmp_path / "d").load().hard_state == HardState(1, 1, 1)
