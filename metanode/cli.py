@@ -13,8 +13,8 @@ Three modes, chosen by the flags:
 
 Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad config (one line naming
 the flag or key). The node package is imported only when it is needed: a build without
-it says so and exits 1 rather than pretending. The operator subcommands (``status``,
-``kv``, ``export``, ...) land with later issues and are not offered until they work.
+it says so and exits 1 rather than pretending. The operator subcommands (``kv``,
+``status``, ``transfer-leader``, ``trigger-snapshot``) are in `metanode.ops`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from metanode.config import (
     parse_address,
 )
 from metanode.errors import ConfigError
+from metanode.ops import SUBCOMMANDS
 
 DESCRIPTION = f"""\
 metanode is a Raft-replicated metadata service, a work-alike of Databend's
@@ -47,12 +48,15 @@ List flags take several values (--join A B) and may be repeated (--join A --join
 Boolean flags may be bare (--single) or take a value (--single=false).
 
 Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad config.
-The operator subcommands (status, kv, export, import, ...) land with later issues.
+Operator subcommands: metanode kv get|put|delete|list ..., metanode status,
+metanode transfer-leader, metanode trigger-snapshot (see metanode kv --help);
+export, import and watch land with later work.
 """
 
 USAGE = """metanode [-c FILE] [--KEY VALUE ...]
        metanode --cmd {ver,show-config} [-c FILE] [--KEY VALUE ...]
-       metanode --leave-id N --leave-via ADDR [ADDR ...] [-c FILE]"""
+       metanode --leave-id N --leave-via ADDR [ADDR ...] [-c FILE]
+       metanode {kv,status,transfer-leader,trigger-snapshot} ..."""
 
 CMDS = ("ver", "show-config")
 
@@ -150,6 +154,11 @@ def _parse_leave(leave_id: str, leave_via: Sequence[str]) -> tuple[int, list[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 failed, 2 bad usage/config)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        from metanode.ops import main as ops_main
+
+        return ops_main(argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

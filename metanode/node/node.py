@@ -58,7 +58,7 @@ from metanode.raft import (
 from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode, Tick, TxnReply
 from metanode.sm.codec import DecodeError, decode_command, encode_command
 from metanode.storage import NodeMeta, RaftStorage
-from metanode.transport import Identity, PeerLink, call, serve_raft
+from metanode.transport import ConnectFailed, Identity, PeerLink, call, serve_raft
 
 log = logging.getLogger("metanode.node")
 
@@ -505,7 +505,11 @@ class Node:
                     try:
                         return await call(address, self.identity(), method, payload,
                                           timeout=max(0.1, deadline - trio.current_time()))
-                    except (NotLeader, Unavailable, TransportError) as e:
+                    except (NotLeader, Unavailable, ConnectFailed) as e:
+                        last = e  # not applied there: safe to try again
+                    except TransportError as e:
+                        if method == rpc.WRITE:  # it may have been applied: never resend
+                            raise Timeout(f"write forwarded to {address}: outcome unknown ({e})") from None
                         last = e
             await trio.sleep(self.tick_s * 2)
         raise Unavailable(f"no leader answered {method} within {self._wait_s():.0f} s: {last}")

@@ -16,6 +16,7 @@ from metanode.transport.frames import (
     frame_bytes,
 )
 from metanode.transport.tcp import (
+    ConnectFailed,
     Identity,
     PeerLink,
     PeerLinkStats,
@@ -29,6 +30,7 @@ __all__ = [
     "FRAME_TAGS",
     "Call",
     "CallResult",
+    "ConnectFailed",
     "ErrorFrame",
     "ErrorInfo",
     "Frame",

@@ -87,6 +87,10 @@ _ERRORS_BY_CODE: dict[str, type[ClientError]] = {
 }
 
 
+class ConnectFailed(TransportError):
+    """No connection was made: nothing was sent, so any request may be retried."""
+
+
 @attrs.frozen
 class Identity:
     """Who this process is on the raft port. `cluster_id` is None until the node has
@@ -499,14 +503,14 @@ async def _connect(address: str, timeout: float) -> trio.SocketStream:
     try:
         host, port = parse_address(address)
     except ValueError as exc:
-        raise TransportError(f"cannot connect to {address}: {exc}") from None
+        raise ConnectFailed(f"cannot connect to {address}: {exc}") from None
     try:
         with trio.fail_after(timeout):
             return await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
-        raise TransportError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
+        raise ConnectFailed(f"cannot connect to {address}: timed out after {timeout:g} s") from None
     except OSError as exc:
-        raise TransportError(f"cannot connect to {address}: {_describe_io_error(exc)}") from exc
+        raise ConnectFailed(f"cannot connect to {address}: {_describe_io_error(exc)}") from exc
 
 
 def _hello(ident: Identity) -> Hello:
@@ -529,8 +533,9 @@ async def call(
     error frame refusing our hello): `NotLeader` with ``.leader`` the leader's
     ``"host:port"`` (or None), `Unavailable`, `BadRequest`, `TooLarge`,
     `Unauthenticated`, `Timeout`, a plain `ClientError` with ``.code`` for a code we do
-    not know; `TransportError` (naming the address and the OS error) when the
-    connection fails or closes before the answer; `Timeout` after `timeout` seconds.
+    not know; `ConnectFailed` (nothing was sent) or another `TransportError` (the
+    request may have arrived) naming the address and the OS error; `Timeout` after
+    `timeout` seconds.
     """
     request = frame_bytes(_hello(identity)) + frame_bytes(Call(1, method, payload))
     try:

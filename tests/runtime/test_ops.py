@@ -1,0 +1,68 @@
+"""Operator subcommands (`metanode kv|status|transfer-leader|trigger-snapshot`) against
+a real node in-process; the command runs in a worker thread like a separate program."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from metanode.config import load_config
+from metanode.node.node import open_node
+from metanode.ops import main as ops_main
+
+pytestmark = pytest.mark.runtime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, object]:
+    code = await trio.to_thread.run_sync(ops_main, list(argv))
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 and out.out.startswith(("{", "[", "null")) else out)
+
+
+async def test_kv_and_admin_subcommands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grpc, admin = free_port(), free_port()
+    cfg = load_config(
+        ["--id", "1", "--single", "--raft-dir", str(tmp_path / "d"), "--log-dir", str(tmp_path / "l"),
+         "--raft-api-port", str(free_port()), "--raft-advertise-host", "127.0.0.1",
+         "--grpc-api-address", f"127.0.0.1:{grpc}", "--admin-api-address", f"127.0.0.1:{admin}",
+         "--admin-api-token", "s3cret", "--heartbeat-interval", "50"],
+        {},
+    )
+    addr = ["--addr", f"127.0.0.1:{grpc}"]
+    async with open_node(cfg) as n:
+        with trio.fail_after(10):
+            while not n.core.is_leader:
+                await trio.sleep(0.01)
+        code, out = await run(capsys, "kv", *addr, "put", "app/a", "hello")
+        assert code == 0 and out["result"]["data"] == "hello" and out["result"]["seq"] == 1  # type: ignore[index]
+        code, out = await run(capsys, "kv", *addr, "put", "app/a", "x", "--match-seq", "9")
+        assert out["prev"] == out["result"]  # type: ignore[index]
+        code, out = await run(capsys, "kv", *addr, "get", "app/a")
+        assert out == {"seq": 1, "data": "hello", "expire_at_ms": None}
+        code, out = await run(capsys, "kv", *addr, "list", "app/")
+        assert [r["key"] for r in out] == ["app/a"]  # type: ignore[union-attr]
+        code, out = await run(capsys, "kv", *addr, "delete", "app/a")
+        assert code == 0 and out["result"] is None  # type: ignore[index]
+        code, out = await run(capsys, "--format", "table", "kv", *addr, "list", "")
+        assert code == 0
+        code, out = await run(capsys, "status", "--admin", f"127.0.0.1:{admin}")
+        assert code == 0 and out["is_leader"] is True  # type: ignore[index]
+        code, out = await run(capsys, "trigger-snapshot", "--admin", f"127.0.0.1:{admin}")
+        assert code == 1 and "401" in out.err  # type: ignore[union-attr]
+        code, out = await run(capsys, "trigger-snapshot", "--admin", f"127.0.0.1:{admin}", "--token", "s3cret")
+        assert code == 0 and out is None
+        code, out = await run(capsys, "transfer-leader", "--admin", f"127.0.0.1:{admin}", "--token", "s3cret")
+        assert code == 1 and "no other voter" in out.err  # type: ignore[union-attr]
+    code, out = await run(capsys, "kv", "--addr", f"127.0.0.1:{free_port()}", "--timeout", "1", "get", "k")
+    assert code == 1 and "error" in out.err  # type: ignore[union-attr]
+    assert await trio.to_thread.run_sync(ops_main, ["kv", "frob"]) == 2
