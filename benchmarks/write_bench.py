@@ -73,13 +73,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             c = LocalCluster(pathlib.Path(d), heartbeat_ms=500)
             try:
-                c.add(1, single=True)
-                c.wait_healthy(1)
-                wait_until(lambda: c.admin(1).node_names() == ["1"], 30, "node 1")
-                for i in (2, 3):
-                    c.add(i, join=[1])
-                    c.wait_healthy(i)
-                wait_until(lambda: c.admin(1).node_names() == ["1", "2", "3"], 30, "3 members")
+                c.start(3)
                 leader = wait_until(c.leader, 30, "leader")
                 target = leader if args.via == "leader" else next(i for i in (1, 2, 3) if i != leader)
                 address = f"127.0.0.1:{c.ports[target][2]}"

@@ -198,6 +198,21 @@ class LocalCluster:
                     return i
         return None
 
+    def start(self, count: int) -> None:
+        """Node 1 initializes the cluster, nodes 2..count join it; returns once node 1
+        lists every member."""
+        self.add(1, single=True)
+        self.wait_healthy(1)
+        wait_until(lambda: self.admin(1).node_names() == ["1"], START_TIMEOUT, "node 1 to publish itself")
+        for i in range(2, count + 1):
+            self.add(i, join=[1])
+            self.wait_healthy(i)
+        names = [str(i) for i in range(1, count + 1)]
+        wait_until(lambda: self.admin(1).node_names() == names, 30, f"{count} members")
+
+    def client_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{self.ports[i][2]}" for i in sorted(self.ports)]
+
     def stop_all(self) -> None:
         for proc in self.procs.values():
             proc.stop()

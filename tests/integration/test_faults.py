@@ -33,7 +33,7 @@ def start_three(c: LocalCluster) -> None:
     c.wait_healthy(1)
     wait_until(lambda: c.admin(1).node_names() == ["1"], 20, "node 1 to publish itself")
     c.add(2, join=[1])
-    c.add(3, join=[1, 2])
+    c.add(3, join=[1, 2])  # at the same time as node 2, and through either node
     for i in (2, 3):
         c.wait_healthy(i)
     wait_until(lambda: c.admin(3).node_names() == ["1", "2", "3"], 30, "three members on node 3")

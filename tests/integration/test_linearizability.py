@@ -80,14 +80,8 @@ async def run_client(cid: int, addresses: list[str], history: list[Op], stop_at:
 
 
 def test_a_history_across_a_leader_crash_is_linearizable(cluster: LocalCluster) -> None:
-    cluster.add(1, single=True)
-    cluster.wait_healthy(1)
-    wait_until(lambda: cluster.admin(1).node_names() == ["1"], 20, "node 1")
-    for i in (2, 3):
-        cluster.add(i, join=[1])
-        cluster.wait_healthy(i)
-    wait_until(lambda: cluster.admin(1).node_names() == ["1", "2", "3"], 30, "three members")
-    addresses = [f"127.0.0.1:{cluster.ports[i][2]}" for i in (1, 2, 3)]
+    cluster.start(3)
+    addresses = cluster.client_addresses()
     history: list[Op] = []
     seen: dict = {}
 
@@ -114,14 +108,8 @@ def test_a_history_across_a_leader_crash_is_linearizable(cluster: LocalCluster) 
 def test_every_acknowledged_write_survives_power_loss_of_the_whole_cluster(cluster: LocalCluster) -> None:
     """SPEC §8: appends are fsynced before they are acknowledged; SIGKILL of every node
     in the middle of a stream of writes loses none that a client saw acknowledged."""
-    cluster.add(1, single=True)
-    cluster.wait_healthy(1)
-    wait_until(lambda: cluster.admin(1).node_names() == ["1"], 20, "node 1")
-    for i in (2, 3):
-        cluster.add(i, join=[1])
-        cluster.wait_healthy(i)
-    wait_until(lambda: cluster.admin(1).node_names() == ["1", "2", "3"], 30, "three members")
-    addresses = [f"127.0.0.1:{cluster.ports[i][2]}" for i in (1, 2, 3)]
+    cluster.start(3)
+    addresses = cluster.client_addresses()
     acked: dict[str, int] = {}
 
     async def writer(wid: int, stop: trio.Event) -> None:
