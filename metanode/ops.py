@@ -4,10 +4,13 @@
     metanode kv put KEY VALUE [--match-seq N] [--ttl-ms MS]
     metanode kv delete KEY [--match-seq N]         metanode transfer-leader [--to ID]
     metanode kv list [PREFIX] [--limit N]          metanode trigger-snapshot
+    metanode export --raft-dir D [-o FILE]
+    metanode import --raft-dir D --id N --initial-cluster ID=HOST:PORT ... [-i FILE]
 
 `kv` talks to the client API (`--addr`, repeatable, default 127.0.0.1:9191) through
 `SyncMetaClient`; the others to a node's admin API (`--admin`, default
-127.0.0.1:28002, `--token` for the ctrl routes). Output is JSON by default (values as
+127.0.0.1:28002, `--token` for the ctrl routes). `export` and `import` work offline on a
+stopped node's data dir (`metanode.backup`, format in `metanode.exportfmt`). Output is JSON by default (values as
 UTF-8 text, or `{"base64": ...}` when they are not text); `--format table` prints
 aligned columns for people. Exit codes: 0 ok, 1 the operation failed, 2 bad usage.
 """
@@ -25,7 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-SUBCOMMANDS = ("kv", "status", "transfer-leader", "trigger-snapshot")
+SUBCOMMANDS = ("kv", "status", "transfer-leader", "trigger-snapshot", "export", "import")
 
 
 def _value(data: bytes) -> Any:
@@ -102,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--format", choices=("json", "table"), default=argparse.SUPPRESS)
         if name == "transfer-leader":
             p.add_argument("--to", type=int, help="the voter to hand over to (default: the most up-to-date)")
+
+    exp = sub.add_parser("export", help="write a stopped node's applied state as JSON lines (offline)")
+    exp.add_argument("--raft-dir", required=True, metavar="DIR", help="the data dir of a stopped node")
+    exp.add_argument("-o", "--output", metavar="FILE", help="write here (replaced atomically) instead of stdout")
+    imp = sub.add_parser("import", help="build a new data dir from an export (offline)")
+    imp.add_argument("--raft-dir", required=True, metavar="DIR", help="a new or empty dir")
+    imp.add_argument("--id", required=True, type=int, help="this node's id; must be in --initial-cluster")
+    imp.add_argument("--initial-cluster", required=True, nargs="+", action="extend", metavar="ID=HOST:PORT",
+                     help="every voter of the new cluster with its raft address; the same list on every member")
+    imp.add_argument("-i", "--input", metavar="FILE", help="read the export from here instead of stdin")
+    ids = imp.add_mutually_exclusive_group()
+    ids.add_argument("--new-cluster-id", action="store_true",
+                     help="give the cluster a new random id instead of the export's (one-node clusters;"
+                          " give every member the same --cluster-id otherwise)")
+    ids.add_argument("--cluster-id", help="give the cluster this id instead of the export's")
+    imp.add_argument("--cluster-name", help="the cluster name (default: the export's); must match the nodes' config")
     return parser
 
 
@@ -111,6 +130,8 @@ def main(argv: Sequence[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command in ("export", "import"):
+        return _offline(args)
     try:
         result = _kv(args) if args.command == "kv" else _admin(args)
     except _Failed as e:
@@ -165,3 +186,111 @@ def _admin(args: argparse.Namespace) -> Any:
     if status != 200:
         raise _Failed(f"{args.admin}{path} answered {status}: {body}")
     return body
+
+
+# ---------------------------------------------------------------- export / import
+
+
+def _progress(what: str) -> Any:
+    """A progress callback printing to stderr when it is a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda n: print(f"metanode: {what} {n} keys", file=sys.stderr, flush=True)
+
+
+def _parse_initial_cluster(items: Sequence[str]) -> dict[int, tuple[str, int]]:
+    from metanode.config import parse_address
+    from metanode.errors import ConfigError
+
+    out: dict[int, tuple[str, int]] = {}
+    for item in items:
+        id_text, sep, address = item.partition("=")
+        if not sep or not id_text.isdigit() or int(id_text) <= 0:
+            raise ConfigError(f"--initial-cluster: expected ID=HOST:PORT with a positive ID, got {item!r}")
+        try:
+            host, port = parse_address(address)
+        except ValueError as e:
+            raise ConfigError(f"--initial-cluster: {item!r}: {e}") from None
+        if port == 0:
+            raise ConfigError(f"--initial-cluster: {item!r}: port 0 cannot be reached (1..65535)")
+        if int(id_text) in out:
+            raise ConfigError(f"--initial-cluster: node {id_text} is listed twice")
+        out[int(id_text)] = (host, port)
+    return out
+
+
+def _offline(args: argparse.Namespace) -> int:
+    from metanode.errors import ConfigError, FatalError
+
+    try:
+        if args.command == "export":
+            _export(args)
+        else:
+            _import(args)
+    except ConfigError as e:
+        print(f"metanode {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FatalError, ValueError, OSError) as e:
+        print(f"metanode {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export(args: argparse.Namespace) -> None:
+    import os
+
+    from metanode import backup, exportfmt
+
+    exported, sm = backup.read_state(args.raft_dir)
+    progress = _progress("exported")
+
+    def write(out: Any) -> None:
+        n = 0
+        for line in exportfmt.dump_lines(exported):
+            out.write(line)
+            if progress is not None and line.startswith('{"type": "kv"'):
+                n += 1
+                if n % 100_000 == 0:
+                    progress(n)
+        out.flush()
+
+    if args.output is None:
+        write(sys.stdout)
+    else:
+        tmp = f"{args.output}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            os.fsync(f.fileno())
+        os.replace(tmp, args.output)
+    print(f"metanode export: {len(sm)} keys, seq {sm.last_seq}, applied {exported.last_applied}"
+          + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
+
+
+def _import(args: argparse.Namespace) -> None:
+    import uuid
+    from pathlib import Path
+
+    from metanode import backup, exportfmt
+    from metanode.errors import ConfigError
+
+    cluster = _parse_initial_cluster(args.initial_cluster)
+    if args.id not in cluster:
+        raise ConfigError(f"--id: {args.id} is not in --initial-cluster {sorted(cluster)}")
+    if not backup.is_empty_dir(Path(args.raft_dir)):
+        raise ConfigError(f"--raft-dir: {args.raft_dir!r} is not empty: import only into a new or empty dir")
+    source = args.input or "stdin"
+    try:
+        if args.input is None:
+            exported = exportfmt.load_lines(sys.stdin, _progress("read"))
+        else:
+            with open(args.input, encoding="utf-8") as f:
+                exported = exportfmt.load_lines(f, _progress("read"))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    sm = backup.write_state(
+        args.raft_dir, exported, node_id=args.id, initial_cluster=cluster,
+        cluster_id=uuid.uuid4().hex if args.new_cluster_id else args.cluster_id,
+        cluster_name=args.cluster_name,
+    )
+    print(f"metanode import: {len(sm)} keys, seq {sm.last_seq} into {args.raft_dir} as node {args.id}"
+          f" of {sorted(cluster)}", file=sys.stderr)
