@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -137,11 +138,18 @@ def main(argv: Sequence[str]) -> int:
     except _Failed as e:
         print(f"metanode: error: {e}", file=sys.stderr)
         return 1
+    except _Usage as e:
+        print(f"metanode: error: {e}", file=sys.stderr)
+        return 2
     _print(result, args.format)
     return 0
 
 
 class _Failed(Exception):
+    pass
+
+
+class _Usage(Exception):
     pass
 
 
@@ -154,13 +162,16 @@ def _kv(args: argparse.Namespace) -> Any:
             if args.op == "get":
                 return _seqv(c.get(args.key, consistency=args.consistency))
             if args.op == "put":
-                return _change(c.upsert(args.key, args.value.encode(), match_seq=args.match_seq, ttl_ms=args.ttl_ms))
+                # os.fsencode: the value's bytes as given, even when they are not UTF-8
+                return _change(c.upsert(args.key, os.fsencode(args.value), match_seq=args.match_seq, ttl_ms=args.ttl_ms))
             if args.op == "delete":
                 return _change(c.delete(args.key, match_seq=args.match_seq))
             items = c.list(args.prefix, limit=args.limit, consistency=args.consistency)
             return [dict({"key": k}, **(_seqv(v) or {})) for k, v in items]
     except MetaError as e:
         raise _Failed(f"{type(e).__name__}: {e}") from None
+    except (ValueError, TypeError) as e:  # a bad --addr, --timeout, --match-seq, ...
+        raise _Usage(str(e)) from None
     raise AssertionError(args.op)
 
 

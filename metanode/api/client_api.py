@@ -25,6 +25,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from metanode import __version__
 from metanode.config import parse_address
 from metanode.errors import BadRequest, ClientError, TooLarge
+from metanode.inflight import InFlight
 from metanode.sm import (
     Change,
     Command,
@@ -50,6 +51,9 @@ from metanode.sm import (
 log = logging.getLogger("metanode.api")
 
 PATH = "/v1"
+MAX_IN_FLIGHT = 256  # requests served at once per socket
+MAX_CONTAINER_LEN = 1_000_000  # msgpack arrays/maps in one request: bounds decoding
+SHUTDOWN_GRACE_S = 2.0
 
 
 class ClientNode(Protocol):
@@ -162,10 +166,14 @@ def _strings(values: Any, name: str) -> list[str]:
 class ClientSession:
     """One WebSocket: concurrent requests, one reply each."""
 
-    def __init__(self, node: ClientNode, ws: WebSocketConnection, max_message_size: int) -> None:
+    def __init__(
+        self, node: ClientNode, ws: WebSocketConnection, max_message_size: int, counter: InFlight
+    ) -> None:
         self.node = node
         self.ws = ws
         self.max_message_size = max_message_size
+        self.in_flight = trio.Semaphore(MAX_IN_FLIGHT)
+        self.counter = counter
         self.ops: dict[str, Callable[[dict], Any]] = {
             "handshake": self.op_handshake,
             "upsert": self.op_upsert,
@@ -180,21 +188,36 @@ class ClientSession:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             while True:
+                # Backpressure: at most MAX_IN_FLIGHT requests per socket; beyond that
+                # we stop reading and the client's sends block (trio-websocket's
+                # queue, then TCP), instead of holding unbounded tasks and replies.
+                await self.in_flight.acquire()
                 try:
                     message = await self.ws.get_message()
                 except ConnectionClosed:
+                    self.in_flight.release()
                     break
                 nursery.start_soon(self.serve, message)
             nursery.cancel_scope.cancel()
 
     async def serve(self, message: bytes | str) -> None:
+        try:
+            with self.counter:
+                await self._serve(message)
+        finally:
+            self.in_flight.release()
+
+    async def _serve(self, message: bytes | str) -> None:
         rid: Any = None
         try:
             if isinstance(message, str):
                 raise BadRequest("messages must be binary msgpack, not text")
             try:
-                req = msgpack.unpackb(message, raw=False, strict_map_key=False)
-            except (ValueError, msgpack.UnpackException) as e:
+                req = msgpack.unpackb(
+                    message, raw=False, strict_map_key=False,
+                    max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN,
+                )
+            except (ValueError, TypeError, msgpack.UnpackException) as e:
                 raise BadRequest(f"malformed msgpack: {type(e).__name__} {e}".rstrip()) from None
             if isinstance(req, dict):
                 rid = req.get("id")
@@ -204,7 +227,8 @@ class ClientSession:
                 raise BadRequest("a request must be a msgpack map")
             if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
                 raise BadRequest("a request needs a non-negative integer 'id'")
-            op = self.ops.get(req.get("op"))  # type: ignore[arg-type]
+            name = req.get("op")
+            op = self.ops.get(name) if isinstance(name, str) else None
             if op is None:
                 raise BadRequest(f"unknown op {req.get('op')!r}")
             result = await op(req)
@@ -300,13 +324,16 @@ async def serve_client_api(
     *,
     max_message_size: int,
     shutdown: trio.Event,
+    closed: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the client API on `address` until `shutdown` is set; then close every
-    socket with 1001 and return. `task_status.started("host:port")` once listening;
-    a port in use raises OSError."""
+    """Serve the client API on `address` until `shutdown` is set; then let requests in
+    flight answer (up to SHUTDOWN_GRACE_S), close every socket with 1001, set `closed`
+    and return. `task_status.started("host:port")` once listening; a port in use
+    raises OSError."""
     host, port = parse_address(address)
     sockets: set[WebSocketConnection] = set()
+    counter = InFlight()
 
     async def handler(request: WebSocketRequest) -> None:
         if request.path != PATH:
@@ -315,7 +342,7 @@ async def serve_client_api(
         ws = await request.accept()
         sockets.add(ws)
         try:
-            await ClientSession(node, ws, max_message_size).run()
+            await ClientSession(node, ws, max_message_size, counter).run()
         finally:
             sockets.discard(ws)
 
@@ -331,7 +358,12 @@ async def serve_client_api(
         log.info("client API listening on ws://%s:%d%s", host, bound, PATH)
         task_status.started(f"{host}:{bound}")
         await shutdown.wait()
+        # SPEC §1: finish in-flight replies (bounded), then close every socket (1001).
+        with trio.move_on_after(SHUTDOWN_GRACE_S):
+            await counter.wait_idle()
         await _close_all(sockets)
+        if closed is not None:
+            closed.set()
         nursery.cancel_scope.cancel()
 
 

@@ -41,6 +41,7 @@ from metanode.errors import (
     TransportError,
     Unavailable,
 )
+from metanode.inflight import InFlight
 from metanode.node import rpc
 from metanode.raft import (
     EntryKind,
@@ -69,27 +70,11 @@ INBOX_SIZE = 10_000
 
 
 SHUTDOWN_GRACE_S = 2.0
-
-
-class _InFlight:
-    """Counts requests being served, so a shutdown can let them finish."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._idle = trio.Event()
-        self._idle.set()
-
-    def __enter__(self) -> None:
-        self.count += 1
-        self._idle = trio.Event() if self.count == 1 else self._idle
-
-    def __exit__(self, *exc: object) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
+# A forwarded write's reply can be far larger than the request (a txn of gets, an
+# upsert's prev and result): accept big answers rather than report "unknown".
+FORWARDED_REPLY_LIMIT = 1 << 30
+# A client message must fit, with its entry's overhead, in one raft frame (64 MiB).
+MAX_CLIENT_MESSAGE = 48 << 20
 
 
 @attrs.define
@@ -175,7 +160,8 @@ class Node:
         self._last_snapshot_index = 0
         self._snapshot_lock = trio.Lock()
         self._membership_lock = trio.Lock()
-        self.calls = _InFlight()
+        self.calls = InFlight()
+        self._tick_done: trio.Event | None = None
         # The leader's clock stamps every entry (SPEC §5: TTL by log time); a test
         # hook may replace it to skew one node's clock.
         self.clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
@@ -497,14 +483,15 @@ class Node:
             if self.core.is_leader:
                 try:
                     return await local()
-                except NotLeader as e:
-                    last = e
+                except (NotLeader, Unavailable) as e:
+                    last = e  # not proposed (e.g. a leadership transfer) or overwritten
             else:
                 address = self.leader_address()
                 if address is not None:
                     try:
                         return await call(address, self.identity(), method, payload,
-                                          timeout=max(0.1, deadline - trio.current_time()))
+                                          timeout=max(0.1, deadline - trio.current_time()),
+                                          max_frame_size=FORWARDED_REPLY_LIMIT)
                     except (NotLeader, Unavailable, ConnectFailed) as e:
                         last = e  # not applied there: safe to try again
                     except TransportError as e:
@@ -573,9 +560,19 @@ class Node:
 
     async def _expire_due(self) -> None:
         """On the leader: when keys are due by our clock, log a Tick so every replica
-        expires them at the same log position (SPEC §5)."""
-        if self._expiry_due():
+        expires them at the same log position (SPEC §5). One Tick at a time: readers
+        arriving meanwhile wait for it (it is stamped after their keys were due)."""
+        if self._tick_done is not None:
+            await self._tick_done.wait()
+            return
+        if not self._expiry_due():
+            return
+        self._tick_done = done = trio.Event()
+        try:
             await self.propose(Tick())
+        finally:
+            self._tick_done = None
+            done.set()
 
     async def _run_expiry(self) -> None:
         """Expire due keys even when nobody writes or reads: one check a heartbeat."""
@@ -857,6 +854,14 @@ def _check_data_dir(config: Config, meta: NodeMeta | None) -> None:
     for key in ("raft_secret", "raft_tls_server_cert", "raft_tls_server_key"):
         if getattr(rc, key):
             raise ConfigError(f"raft_config.{key}: not supported by this version (peer authentication and TLS on the raft port are not built yet)")
+    for key in ("grpc_tls_server_cert", "grpc_tls_server_key"):
+        if getattr(config, key):
+            raise ConfigError(f"{key}: not supported by this version (TLS on the client API is not built yet)")
+    if config.grpc_api_max_message_size > MAX_CLIENT_MESSAGE:
+        raise ConfigError(
+            f"grpc_api_max_message_size: {config.grpc_api_max_message_size} is over {MAX_CLIENT_MESSAGE}:"
+            " a write that large could not be replicated in one raft frame"
+        )
     if meta is not None:
         if rc.id is not None and meta.node_id != rc.id:
             raise ConfigError(
@@ -893,6 +898,7 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
         if fresh and rc.single:
             node.bootstrap()
         node._start_core()
+        drains: list[trio.Event] = []  # set by servers once they answered what was in flight
         async with single_errors(), trio.open_nursery() as nursery:
             node._nursery = nursery
             try:
@@ -919,11 +925,14 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
                 if client_api:
                     from metanode.api.client_api import serve_client_api
 
+                    client_api_closed = trio.Event()
+                    drains.append(client_api_closed)
                     try:
                         await nursery.start(
                             partial(
                                 serve_client_api, node, config.grpc_api_address,
                                 max_message_size=config.grpc_api_max_message_size, shutdown=node.stopping,
+                                closed=client_api_closed,
                             )
                         )
                     except OSError as e:
@@ -943,8 +952,10 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
                 # Graceful stop (SPEC §1): stop the admin server, let in-flight calls
                 # answer for a bounded time, then cancel everything.
                 node.stopping.set()
-                with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE_S):
+                with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE_S + 1):
                     await node.calls.wait_idle()
+                    for drained in drains:
+                        await drained.wait()
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

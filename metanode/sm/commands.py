@@ -32,6 +32,11 @@ TXN_COMPARISONS: tuple[str, ...] = ("==", "!=", "<", "<=", ">", ">=")
 """The comparison operators of a ``TxnCondition``."""
 
 
+MAX_TIME_MS = 2**62
+"""The largest TTL or expiry time accepted (about 146 million years): keeps every time
+well inside the signed 64 bits of the wire."""
+
+
 def validate_key(key: object, what: str = "key") -> None:
     """Raise ``ValueError`` unless ``key`` is a ``str`` that encodes as UTF-8.
 
@@ -82,13 +87,13 @@ class Upsert:
             raise ValueError("ttl_ms and expire_at_ms are mutually exclusive; give at most one")
         for name in ("ttl_ms", "expire_at_ms"):
             v = getattr(self, name)
-            if v is not None and (not is_int(v) or v < 0):
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+            if v is not None and (not is_int(v) or not 0 <= v <= MAX_TIME_MS):
+                raise ValueError(f"{name} must be an int in 0..{MAX_TIME_MS}, got {v!r}")
 
     def expire_at(self, log_time_ms: int) -> int | None:
         """The absolute expiry of the written value when applied at ``log_time_ms``."""
         if self.ttl_ms is not None:
-            return log_time_ms + self.ttl_ms
+            return min(log_time_ms + self.ttl_ms, MAX_TIME_MS)
         return self.expire_at_ms
 
     def __str__(self) -> str:

@@ -232,3 +232,44 @@ async def test_keys_expire_without_any_client_traffic(tmp_path: Path) -> None:
         index = n1.applied.index
         await until(lambda: n1.sm.get("t") is None, timeout=5)  # the leader logged a Tick
         assert n1.applied.index > index
+
+
+async def test_odd_requests_are_bad_requests_not_internal_errors(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        for req in ({"id": 1, "op": ["get"]}, {"id": 2, "op": {"a": 1}},
+                    {"id": 3, "op": "upsert", "key": "k", "value": b"", "ttl_ms": 2**63 - 1}):
+            r = await ask(ws, **req)
+            assert r["error"]["code"] == "bad_request", r
+        await ws.send_message(msgpack.packb({(1, 2): 3}))  # a map with an array key
+        assert msgpack.unpackb(await ws.get_message(), strict_map_key=False)["error"]["code"] == "bad_request"
+        assert (await ask(ws, id=4, op="get", key="k"))["ok"] is None
+
+
+async def test_a_write_in_flight_at_shutdown_gets_its_reply_before_1001(tmp_path: Path) -> None:
+    from trio_websocket import ConnectionClosed
+
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1:
+        await until(lambda: n1.core.is_leader)
+        async with c.socket(1) as ws:
+            await ws.send_message(msgpack.packb({"id": 1, "op": "upsert", "key": "k", "value": b"v"}))
+            await until(lambda: n1.calls.count > 0 or n1.sm.get("k") is not None)  # the server has it
+            n1.stopping.set()
+            reply = msgpack.unpackb(await ws.get_message())
+            assert reply["id"] == 1 and "ok" in reply
+            with trio.fail_after(5), pytest.raises(ConnectionClosed):
+                await ws.get_message()
+
+
+async def test_unsupported_tls_and_oversized_limits_are_config_errors(tmp_path: Path) -> None:
+    from metanode.errors import ConfigError
+
+    c = Cluster(tmp_path)
+    with pytest.raises(ConfigError, match="grpc_tls_server_cert"):
+        async with c.node(1, "--single", "--grpc-tls-server-cert", "/x.crt", "--grpc-tls-server-key", "/x.key"):
+            pass
+    with pytest.raises(ConfigError, match="grpc_api_max_message_size"):
+        async with c.node(2, "--single", max_message=100 << 20):
+            pass

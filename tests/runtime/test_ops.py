@@ -66,3 +66,10 @@ async def test_kv_and_admin_subcommands(tmp_path: Path, capsys: pytest.CaptureFi
     code, out = await run(capsys, "kv", "--addr", f"127.0.0.1:{free_port()}", "--timeout", "1", "get", "k")
     assert code == 1 and "error" in out.err  # type: ignore[union-attr]
     assert await trio.to_thread.run_sync(ops_main, ["kv", "frob"]) == 2
+
+
+async def test_bad_usage_of_kv_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["kv", "--addr", "nonsense", "get", "k"], ["kv", "--timeout", "0", "get", "k"]):
+        code = await trio.to_thread.run_sync(ops_main, argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("metanode: error:") and "Traceback" not in err

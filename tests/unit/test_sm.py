@@ -582,3 +582,17 @@ def test_a_tick_only_advances_log_time_and_expires_due_keys():
     assert sm.apply(Tick(), 1_100) is None and sm.get("t") is None
     assert [c.key for c in sm.last_changes] == ["t"] and sm.next_expiry_ms() is None
     assert sm.last_seq == 2 and sm.get("p") is not None
+
+
+def test_ttls_are_bounded_so_every_time_fits_the_wire():
+    """A TTL meaning "forever" (2**63-1) is refused before it is logged, and the
+    largest accepted TTL cannot push an expiry past 2**62."""
+    from metanode.sm.commands import MAX_TIME_MS
+
+    with pytest.raises(ValueError, match="ttl_ms must be an int in 0.."):
+        Upsert("k", b"v", ttl_ms=2**63 - 1).validate()
+    with pytest.raises(ValueError, match="expire_at_ms"):
+        Upsert("k", b"v", expire_at_ms=2**62 + 1).validate()
+    sm = KVStateMachine()
+    result = sm.apply(Upsert("k", b"v", ttl_ms=MAX_TIME_MS), 10)
+    assert result.result.expire_at_ms == MAX_TIME_MS  # type: ignore[union-attr]
