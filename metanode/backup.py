@@ -96,6 +96,7 @@ def build_state_machine(
         "format": SNAPSHOT_FORMAT,
         "version": SNAPSHOT_VERSION,
         "seq": exported.seq,
+        "rev": 0,  # watch revisions restart with the restored cluster
         "log_time_ms": exported.log_time_ms,
         "kv": [[k, v.seq, v.data, v.expire_at_ms] for k, v in exported.kv],
         "nodes": [

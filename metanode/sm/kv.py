@@ -79,9 +79,9 @@ from metanode.sm.types import (
 SNAPSHOT_FORMAT = "metanode.sm.kv"
 """The ``format`` field of a snapshot document."""
 
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
 """The ``version`` field of a snapshot document; bump it when the layout changes.
-Version 1 had no ``nodes``; it is still read."""
+Version 1 had no ``nodes``, version 2 no ``rev``; both are still read (``rev`` 0)."""
 
 
 class KVStateMachine:
@@ -97,6 +97,7 @@ class KVStateMachine:
         self._expiry: SortedList = SortedList()  # (expire_at_ms, key), only keys with a TTL
         self._nodes: dict[int, NodeRecord] = {}  # cluster node records (SPEC §3)
         self._seq = 0
+        self._rev = 0  # key changes so far (watch revisions)
         self._log_time_ms = 0
         self._changes: list[KeyChange] = []  # collects the changes of the running apply
         self._last_changes: tuple[KeyChange, ...] = ()
@@ -107,6 +108,11 @@ class KVStateMachine:
     def last_seq(self) -> int:
         """The seq given to the most recent insert or update (0 before any)."""
         return self._seq
+
+    @property
+    def rev(self) -> int:
+        """The revision of the latest key change (0 before any): watchers resume from it."""
+        return self._rev
 
     @property
     def log_time_ms(self) -> int:
@@ -332,7 +338,8 @@ class KVStateMachine:
             self._kv[key] = new
             if new.expire_at_ms is not None:
                 self._expiry.add((new.expire_at_ms, key))
-        self._changes.append(KeyChange(key, old, new))
+        self._rev += 1
+        self._changes.append(KeyChange(key, old, new, self._rev))
 
     def _expire(self) -> None:
         """Remove every key whose ``expire_at_ms <= log_time_ms``, earliest first."""
@@ -347,7 +354,7 @@ class KVStateMachine:
         """The whole state as msgpack bytes; identical state gives identical bytes.
 
         Layout (a map, fields in this order): ``format`` (``"metanode.sm.kv"``),
-        ``version`` (2), ``seq`` (last seq), ``log_time_ms``, ``kv``: a list in key order
+        ``version`` (3), ``seq`` (last seq), ``rev`` (last change revision), ``log_time_ms``, ``kv``: a list in key order
         of ``[key, seq, data, expire_at_ms | nil]``, ``nodes``: a list by node id of
         ``[id, name, addr, port, grpc_api_advertise_address | nil]``.
         """
@@ -355,6 +362,7 @@ class KVStateMachine:
             "format": SNAPSHOT_FORMAT,
             "version": SNAPSHOT_VERSION,
             "seq": self._seq,
+            "rev": self._rev,
             "log_time_ms": self._log_time_ms,
             "kv": [[k, v.seq, v.data, v.expire_at_ms] for k, v in self.items()],
             "nodes": [
@@ -384,7 +392,7 @@ class KVStateMachine:
             raise ValueError(f"snapshot must be a msgpack map, got {type(doc).__name__}")
         if doc.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"not a KV snapshot: format is {doc.get('format')!r}")
-        if doc.get("version") not in (1, SNAPSHOT_VERSION):
+        if doc.get("version") not in (1, 2, SNAPSHOT_VERSION):
             raise ValueError(
                 f"unsupported KV snapshot version {doc.get('version')!r} "
                 f"(this build reads version {SNAPSHOT_VERSION})"
@@ -414,6 +422,7 @@ class KVStateMachine:
             raise ValueError("snapshot field 'nodes' is missing")
         sm._nodes = _parse_nodes(doc.get("nodes", []))
         sm._seq = seq
+        sm._rev = _field_int(doc, "rev") if doc["version"] >= 3 else 0
         sm._log_time_ms = log_time_ms
         sm._expire()
         sm._changes = []

@@ -123,9 +123,12 @@ class KeyChange:
     key: str
     prev: SeqV | None
     current: SeqV | None
+    # The change's revision: +1 per key change, the same on every replica. Not part of
+    # equality: two changes are equal when they change the same key the same way.
+    rev: int = attrs.field(default=0, eq=False)
 
     def __str__(self) -> str:
-        return f"{self.key!r}: {self.prev} -> {self.current}"
+        return f"#{self.rev} {self.key!r}: {self.prev} -> {self.current}"
 
 
 @attrs.frozen

@@ -384,7 +384,7 @@ def test_snapshot_round_trip_gives_identical_bytes_and_state():
 
 def test_snapshot_layout():
     doc = msgpack.unpackb(_sample().snapshot(), raw=False)
-    assert list(doc) == ["format", "version", "seq", "log_time_ms", "kv", "nodes"]
+    assert list(doc) == ["format", "version", "seq", "rev", "log_time_ms", "kv", "nodes"]
     assert doc["format"] == SNAPSHOT_FORMAT and doc["version"] == SNAPSHOT_VERSION
     assert doc["kv"] == [["a", 2, b"", 106], ["b", 1, b"\x00\xff", None], ["c/é", 4, b"u", 10_000]]
 
@@ -396,7 +396,7 @@ def test_empty_snapshot_round_trip():
 
 
 def _doc(**override) -> bytes:
-    doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": 5, "log_time_ms": 10, "kv": [], "nodes": []}
+    doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": 5, "rev": 5, "log_time_ms": 10, "kv": [], "nodes": []}
     doc.update(override)
     return msgpack.packb(doc, use_bin_type=True)
 
@@ -411,7 +411,8 @@ def _doc(**override) -> bytes:
         msgpack.packb({1: 2}),
         _doc() + b"\x00",
         _doc(format="other"),
-        _doc(version=3),
+        _doc(version=4),
+        _doc(rev=-1),
         _doc(nodes=None),
         _doc(nodes=[[1, "1", "localhost", 28004]]),
         _doc(nodes=[[0, "1", "localhost", 28004, None]]),
@@ -596,3 +597,15 @@ def test_ttls_are_bounded_so_every_time_fits_the_wire():
     sm = KVStateMachine()
     result = sm.apply(Upsert("k", b"v", ttl_ms=MAX_TIME_MS), 10)
     assert result.result.expire_at_ms == MAX_TIME_MS  # type: ignore[union-attr]
+
+
+def test_every_key_change_gets_the_next_revision_and_snapshots_keep_it():
+    """Watch revisions (docs/reference/client-protocol.md): +1 per key change of any
+    kind (insert, update, delete, expiry), none for a no-op; restored with a snapshot."""
+    sm = KVStateMachine()
+    sm.apply(Upsert("a", b"1"), 0)
+    sm.apply(Upsert("a", b"2", ttl_ms=10), 0)
+    sm.apply(Upsert("b", None), 0)  # deleting an absent key changes nothing
+    sm.apply(Upsert("c", b"3"), 20)  # "a" expires first, then "c" is written
+    assert [c.rev for c in sm.last_changes] == [3, 4] and sm.rev == 4
+    assert KVStateMachine.restore(sm.snapshot()).rev == 4
