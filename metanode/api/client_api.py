@@ -26,9 +26,11 @@ from metanode import __version__
 from metanode.config import parse_address
 from metanode.errors import BadRequest, ClientError, TooLarge
 from metanode.inflight import InFlight
+from metanode.node.watch import WatchHub
 from metanode.sm import (
     Change,
     Command,
+    KeyChange,
     KVStateMachine,
     MatchSeq,
     SeqV,
@@ -66,6 +68,11 @@ class ClientNode(Protocol):
     def client_addresses(self) -> list[str]: ...
     def cluster_status(self) -> dict: ...
     def address_of(self, node_id: int) -> str | None: ...
+    def wait_s(self) -> float: ...
+    async def wait_for(self, pred: Callable[[], bool], timeout: float, what: str) -> None: ...
+
+    @property
+    def watch_hub(self) -> WatchHub: ...
 
 
 # ---------------------------------------------------------------------- wire shapes
@@ -104,6 +111,15 @@ def match_seq_in(value: Any) -> MatchSeq | None:
         if kind in ("exact", "ge") and isinstance(n, int) and not isinstance(n, bool) and n >= 0:
             return MatchSeq(exact=n) if kind == "exact" else MatchSeq(ge=n)
     raise BadRequest(f'match_seq must be null, {{"exact": n}} or {{"ge": n}}, got {value!r}')
+
+
+def _event(rid: int, change: KeyChange) -> dict:
+    return {
+        "id": rid,
+        "event": {"key": change.key, "prev": seqv_out(change.prev), "current": seqv_out(change.current),
+                  "seq": change.rev},
+        "init": False,
+    }
 
 
 def txn_op_in(value: Any, where: str) -> TxnOp:
@@ -174,6 +190,7 @@ class ClientSession:
         self.max_message_size = max_message_size
         self.in_flight = trio.Semaphore(MAX_IN_FLIGHT)
         self.counter = counter
+        self.watches: dict[int, trio.CancelScope] = {}
         self.ops: dict[str, Callable[[dict], Any]] = {
             "handshake": self.op_handshake,
             "upsert": self.op_upsert,
@@ -183,6 +200,7 @@ class ClientSession:
             "list": self.op_list,
             "member_list": self.op_member_list,
             "cluster_status": self.op_cluster_status,
+            "watch": self._watch,  # streams: dispatched with its id by _serve
         }
 
     async def run(self) -> None:
@@ -228,10 +246,16 @@ class ClientSession:
             if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
                 raise BadRequest("a request needs a non-negative integer 'id'")
             name = req.get("op")
+            if name == "cancel":
+                self._cancel(rid)
+                return  # the watch's stream ends with its own reply
             op = self.ops.get(name) if isinstance(name, str) else None
             if op is None:
                 raise BadRequest(f"unknown op {req.get('op')!r}")
-            result = await op(req)
+            if name == "watch":
+                result = await self._watch(rid, req)
+            else:
+                result = await op(req)
             reply: dict = {"id": rid, "ok": result}
         except ClientError as e:
             reply = {"id": rid, "error": self._error(e)}
@@ -242,6 +266,58 @@ class ClientSession:
             await self.ws.send_message(msgpack.packb(reply, use_bin_type=True))
         except ConnectionClosed:
             pass
+
+    def _cancel(self, rid: int) -> None:
+        scope = self.watches.get(rid)
+        if scope is None:
+            raise BadRequest(f"cancel: no watch in progress with id {rid}")
+        scope.cancel()
+
+    async def _send(self, message: dict) -> None:
+        await self.ws.send_message(msgpack.packb(message, use_bin_type=True))
+
+    async def _watch(self, rid: int, req: dict) -> None:
+        """Stream the changes of a key or range (see the protocol reference); returns
+        (None: the stream's last reply) when cancelled."""
+        if rid in self.watches:
+            raise BadRequest(f"watch: id {rid} is already a watch in progress")
+        key = _arg(req, "key", str)
+        key_end = _arg(req, "key_end", str, optional=True)
+        filter_ = req.get("filter", "all")
+        initial_flush = _arg(req, "initial_flush", bool, optional=True) or False
+        from_seq = _arg(req, "from_seq", int, optional=True)
+        if from_seq is not None and (from_seq < 0 or initial_flush):
+            raise BadRequest("watch: from_seq must be >= 0 and cannot be combined with initial_flush")
+        await self._read(req)
+        node, hub = self.node, self.node.watch_hub
+        if from_seq is not None and node.sm.rev < from_seq:
+            await node.wait_for(lambda: node.sm.rev >= from_seq, node.wait_s(), "catching up for a watch")
+        # One step from here to `subscribe`: no change can fall in between.
+        watcher = hub.subscribe(key, key_end, filter_)
+        try:
+            backlog = hub.since(from_seq, watcher) if from_seq is not None else []
+            if initial_flush:
+                current = node.sm.range(key, key_end) if key_end is not None else (
+                    [(key, v)] if (v := node.sm.get(key)) is not None else []
+                )
+                flushed_at = node.sm.rev
+            with trio.CancelScope() as scope:
+                self.watches[rid] = scope
+                if initial_flush:
+                    for k, v in current:
+                        await self._send({"id": rid, "event": {"key": k, "prev": None, "current": seqv_out(v),
+                                                               "seq": flushed_at}, "init": True})
+                    await self._send({"id": rid, "event": None, "init": True, "seq": flushed_at})
+                for change in backlog:
+                    await self._send(_event(rid, change))
+                async for change in watcher.events:
+                    await self._send(_event(rid, change))
+                if watcher.error is not None:
+                    raise watcher.error
+        finally:
+            self.watches.pop(rid, None)
+            watcher.close()
+        return None
 
     def _error(self, e: ClientError) -> dict:
         leader = getattr(e, "leader", None)

@@ -43,6 +43,7 @@ from metanode.errors import (
 )
 from metanode.inflight import InFlight
 from metanode.node import rpc
+from metanode.node.watch import WatchHub
 from metanode.raft import (
     EntryKind,
     LogId,
@@ -142,6 +143,7 @@ class Node:
         )
         self.core: RaftCore  # set in _start
         self.sm = KVStateMachine()
+        self.watch_hub = WatchHub(0)
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[Any](INBOX_SIZE)
         self._apply_send, self._apply_recv = trio.open_memory_channel[_Applied](math.inf)
         self._links: dict[int, PeerLink] = {}
@@ -203,6 +205,7 @@ class Node:
             self.applied = state.snapshot.meta.last_log_id
             self.applied_membership = state.snapshot.meta.membership
             self._last_snapshot_index = self.applied.index
+        self.watch_hub = WatchHub(self.sm.rev)
         # Replaying the log passes through memberships from before this node joined:
         # removal is only judged once the replay reached the commit index at start.
         self._replayed_at = self.core.commit_index
@@ -339,6 +342,7 @@ class Node:
                     raise FatalError(
                         f"snapshot {batch.snapshot.meta.last_log_id} from the leader is unreadable: {e}"
                     ) from None
+                self.watch_hub.reset(self.sm.rev)
                 covered = [i for i in self._write_waiters if i <= batch.snapshot.meta.last_log_id.index]
                 for index in covered:
                     _, waiter = self._write_waiters.pop(index)
@@ -375,6 +379,8 @@ class Node:
                 log.error("%d %s", self.id, result.message)
             else:
                 result = self.sm.apply(logged.cmd, logged.time_ms)
+                if self.sm.last_changes:
+                    self.watch_hub.on_changes(self.sm.last_changes)
         elif entry.kind == EntryKind.MEMBERSHIP:
             self.applied_membership = entry.membership
             if self.id in entry.membership.node_ids:
@@ -441,7 +447,7 @@ class Node:
 
         log_id = await self.run_in_loop(go)
         try:
-            return await waiter.wait(timeout or self._wait_s(), "write")
+            return await waiter.wait(timeout or self.wait_s(), "write")
         finally:
             if self._write_waiters.get(log_id.index, (0, None))[1] is waiter:
                 del self._write_waiters[log_id.index]
@@ -461,11 +467,12 @@ class Node:
             self._read_waiters.pop(ctx, None)
             raise
         try:
-            return await waiter.wait(timeout or self._wait_s(), "read")
+            return await waiter.wait(timeout or self.wait_s(), "read")
         finally:
             self._read_waiters.pop(ctx, None)
 
-    def _wait_s(self) -> float:
+    def wait_s(self) -> float:
+        """`wait_leader_timeout` in seconds: how long requests wait for the cluster."""
         return self.config.raft_config.wait_leader_timeout / 1000
 
     def leader_address(self) -> str | None:
@@ -477,7 +484,7 @@ class Node:
     async def call_leader(self, method: str, payload: bytes, local: Callable[[], Any]) -> bytes:
         """Run a request on the leader: `local()` if we lead, else forward `payload`;
         follow NotLeader hints and wait for an election, up to `wait_leader_timeout`."""
-        deadline = trio.current_time() + self._wait_s()
+        deadline = trio.current_time() + self.wait_s()
         last: Exception | None = None
         while trio.current_time() < deadline:
             if self.core.is_leader:
@@ -499,7 +506,7 @@ class Node:
                             raise Timeout(f"write forwarded to {address}: outcome unknown ({e})") from None
                         last = e
             await trio.sleep(self.tick_s * 2)
-        raise Unavailable(f"no leader answered {method} within {self._wait_s():.0f} s: {last}")
+        raise Unavailable(f"no leader answered {method} within {self.wait_s():.0f} s: {last}")
 
     # ------------------------------------------------------------------ join / leave (leader side)
     async def on_call(self, method: str, payload: bytes, hello: Any) -> bytes:
@@ -603,7 +610,7 @@ class Node:
         with self.calls:
             body = await self.call_leader(rpc.READ, rpc.encode(request), lambda: self._read_local(request))
         index = rpc.decode(body, rpc.ReadReply).index
-        await self.wait_for(lambda: self.applied.index >= index, self._wait_s(), "catching up for a read")
+        await self.wait_for(lambda: self.applied.index >= index, self.wait_s(), "catching up for a read")
 
     def client_addresses(self) -> list[str]:
         """The client API addresses the members publish (SPEC §5 `member_list`)."""
@@ -625,7 +632,7 @@ class Node:
             raise RuntimeError("_change_membership needs the membership lock")
         while True:
             await self.wait_for(
-                lambda: not self.core.is_leader or self._change_possible(), self._wait_s(), "membership change"
+                lambda: not self.core.is_leader or self._change_possible(), self.wait_s(), "membership change"
             )
             if not self.core.is_leader:
                 raise NotLeader("lost leadership", leader=self.core.leader)
@@ -645,7 +652,7 @@ class Node:
             heading = m.final_voters == target.final_voters and m.learners == target.learners
             return self.applied_membership == target or (not self.core.is_leader and not heading)
 
-        await self.wait_for(done_or_lost, self._wait_s(), "membership change")
+        await self.wait_for(done_or_lost, self.wait_s(), "membership change")
         if self.applied_membership != target:
             raise NotLeader("lost leadership during the membership change", leader=self.core.leader)
 
@@ -674,7 +681,7 @@ class Node:
                     pr = self.core.progress.get(nid)
                     return not self.core.is_leader or (pr is not None and pr.match >= self.core.commit_index)
 
-                await self.wait_for(caught_up, self._wait_s(), f"catching up node {nid}")
+                await self.wait_for(caught_up, self.wait_s(), f"catching up node {nid}")
                 await self._change_membership(lambda v, learners: (v | {nid}, learners - {nid}))
         members = tuple(
             rpc.NodeAddress(i, f"{r.endpoint.addr}:{r.endpoint.port}") for i, r in self.sm.nodes()
@@ -720,7 +727,7 @@ class Node:
             for attempt in range(JOIN_TRIES):
                 try:
                     reply = rpc.decode(
-                        await call(address, self.identity(), rpc.JOIN, payload, timeout=self._wait_s()),
+                        await call(address, self.identity(), rpc.JOIN, payload, timeout=self.wait_s()),
                         rpc.JoinReply,
                     )
                 except (ClientError, TransportError, DecodeError) as e:
@@ -940,7 +947,7 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
                 # Replay the local log first: the committed membership decides whether
                 # to join, and a node removed earlier must not join again (SPEC §3).
                 await node.wait_for(
-                    lambda: node.applied.index >= node._replayed_at, node._wait_s(), "replaying the log"
+                    lambda: node.applied.index >= node._replayed_at, node.wait_s(), "replaying the log"
                 )
                 if node.removed.is_set():
                     log.warning("%d was removed from the cluster earlier: not joining again", node.id)

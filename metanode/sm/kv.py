@@ -185,6 +185,11 @@ class KVStateMachine:
                 break
         return out
 
+    def range(self, start: str, end: str) -> list[tuple[str, SeqV]]:
+        """Live ``(key, SeqV)`` pairs with ``start <= key < end``, in key order."""
+        kv = self._kv
+        return [(k, kv[k]) for k in self._keys.irange(start, end, inclusive=(True, False))]
+
     # ------------------------------------------------------------------ apply
 
     def apply(self, cmd: Command, log_time_ms: int) -> ApplyResult:

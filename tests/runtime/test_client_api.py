@@ -273,3 +273,68 @@ async def test_unsupported_tls_and_oversized_limits_are_config_errors(tmp_path: 
     with pytest.raises(ConfigError, match="grpc_api_max_message_size"):
         async with c.node(2, "--single", max_message=100 << 20):
             pass
+
+
+async def next_msg(ws: WebSocketConnection) -> dict:
+    with trio.fail_after(5):
+        return msgpack.unpackb(await ws.get_message(), raw=False)
+
+
+async def test_watch_a_key_and_a_range_with_flush_filters_and_cancel(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws, c.socket(1) as writer:
+        await until(lambda: n1.core.is_leader)
+        await ask(writer, id=1, op="upsert", key="r/a", value=b"0")
+        await ws.send_message(msgpack.packb({"id": 7, "op": "watch", "key": "r/", "key_end": "r0", "initial_flush": True}))
+        flush = await next_msg(ws)
+        assert flush["init"] and flush["event"]["key"] == "r/a" and flush["event"]["current"]["data"] == b"0"
+        marker = await next_msg(ws)
+        assert marker == {"id": 7, "event": None, "init": True, "seq": 1}
+        await ws.send_message(msgpack.packb({"id": 8, "op": "watch", "key": "r/b", "filter": "delete"}))
+        await ask(writer, id=2, op="upsert", key="r/b", value=b"1")
+        await ask(writer, id=3, op="upsert", key="other", value=b"x")  # outside the range
+        await ask(writer, id=4, op="upsert", key="r/b", value=None)
+        events = [await next_msg(ws) for _ in range(3)]
+        by_watch: dict[int, list] = {}
+        for e in events:
+            by_watch.setdefault(e["id"], []).append(e["event"])
+        assert [(e["key"], e["current"] and e["current"]["data"], e["seq"]) for e in by_watch[7]] == [
+            ("r/b", b"1", 2), ("r/b", None, 4)]
+        assert [(e["key"], e["current"], e["seq"]) for e in by_watch[8]] == [("r/b", None, 4)]  # deletes only
+        await ws.send_message(msgpack.packb({"id": 7, "op": "cancel"}))
+        assert await next_msg(ws) == {"id": 7, "ok": None}
+        r = await ask(ws, id=9, op="cancel")
+        assert r["error"]["code"] == "bad_request"
+        await ws.send_message(msgpack.packb({"id": 8, "op": "cancel"}))
+        assert await next_msg(ws) == {"id": 8, "ok": None}
+
+
+async def test_watch_resumes_from_seq_on_another_node_without_gaps(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1:
+        await until(lambda: n1.core.is_leader)
+        async with c.node(2, "--join", f"127.0.0.1:{c.raft[1]}"), c.socket(1) as w1, c.socket(2) as w2:
+            await w1.send_message(msgpack.packb({"id": 1, "op": "watch", "key": "k"}))
+            await ask(w2, id=10, op="upsert", key="k", value=b"1")
+            first = await next_msg(w1)
+            assert first["event"]["current"]["data"] == b"1"
+            seen = first["event"]["seq"]
+            # Two more writes happen while the watcher is "disconnected".
+            await ask(w2, id=11, op="upsert", key="k", value=b"2")
+            await ask(w2, id=12, op="upsert", key="k", value=b"3")
+            await w2.send_message(msgpack.packb({"id": 2, "op": "watch", "key": "k", "from_seq": seen}))
+            resumed = [await next_msg(w2) for _ in range(2)]
+            assert [e["event"]["current"]["data"] for e in resumed] == [b"2", b"3"]
+            assert [e["event"]["seq"] for e in resumed] == [seen + 1, seen + 2]
+            r = await ask(w2, id=3, op="watch", key="k", from_seq=1, initial_flush=True)
+            assert r["error"]["code"] == "bad_request"
+
+
+async def test_watch_from_a_compacted_revision_is_refused(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        await ask(ws, id=1, op="upsert", key="k", value=b"1")
+        n1.watch_hub.reset(n1.sm.rev)  # as after a snapshot from the leader
+        r = await ask(ws, id=2, op="watch", key="k", from_seq=0)
+        assert r["error"]["code"] == "bad_request" and "compacted" in r["error"]["message"]
