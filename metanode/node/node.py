@@ -60,7 +60,7 @@ from metanode.raft import (
 from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode, Tick, TxnReply
 from metanode.sm.codec import DecodeError, decode_command, encode_command
 from metanode.storage import NodeMeta, RaftStorage
-from metanode.transport import ConnectFailed, Identity, PeerLink, call, serve_raft
+from metanode.transport import CallPool, ConnectFailed, Identity, PeerLink, call, serve_raft
 
 log = logging.getLogger("metanode.node")
 
@@ -163,6 +163,9 @@ class Node:
         self._snapshot_lock = trio.Lock()
         self._membership_lock = trio.Lock()
         self.calls = InFlight()
+        # Forwarded requests reuse connections to the leader (one per request would
+        # leave thousands in TIME_WAIT under load).
+        self.calls_to_leader = CallPool(self.identity, max_frame_size=FORWARDED_REPLY_LIMIT)
         self._tick_done: trio.Event | None = None
         # The leader's clock stamps every entry (SPEC §5: TTL by log time); a test
         # hook may replace it to skew one node's clock.
@@ -496,9 +499,9 @@ class Node:
                 address = self.leader_address()
                 if address is not None:
                     try:
-                        return await call(address, self.identity(), method, payload,
-                                          timeout=max(0.1, deadline - trio.current_time()),
-                                          max_frame_size=FORWARDED_REPLY_LIMIT)
+                        return await self.calls_to_leader.call(
+                            address, method, payload, timeout=max(0.1, deadline - trio.current_time())
+                        )
                     except (NotLeader, Unavailable, ConnectFailed) as e:
                         last = e  # not applied there: safe to try again
                     except TransportError as e:
@@ -895,6 +898,7 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
     """
     rc = config.raft_config
     storage = await trio.to_thread.run_sync(RaftStorage.open, rc.raft_dir)
+    node: Node | None = None
     try:
         meta = storage.meta
         _check_data_dir(config, meta)
@@ -966,6 +970,8 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            if node is not None:
+                await node.calls_to_leader.aclose()
             await trio.to_thread.run_sync(storage.close)
 
 

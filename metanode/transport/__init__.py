@@ -16,6 +16,7 @@ from metanode.transport.frames import (
     frame_bytes,
 )
 from metanode.transport.tcp import (
+    CallPool,
     ConnectFailed,
     Identity,
     PeerLink,
@@ -29,6 +30,7 @@ from metanode.transport.tcp import (
 __all__ = [
     "FRAME_TAGS",
     "Call",
+    "CallPool",
     "CallResult",
     "ConnectFailed",
     "ErrorFrame",

@@ -14,6 +14,7 @@ never escapes a connection task: it ends that connection with a log line.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -549,7 +550,7 @@ async def call(
         raise Timeout(f"{method} to {address}: no answer within {timeout:g} s") from None
 
 
-async def _call_on(conn: _Conn, request: bytes) -> bytes:
+async def _call_on(conn: _Conn, request: bytes, call_id: int = 1) -> bytes:
     await conn.send(request)
     while True:
         try:
@@ -560,7 +561,7 @@ async def _call_on(conn: _Conn, request: bytes) -> bytes:
         except DecodeError as exc:
             raise TransportError(f"{conn.peer}: bad answer: {exc}") from exc
         for frame in frames:
-            if isinstance(frame, CallResult) and frame.id == 1:
+            if isinstance(frame, CallResult) and frame.id == call_id:
                 if frame.error is not None:
                     e = frame.error
                     raise error_from_info(e.code, e.message, e.leader)
@@ -569,6 +570,74 @@ async def _call_on(conn: _Conn, request: bytes) -> bytes:
             if isinstance(frame, ErrorFrame):
                 raise error_from_info(frame.code, f"{conn.peer} refused: {frame.message}")
             raise TransportError(f"{conn.peer}: unexpected answer {frame}")
+
+
+class CallPool:
+    """`call`, reusing connections: each address keeps up to `idle_per_address` idle
+    connections (one call at a time on each), so a node forwarding many requests to the
+    leader does not open (and leave in TIME_WAIT) one connection per request.
+
+    Errors are those of `call`. An error *answer* leaves the connection reusable; any
+    other failure closes it. A pooled connection the peer closed in the meantime fails
+    the call with a `TransportError` (the request may have arrived: never `ConnectFailed`).
+    """
+
+    def __init__(
+        self,
+        identity: Callable[[], Identity],
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        idle_per_address: int = 8,
+    ) -> None:
+        self.identity = identity
+        self.max_frame_size = max_frame_size
+        self.idle_per_address = idle_per_address
+        self._idle: dict[str, list[tuple[_Conn, trio.SocketStream, Identity]]] = {}
+        self._ids = itertools.count(1)
+        self.connects = 0
+
+    async def call(self, address: str, method: str, payload: bytes, *, timeout: float) -> bytes:
+        ident = self.identity()
+        pooled = self._idle.get(address, [])
+        while pooled:
+            conn, stream, hello_ident = pooled.pop()
+            if hello_ident == ident:
+                break
+            await trio.aclose_forcefully(stream)  # our identity changed: hello again
+        else:
+            conn = None  # type: ignore[assignment]
+        call_id = next(self._ids)
+        frame = frame_bytes(Call(call_id, method, payload))
+        keep = False
+        try:
+            with trio.fail_after(timeout):
+                if conn is None:
+                    stream = await _connect(address, math.inf)
+                    self.connects += 1
+                    conn = _Conn(stream, address, self.max_frame_size)
+                    frame = frame_bytes(_hello(ident)) + frame
+                try:
+                    result = await _call_on(conn, frame, call_id)
+                except ClientError:
+                    keep = True  # an answer: the connection is fine
+                    raise
+                keep = True
+                return result
+        except trio.TooSlowError:
+            raise Timeout(f"{method} to {address}: no answer within {timeout:g} s") from None
+        finally:
+            if conn is not None:
+                idle = self._idle.setdefault(address, [])
+                if keep and len(idle) < self.idle_per_address:
+                    idle.append((conn, stream, ident))
+                else:
+                    await trio.aclose_forcefully(stream)
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for _, stream, _ in idle:
+                await trio.aclose_forcefully(stream)
+        self._idle.clear()
 
 
 @attrs.define

@@ -338,3 +338,15 @@ async def test_watch_from_a_compacted_revision_is_refused(tmp_path: Path) -> Non
         n1.watch_hub.reset(n1.sm.rev)  # as after a snapshot from the leader
         r = await ask(ws, id=2, op="watch", key="k", from_seq=0)
         assert r["error"]["code"] == "bad_request" and "compacted" in r["error"]["message"]
+
+
+async def test_a_follower_reuses_its_connection_to_the_leader(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1:
+        await until(lambda: n1.core.is_leader)
+        async with c.node(2, "--join", f"127.0.0.1:{c.raft[1]}") as n2, c.socket(2) as ws:
+            before = n2.calls_to_leader.connects
+            for i in range(50):
+                assert "ok" in await ask(ws, id=i, op="upsert", key=f"k{i}", value=b"v")
+                assert "ok" in await ask(ws, id=100 + i, op="get", key=f"k{i}")
+            assert n2.calls_to_leader.connects - before <= 1
