@@ -8,9 +8,10 @@ with SyncMetaClient(["127.0.0.1:9191"]) as c:
 ```
 """
 
-from metanode.client.client import Change, MetaClient, SeqV, TxnReply
+from metanode.client.client import Change, MetaClient, SeqV, TxnReply, Watch, WatchEvent
 from metanode.client.errors import (
     BadRequest,
+    HistoryCompacted,
     MetaError,
     NotLeader,
     Timeout,
@@ -23,6 +24,7 @@ from metanode.client.sync import SyncMetaClient
 __all__ = [
     "BadRequest",
     "Change",
+    "HistoryCompacted",
     "MetaClient",
     "MetaError",
     "NotLeader",
@@ -33,4 +35,6 @@ __all__ = [
     "TxnReply",
     "Unauthenticated",
     "Unavailable",
+    "Watch",
+    "WatchEvent",
 ]

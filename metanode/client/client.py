@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
@@ -44,6 +45,8 @@ from trio_websocket import (
 from wsproto import ConnectionType, WSConnection
 
 from metanode.client.errors import (
+    BadRequest,
+    HistoryCompacted,
     MetaError,
     NotLeader,
     Timeout,
@@ -60,6 +63,10 @@ MAX_REDIRECTS = 5
 MAX_REPLY_SIZE = 1 << 30
 MESSAGE_QUEUE_SIZE = 256
 CONSISTENCIES = ("linearizable", "local")
+WATCH_FILTERS = ("all", "update", "delete")
+# Live events a watch buffers for a caller that does not read; past it the watch stops
+# buffering, cancels that stream, and resumes from the last revision the caller got.
+WATCH_BUFFER = 10_000
 
 
 # ---------------------------------------------------------------------- wire shapes
@@ -256,6 +263,7 @@ class _Conn:
         self.address = address
         self.ws: WebSocketConnection | None = None
         self.waiters: dict[int, _Waiter] = {}
+        self.streams: dict[int, _Stream] = {}  # watches in progress on this socket
         self.lost: str | None = None  # set once the socket ended
         self.retiring = False  # takes no new requests; closes when its requests are answered
         self.close_requested = trio.Event()
@@ -434,6 +442,32 @@ class MetaClient:
                 raise MetaError(f"malformed list reply: {result!r}")
             items.append((item[0], seqv))
         return items
+
+    @asynccontextmanager
+    async def watch(
+        self,
+        key: str,
+        key_end: str | None = None,
+        filter: str = "all",
+        initial_flush: bool = False,
+        from_seq: int | None = None,
+        consistency: str = "linearizable",
+    ) -> AsyncIterator[Watch]:
+        """Watch `key`, or the range `[key, key_end)`: `async for ev in w` yields a
+        `WatchEvent` per change, in order, resuming across lost sockets (docs/guide/client.md).
+
+        `filter` "update" yields only changes with a `current`, "delete" only removals.
+        `initial_flush` first yields the current value of every watched key (`init=True`),
+        then `w.flushed` is set. `from_seq` starts after that revision (not with
+        `initial_flush`). Entering the `async with` returns once the watch is registered
+        (with neither option: any change made after it is seen); leaving it cancels it."""
+        watch = Watch(self, _key(key), key_end, filter, initial_flush, from_seq, _consistency(consistency))
+        try:
+            await watch._establish()
+            yield watch
+        finally:
+            with trio.CancelScope(shield=True):
+                await watch.aclose()
 
     # ------------------------------------------------------------------ requests
     async def _call(self, op: str, args: dict[str, Any], *, write: bool, what: str | None = None) -> Any:
@@ -707,6 +741,12 @@ class MetaClient:
         except (ValueError, msgpack.UnpackException):
             msg = None
         rid = msg.get("id") if isinstance(msg, dict) else None
+        stream = conn.streams.get(rid) if _is_int(rid) else None
+        if stream is not None:
+            assert isinstance(msg, dict)
+            if not stream.push(msg):
+                del conn.streams[rid]
+            return
         waiter = conn.waiters.pop(rid, None) if _is_int(rid) else None
         if waiter is None:
             # A reply after its request gave up, or a reply without an id (we never
@@ -725,6 +765,9 @@ class MetaClient:
         for waiter in waiters.values():
             waiter.lost = reason
             waiter.done.set()
+        streams, conn.streams = conn.streams, {}
+        for stream in streams.values():
+            stream.finish("lost", reason)
         self._conns.discard(conn)
         if self._conn is conn:
             self._conn = None
@@ -734,8 +777,314 @@ class MetaClient:
         conn.ended.set()
 
 
+# ---------------------------------------------------------------------- watches
+@attrs.frozen
+class WatchEvent:
+    """One change of a watched key: `prev`/`current` are None for absent; `seq` is the
+    change's revision (increasing, shared by all keys). `init` marks the initial flush's
+    current values (`prev` None; `seq` as the server sent it, not a resume point)."""
+
+    key: str
+    prev: SeqV | None
+    current: SeqV | None
+    seq: int
+    init: bool = False
+
+
+class _Stream:
+    """What the reader routed to one watch request on one socket."""
+
+    __slots__ = ("end", "items", "marker", "wakeup")
+
+    def __init__(self) -> None:
+        self.items: deque[dict] = deque()
+        self.end: tuple[str, Any] | None = None  # ("lost"|"error"|"ok"|"overflow"|"malformed", detail)
+        self.wakeup = trio.Event()
+        self.marker = trio.Event()  # the initial flush's marker was received
+
+    def push(self, msg: dict) -> bool:
+        """Take one message; False once the stream is over (the route is dropped)."""
+        if self.end is not None:
+            return False
+        if "event" in msg:
+            if not msg.get("init") and len(self.items) >= WATCH_BUFFER:
+                self.finish("overflow", None)
+                return False
+            self.items.append(msg)
+            if msg["event"] is None:
+                self.marker.set()
+            self.wakeup.set()
+            return True
+        if "error" in msg:
+            self.finish("error", msg["error"])
+        elif "ok" in msg:
+            self.finish("ok", None)
+        else:
+            self.finish("malformed", msg)
+        return False
+
+    def finish(self, kind: str, detail: Any) -> None:
+        if self.end is None:
+            self.end = (kind, detail)
+        self.wakeup.set()
+        self.marker.set()
+
+
+class Watch:
+    """The async iterator of `MetaClient.watch`. It never ends by itself: it raises
+    `HistoryCompacted`, `Unavailable` (could not resume within the client's timeout),
+    or another `MetaError` the server sent for the watch.
+
+    - `flushed`: a `trio.Event` set once the caller has been given every initial-flush
+      event (set at the start when `initial_flush` is false); `flush_seq` the revision
+      the flush was taken at.
+    - `last_seq`: the revision a resume starts after (the last live event yielded, or
+      the flush's revision), None while unknown."""
+
+    def __init__(
+        self, client: MetaClient, key: str, key_end: str | None, filter: str, initial_flush: bool,
+        from_seq: int | None, consistency: str,
+    ) -> None:  # fmt: skip
+        if key_end is not None:
+            _key(key_end, "key_end")
+        if filter not in WATCH_FILTERS:
+            raise ValueError(f'filter must be "all", "update" or "delete", got {filter!r}')
+        if from_seq is not None:
+            if not _is_int(from_seq) or from_seq < 0:
+                raise ValueError(f"from_seq must be a non-negative int, got {from_seq!r}")
+            if initial_flush:
+                raise ValueError("from_seq and initial_flush exclude each other")
+        self._client = client
+        self._args: dict[str, Any] = {"key": key, "filter": filter, "consistency": consistency}
+        if key_end is not None:
+            self._args["key_end"] = key_end
+        self.what = f"watch {key!r}" + (f"..{key_end!r}" if key_end is not None else "")
+        # Without initial_flush or from_seq the client asks for a flush anyway and
+        # drops its values: its marker gives the revision to resume from.
+        self._user_flush = initial_flush
+        self.last_seq: int | None = from_seq
+        self.flush_seq: int | None = None
+        self.flushed = trio.Event()
+        if not initial_flush:
+            self.flushed.set()
+        self._yielded_init = False
+        self._stream: _Stream | None = None
+        self._conn: _Conn | None = None
+        self._rid = 0
+        self._flushing = False  # the current request asked for a flush
+        self._errors: dict[str, str] = {}
+        self._failing_since: float | None = None
+        self._backoff = _Backoff()
+        self._done: BaseException | None = None
+        self._closed = False
+
+    @property
+    def address(self) -> str | None:
+        """The address of the node the watch is on now."""
+        return self._conn.address if self._conn is not None and self._stream is not None else None
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._done is not None:
+            raise self._done
+        try:
+            while True:
+                if self._stream is None:
+                    await self._start()
+                stream = self._stream
+                assert stream is not None
+                if stream.items:
+                    event = self._take(stream.items.popleft())
+                    if event is not None:
+                        return event
+                elif stream.end is not None:
+                    await self._ended(stream)
+                else:
+                    stream.wakeup = trio.Event()
+                    await stream.wakeup.wait()
+        except MetaError as e:
+            self._done = e
+            await self._cancel_stream()
+            raise
+
+    async def _establish(self) -> None:
+        """Register the watch; with a flush, until its marker is in (or it failed)."""
+        try:
+            while True:
+                if self._stream is None:
+                    await self._start()
+                stream = self._stream
+                assert stream is not None
+                if not self._flushing:
+                    return
+                await stream.marker.wait()
+                if any(m.get("event") is None for m in stream.items):
+                    if not self._user_flush:  # drop the client's own flush: its revision starts
+                        while self._flushing:
+                            self._take(stream.items.popleft())
+                    return
+                await self._ended(stream)
+        except MetaError as e:
+            self._done = e
+            raise
+
+    def _take(self, msg: dict) -> WatchEvent | None:
+        """The event to yield for one message, if any; keeps the resume point."""
+        ev = msg["event"]
+        if ev is None:  # the flush marker
+            rev = msg.get("seq")
+            if not _is_int(rev):
+                raise MetaError(f"{self.what}: malformed flush marker: {msg!r}")
+            self._flushing = False
+            self.flush_seq = rev
+            if self.last_seq is None or rev > self.last_seq:
+                self.last_seq = rev
+            self._progress()
+            self.flushed.set()
+            return None
+        try:
+            key, seq = ev["key"], ev["seq"]
+            prev, current = SeqV.from_wire(ev["prev"]), SeqV.from_wire(ev["current"])
+        except (KeyError, TypeError):
+            raise MetaError(f"{self.what}: malformed event: {msg!r}") from None
+        if not isinstance(key, str) or not _is_int(seq):
+            raise MetaError(f"{self.what}: malformed event: {msg!r}")
+        if msg.get("init"):
+            if not self._user_flush:
+                return None
+            self._yielded_init = True
+            return WatchEvent(key, prev, current, seq, True)
+        if self.last_seq is not None and seq <= self.last_seq:
+            return None  # already yielded (never expected: the server resumes after from_seq)
+        self.last_seq = seq
+        self._progress()
+        return WatchEvent(key, prev, current, seq, False)
+
+    def _progress(self) -> None:
+        self._failing_since = None
+        self._errors.clear()
+        self._backoff = _Backoff()
+
+    async def _start(self) -> None:
+        """Send the watch (a resume when a revision is known) on the client's socket."""
+        client = self._client
+        if client._closed:
+            raise MetaError("the client is closed")
+        request = dict(self._args, op="watch")
+        if self.last_seq is not None:
+            request.update(initial_flush=False, from_seq=self.last_seq)
+        else:
+            request["initial_flush"] = True
+        if self._failing_since is None:
+            self._failing_since = trio.current_time()
+        deadline = self._failing_since + client._timeout
+        with trio.move_on_at(deadline):
+            while True:
+                conn = await client._connection(self._errors)
+                rid = next(client._ids)
+                request["id"] = rid
+                stream = _Stream()
+                conn.streams[rid] = stream
+                sent = False
+                try:
+                    assert conn.ws is not None
+                    await conn.ws.send_message(msgpack.packb(request, use_bin_type=True))
+                    sent = True
+                except ConnectionClosed as e:
+                    conn.streams.pop(rid, None)
+                    self._errors[conn.address] = conn.lost or _describe_close(e.reason)
+                    conn.close_requested.set()
+                    continue
+                finally:
+                    if not sent:
+                        conn.streams.pop(rid, None)
+                        conn.close_requested.set()  # a partial frame may be on the wire
+                self._stream, self._conn, self._rid = stream, conn, rid
+                self._flushing = bool(request["initial_flush"])
+                return
+        raise client._unavailable(self._errors, self.what)
+
+    async def _ended(self, stream: _Stream) -> None:
+        """The stream ended before the caller left: resume, or raise why not."""
+        assert stream.end is not None and self._conn is not None
+        kind, detail = stream.end
+        conn = self._conn
+        self._stream = None
+        if self._failing_since is None:
+            self._failing_since = trio.current_time()
+        if kind == "error":
+            exc = error_from_wire(detail, conn.address)
+            if isinstance(exc, BadRequest) and "compacted" in str(exc):
+                raise HistoryCompacted(
+                    f"{self.what}: cannot resume after revision {self.last_seq}: {exc}; the server no"
+                    " longer has the changes since then: watch again with initial_flush=True"
+                )
+            if isinstance(exc, NotLeader):
+                leader = exc.leader if isinstance(exc.leader, str) else None
+                if leader is None or leader == conn.address or not self._client._redirect(conn, leader):
+                    await self._backoff.sleep()
+            elif isinstance(exc, Unavailable):
+                # Too slow, or the node's state was replaced by a snapshot, or no leader:
+                # resume (on the same node when it still serves).
+                if self._errors.get(conn.address):
+                    await self._backoff.sleep()
+            else:
+                raise exc
+            self._errors[conn.address] = str(exc)
+        elif kind == "overflow":
+            log.warning("%s: more than %d events unread; resuming after revision %s", self.what, WATCH_BUFFER, self.last_seq)
+            await self._send_cancel(conn, self._rid)
+        else:  # lost, or ended by the server ("ok") or garbled: another socket
+            reason = detail if kind == "lost" else f"the stream ended ({kind}: {detail!r:.100})"
+            if kind != "lost":
+                conn.close_requested.set()
+            if conn.address in self._errors:
+                await self._backoff.sleep()
+            self._errors[conn.address] = str(reason)
+        if self._flushing and self._yielded_init:
+            raise Unavailable(
+                f"{self.what}: the connection to {conn.address} was lost during the initial flush"
+                f" ({self._errors.get(conn.address)}); watch again"
+            )
+        if trio.current_time() - self._failing_since > self._client._timeout:
+            raise self._client._unavailable(self._errors, self.what)
+
+    async def _send_cancel(self, conn: _Conn, rid: int) -> None:
+        conn.streams.pop(rid, None)
+        if not conn.usable and (conn.lost is not None or conn.close_requested.is_set()):
+            return
+        sent = False
+        with trio.move_on_after(1):
+            try:
+                assert conn.ws is not None
+                await conn.ws.send_message(msgpack.packb({"id": rid, "op": "cancel"}, use_bin_type=True))
+                sent = True
+            except ConnectionClosed:
+                sent = True
+        if not sent:
+            conn.close_requested.set()
+
+    async def _cancel_stream(self) -> None:
+        stream, conn = self._stream, self._conn
+        self._stream = None
+        if stream is not None and conn is not None and stream.end is None:
+            with trio.CancelScope(shield=True):
+                await self._send_cancel(conn, self._rid)
+
+    async def aclose(self) -> None:
+        """Cancel the watch on the server (when its socket is up); the iterator ends."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._cancel_stream()
+
+
 class _ConnectFailed(Exception):
     pass
 
 
-__all__ = ["Change", "MetaClient", "SeqV", "TxnReply", "encode_match_seq"]
+__all__ = ["Change", "MetaClient", "SeqV", "TxnReply", "Watch", "WatchEvent", "encode_match_seq"]

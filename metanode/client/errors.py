@@ -18,6 +18,11 @@ _BY_CODE: dict[str, type[ClientError]] = {
 }
 
 
+class HistoryCompacted(BadRequest):
+    """A watch cannot resume: the server no longer keeps the changes after its last
+    revision. Watch again with `initial_flush=True` to get the current values."""
+
+
 def error_from_wire(error: Any, address: str | None = None) -> MetaError:
     """The exception for a reply's `{"code", "message", "leader"}` (an unknown code or
     `internal` gives a plain `MetaError`); the message names the server that said it."""
@@ -41,6 +46,7 @@ def error_from_wire(error: Any, address: str | None = None) -> MetaError:
 
 __all__ = [
     "BadRequest",
+    "HistoryCompacted",
     "MetaError",
     "NotLeader",
     "Timeout",

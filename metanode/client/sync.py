@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import builtins
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import AsyncExitStack, contextmanager
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
 import trio
 
-from metanode.client.client import Change, MetaClient, SeqV, TxnReply
+from metanode.client.client import Change, MetaClient, SeqV, TxnReply, Watch, WatchEvent
 from metanode.client.errors import MetaError
 
 T = TypeVar("T")
@@ -146,5 +147,60 @@ class SyncMetaClient:
         assert self._client is not None
         return self._do(self._client.list, prefix, limit, consistency)
 
+    @contextmanager
+    def watch(
+        self,
+        key: str,
+        key_end: str | None = None,
+        filter: str = "all",
+        initial_flush: bool = False,
+        from_seq: int | None = None,
+        consistency: str = "linearizable",
+    ) -> Iterator[SyncWatch]:
+        """`with c.watch("a", key_end="b") as events: for ev in events: ...`: each
+        `next` blocks until the next `WatchEvent` (pulled through the client's loop)."""
+        assert self._client is not None
+        client = self._client
+        stack = AsyncExitStack()
 
-__all__ = ["SyncMetaClient"]
+        async def enter() -> Watch:
+            return await stack.enter_async_context(
+                client.watch(key, key_end, filter, initial_flush, from_seq, consistency)
+            )
+
+        watch = self._do(enter)
+        try:
+            yield SyncWatch(self, watch)
+        finally:
+            try:
+                self._do(stack.aclose)
+            except MetaError:
+                pass  # the client closed first: the watch ended with it
+
+
+class SyncWatch:
+    """The blocking iterator of `SyncMetaClient.watch`; `flushed` is a bool here."""
+
+    def __init__(self, client: SyncMetaClient, watch: Watch) -> None:
+        self._client = client
+        self._watch = watch
+
+    def __iter__(self) -> SyncWatch:
+        return self
+
+    def __next__(self) -> WatchEvent:
+        try:
+            return self._client._do(self._watch.__anext__)
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    @property
+    def flushed(self) -> bool:
+        return self._watch.flushed.is_set()
+
+    @property
+    def last_seq(self) -> int | None:
+        return self._watch.last_seq
+
+
+__all__ = ["SyncMetaClient", "SyncWatch"]
