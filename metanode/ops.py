@@ -4,6 +4,7 @@
     metanode kv put KEY VALUE [--match-seq N] [--ttl-ms MS]
     metanode kv delete KEY [--match-seq N]         metanode transfer-leader [--to ID]
     metanode kv list [PREFIX] [--limit N]          metanode trigger-snapshot
+    metanode kv watch KEY [--key-end E] [--filter F] [--initial-flush] [--from-seq N] [--count N]
     metanode export --raft-dir D [-o FILE]
     metanode import --raft-dir D --id N --initial-cluster ID=HOST:PORT ... [-i FILE]
 
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     delete = kvs.add_parser("delete")
     delete.add_argument("key")
     delete.add_argument("--match-seq", type=int)
+    watch = kvs.add_parser("watch", help="print changes as JSON lines until interrupted or --count")
+    watch.add_argument("key")
+    watch.add_argument("--key-end", help="watch the range [key, key-end) instead of one key")
+    watch.add_argument("--filter", choices=("all", "update", "delete"), default="all")
+    watch.add_argument("--initial-flush", action="store_true", help="print the current values first")
+    watch.add_argument("--from-seq", type=int, help="resume after this revision")
+    watch.add_argument("--count", type=int, help="stop after this many events")
     lst = kvs.add_parser("list")
     lst.add_argument("prefix", nargs="?", default="")
     lst.add_argument("--limit", type=int)
@@ -141,7 +149,8 @@ def main(argv: Sequence[str]) -> int:
     except _Usage as e:
         print(f"metanode: error: {e}", file=sys.stderr)
         return 2
-    _print(result, args.format)
+    if result is not _NOTHING:
+        _print(result, args.format)
     return 0
 
 
@@ -166,6 +175,9 @@ def _kv(args: argparse.Namespace) -> Any:
                 return _change(c.upsert(args.key, os.fsencode(args.value), match_seq=args.match_seq, ttl_ms=args.ttl_ms))
             if args.op == "delete":
                 return _change(c.delete(args.key, match_seq=args.match_seq))
+            if args.op == "watch":
+                _watch(c, args)
+                return _NOTHING
             items = c.list(args.prefix, limit=args.limit, consistency=args.consistency)
             return [dict({"key": k}, **(_seqv(v) or {})) for k, v in items]
     except MetaError as e:
@@ -173,6 +185,21 @@ def _kv(args: argparse.Namespace) -> Any:
     except (ValueError, TypeError) as e:  # a bad --addr, --timeout, --match-seq, ...
         raise _Usage(str(e)) from None
     raise AssertionError(args.op)
+
+
+_NOTHING = object()  # the command printed its own output
+
+
+def _watch(c: Any, args: argparse.Namespace) -> None:
+    seen = 0
+    with c.watch(args.key, key_end=args.key_end, filter=args.filter, initial_flush=args.initial_flush,
+                 from_seq=args.from_seq) as events:
+        for ev in events:
+            print(json.dumps({"key": ev.key, "seq": ev.seq, "init": ev.init, "prev": _seqv(ev.prev),
+                              "current": _seqv(ev.current)}, ensure_ascii=False), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                return
 
 
 def _admin(args: argparse.Namespace) -> Any:

@@ -26,7 +26,9 @@ def free_port() -> int:
 async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, object]:
     code = await trio.to_thread.run_sync(ops_main, list(argv))
     out = capsys.readouterr()
-    return code, (json.loads(out.out) if code == 0 and out.out.startswith(("{", "[", "null")) else out)
+    if code == 0 and out.out.startswith(("{", "[", "null")) and "\n{" not in out.out.strip():
+        return code, json.loads(out.out)
+    return code, out
 
 
 async def test_kv_and_admin_subcommands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -51,6 +53,8 @@ async def test_kv_and_admin_subcommands(tmp_path: Path, capsys: pytest.CaptureFi
         assert out == {"seq": 1, "data": "hello", "expire_at_ms": None}
         code, out = await run(capsys, "kv", *addr, "list", "app/")
         assert [r["key"] for r in out] == ["app/a"]  # type: ignore[union-attr]
+        code, out = await run(capsys, "kv", *addr, "watch", "app/", "--key-end", "app0", "--initial-flush", "--count", "1")
+        assert code == 0 and out["current"]["data"] == "hello" and out["init"] is True  # type: ignore[index]
         code, out = await run(capsys, "kv", *addr, "delete", "app/a")
         assert code == 0 and out["result"] is None  # type: ignore[index]
         code, out = await run(capsys, "--format", "table", "kv", *addr, "list", "")
