@@ -161,6 +161,7 @@ class Config:
     log_dir: str = "./.metanode/logs"
     admin_api_address: str = "127.0.0.1:28002"
     admin_api_token: str | None = None
+    grpc_api_token: str | None = None
     grpc_api_address: str = "127.0.0.1:9191"
     grpc_api_advertise_host: str | None = None
     admin_tls_server_cert: str | None = None
@@ -489,6 +490,13 @@ KEYS: Final[tuple[Key, ...]] = (
         _v_listen_address,
         "127.0.0.1:9191",
         "host:port of the client API (WebSocket+msgpack; the name is databend-meta's)",
+    ),
+    _k(
+        "grpc_api_token",
+        _v_optional_str,
+        "unset",
+        "token clients must present in their first request (handshake) when set",
+        secret=True,
     ),
     _k(
         "grpc_api_advertise_host",

@@ -13,6 +13,8 @@ logged and answered `internal`. On shutdown every socket is closed with code 100
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import logging
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -24,7 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from metanode import __version__
 from metanode.config import parse_address
-from metanode.errors import BadRequest, ClientError, TooLarge
+from metanode.errors import BadRequest, ClientError, TooLarge, Unauthenticated
 from metanode.inflight import InFlight
 from metanode.node.watch import WatchHub
 from metanode.sm import (
@@ -183,7 +185,8 @@ class ClientSession:
     """One WebSocket: concurrent requests, one reply each."""
 
     def __init__(
-        self, node: ClientNode, ws: WebSocketConnection, max_message_size: int, counter: InFlight
+        self, node: ClientNode, ws: WebSocketConnection, max_message_size: int, counter: InFlight,
+        token: str | None = None,
     ) -> None:
         self.node = node
         self.ws = ws
@@ -191,6 +194,8 @@ class ClientSession:
         self.in_flight = trio.Semaphore(MAX_IN_FLIGHT)
         self.counter = counter
         self.watches: dict[int, trio.CancelScope] = {}
+        self.token = token
+        self.authenticated = token is None
         self.ops: dict[str, Callable[[dict], Any]] = {
             "handshake": self.op_handshake,
             "upsert": self.op_upsert,
@@ -246,6 +251,13 @@ class ClientSession:
             if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
                 raise BadRequest("a request needs a non-negative integer 'id'")
             name = req.get("op")
+            if not self.authenticated:
+                self._authenticate(name, req)
+                if name == "handshake":
+                    result = await self.op_handshake(req)
+                    reply: dict = {"id": rid, "ok": result}
+                    await self._send(reply)
+                    return
             if name == "cancel":
                 self._cancel(rid)
                 return  # the watch's stream ends with its own reply
@@ -256,7 +268,13 @@ class ClientSession:
                 result = await self._watch(rid, req)
             else:
                 result = await op(req)
-            reply: dict = {"id": rid, "ok": result}
+            reply = {"id": rid, "ok": result}
+        except Unauthenticated as e:
+            # SPEC §5: anything but a valid handshake first gets this and the socket closes.
+            with contextlib.suppress(ConnectionClosed):
+                await self._send({"id": rid, "error": self._error(e)})
+                await self.ws.aclose(1008, "unauthenticated")
+            return
         except ClientError as e:
             reply = {"id": rid, "error": self._error(e)}
         except Exception:
@@ -266,6 +284,19 @@ class ClientSession:
             await self.ws.send_message(msgpack.packb(reply, use_bin_type=True))
         except ConnectionClosed:
             pass
+
+    def _authenticate(self, name: Any, req: dict) -> None:
+        token = self.token
+        if token is None:
+            self.authenticated = True
+            return
+        given = req.get("token") if name == "handshake" else None
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+            raise Unauthenticated(
+                "the first request must be a handshake with a valid token"
+                if name != "handshake" else "invalid token"
+            )
+        self.authenticated = True
 
     def _cancel(self, rid: int) -> None:
         scope = self.watches.get(rid)
@@ -401,6 +432,7 @@ async def serve_client_api(
     max_message_size: int,
     shutdown: trio.Event,
     closed: trio.Event | None = None,
+    token: str | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the client API on `address` until `shutdown` is set; then let requests in
@@ -418,7 +450,7 @@ async def serve_client_api(
         ws = await request.accept()
         sockets.add(ws)
         try:
-            await ClientSession(node, ws, max_message_size, counter).run()
+            await ClientSession(node, ws, max_message_size, counter, token).run()
         finally:
             sockets.discard(ws)
 

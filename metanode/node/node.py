@@ -943,7 +943,7 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
                             partial(
                                 serve_client_api, node, config.grpc_api_address,
                                 max_message_size=config.grpc_api_max_message_size, shutdown=node.stopping,
-                                closed=client_api_closed,
+                                closed=client_api_closed, token=config.grpc_api_token,
                             )
                         )
                     except OSError as e:

@@ -350,3 +350,36 @@ async def test_a_follower_reuses_its_connection_to_the_leader(tmp_path: Path) ->
                 assert "ok" in await ask(ws, id=i, op="upsert", key=f"k{i}", value=b"v")
                 assert "ok" in await ask(ws, id=100 + i, op="get", key=f"k{i}")
             assert n2.calls_to_leader.connects - before <= 1
+
+
+async def test_with_a_token_the_first_request_must_be_a_valid_handshake(tmp_path: Path) -> None:
+    from trio_websocket import ConnectionClosed
+
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single", "--grpc-api-token", "s3cret") as n1:
+        await until(lambda: n1.core.is_leader)
+        async with c.socket(1) as ws:
+            r = await ask(ws, id=1, op="get", key="k")
+            assert r["error"]["code"] == "unauthenticated"
+            with trio.fail_after(5), pytest.raises(ConnectionClosed):
+                await ws.get_message()
+        async with c.socket(1) as ws:
+            r = await ask(ws, id=1, op="handshake", token="wrong")
+            assert r["error"]["code"] == "unauthenticated"
+        async with c.socket(1) as ws:
+            assert (await ask(ws, id=1, op="handshake", token="s3cret"))["ok"]["server"] == "metanode"
+            assert "ok" in await ask(ws, id=2, op="upsert", key="k", value=b"v")
+    assert n1.config.redacted()["grpc_api_token"] == "***"
+
+
+async def test_the_python_client_sends_its_token(tmp_path: Path) -> None:
+    from metanode.client import MetaClient, Unauthenticated
+
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single", "--grpc-api-token", "s3cret") as n1:
+        await until(lambda: n1.core.is_leader)
+        async with MetaClient.connect([f"127.0.0.1:{c.grpc[1]}"], token="s3cret", timeout=5) as client:
+            assert (await client.upsert("k", b"v")).result is not None
+        with pytest.raises(Unauthenticated):
+            async with MetaClient.connect([f"127.0.0.1:{c.grpc[1]}"], token="nope", timeout=5) as client:
+                await client.get("k")

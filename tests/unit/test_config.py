@@ -154,6 +154,7 @@ FLAG_EXAMPLES: dict[str, tuple[list[str], object]] = {
     "log_dir": (["/l"], "/l"),
     "admin_api_address": (["0.0.0.0:1"], "0.0.0.0:1"),
     "admin_api_token": (["t0k"], "t0k"),
+    "grpc_api_token": (["c1ient"], "c1ient"),
     "grpc_api_address": (["[::1]:0"], "[::1]:0"),
     "grpc_api_advertise_host": (["meta1"], "meta1"),
     "admin_tls_server_cert": (["a.crt"], "a.crt"),
