@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -17,15 +16,6 @@ from metanode.transport import Identity, call
 from tests.integration.harness import LocalCluster, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def start_three(c: LocalCluster) -> None:

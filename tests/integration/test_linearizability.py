@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -26,15 +24,6 @@ pytestmark = pytest.mark.integration
 KEYS = ("a", "b", "c")
 DURATION_S = 22.0
 CLIENTS = 4
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def sv(v: object) -> tuple[int, bytes] | None:

@@ -7,7 +7,6 @@ Real sockets, so the real clock; every test is bounded by `trio.fail_after`.
 
 from __future__ import annotations
 
-import socket
 import threading
 from builtins import list as builtins_list
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ from metanode.client.client import encode_match_seq, split_address
 from metanode.client.errors import error_from_wire
 from metanode.config import load_config
 from metanode.node.node import Node, open_node
+from tests.net import free_port, until
 
 pytestmark = pytest.mark.runtime
 
@@ -148,12 +148,6 @@ async def test_arguments_are_checked_before_anything_is_sent() -> None:
 
 
 # ---------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """Nodes in-process, each in its own task so any one can be stopped."""
 
@@ -214,12 +208,6 @@ async def cluster(tmp: Path) -> AsyncIterator[Cluster]:
         finally:
             for i in list(c.nodes):
                 await c.stop(i)
-
-
-async def until(pred: Callable[[], bool], timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.01)  # state of in-process nodes: polled, bounded
 
 
 async def three_nodes(c: Cluster) -> None:

@@ -3,7 +3,6 @@ raw WebSocket + msgpack against real nodes in-process on loopback."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,14 +15,9 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from metanode.config import load_config
 from metanode.node.node import Node, open_node
+from tests.net import free_port, until
 
 pytestmark = pytest.mark.runtime
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -62,12 +56,6 @@ class Cluster:
 async def ask(ws: WebSocketConnection, **req: Any) -> dict:
     await ws.send_message(msgpack.packb(req, use_bin_type=True))
     return msgpack.unpackb(await ws.get_message(), raw=False)
-
-
-async def until(pred, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.01)
 
 
 async def test_every_op_on_a_single_node(tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ from metanode.client import (
     WatchEvent,
 )
 from metanode.client.client import _Stream
-from tests.runtime.test_client import cluster, fakes, reply, three_nodes, until
+from tests.net import until
+from tests.runtime.test_client import cluster, fakes, reply, three_nodes
 
 pytestmark = pytest.mark.runtime
 
@@ -346,16 +347,21 @@ async def test_a_watch_on_the_leader_resumes_across_a_leader_change(tmp_path: Pa
                             written.append(value)
 
                     got: list[bytes] = []
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(write)
+
+                    async def read() -> None:
                         async for ev in events:
                             assert ev.current is not None
                             got.append(ev.current.data)
                             if len(got) == 10:
                                 await c.stop(leader)
                                 leader_gone.set()
-                            if set(written) <= set(got) and len(written) == 40:
-                                break
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(read)
+                        await write()
+                        # An event can arrive before its write's reply: wait for all.
+                        await until(lambda: set(written) <= set(got), "every write watched")
+                        nursery.cancel_scope.cancel()
                     assert events.address != c.address(leader)
                 # Every acknowledged write arrives once, in order; an unknown-outcome
                 # write may appear too (it was applied), but nothing twice.

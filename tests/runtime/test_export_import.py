@@ -11,7 +11,8 @@ import trio
 from metanode import ops
 from metanode.node.node import open_node
 from metanode.sm import Upsert
-from tests.runtime.test_node import Ports, config, until
+from tests.net import until
+from tests.runtime.test_node import Ports, config
 
 pytestmark = pytest.mark.runtime
 

@@ -6,7 +6,6 @@ state directly. Real sockets, so the real clock (STACK.md: no autojump with I/O)
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -20,14 +19,9 @@ from metanode.node import rpc
 from metanode.node.leave import _leave
 from metanode.node.node import JoinFailed, Node, open_node
 from metanode.sm import Upsert
+from tests.net import free_port, until
 
 pytestmark = pytest.mark.runtime
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Ports:
@@ -53,12 +47,6 @@ def config(tmp: Path, ports: Ports, i: int, *extra: str) -> Config:
 async def node(tmp: Path, ports: Ports, i: int, *extra: str) -> AsyncIterator[Node]:
     async with open_node(config(tmp, ports, i, *extra), admin=False, client_api=False) as n:
         yield n
-
-
-async def until(pred, what: str, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.01)  # state of several nodes: polled, bounded
 
 
 async def test_a_single_node_bootstraps_and_publishes_its_record(tmp_path: Path) -> None:

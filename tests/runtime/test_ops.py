@@ -4,7 +4,6 @@ a real node in-process; the command runs in a worker thread like a separate prog
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,9 @@ import trio
 from metanode.config import load_config
 from metanode.node.node import open_node
 from metanode.ops import main as ops_main
+from tests.net import free_port
 
 pytestmark = pytest.mark.runtime
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, object]:

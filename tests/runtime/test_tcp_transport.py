@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -35,6 +34,7 @@ from metanode.transport import (
 )
 from metanode.transport.frames import ErrorInfo
 from metanode.wire import PROTOCOL_VERSION, FrameDecoder, encode_frame, pack
+from tests.net import free_port
 
 pytestmark = pytest.mark.runtime
 
@@ -151,13 +151,6 @@ def assert_no_message(server: Server) -> None:
 
 async def assert_server_works(server: Server) -> None:
     assert await call(server.address, ident(0, None), "ping", b"x", timeout=LIMIT) == b"ping:x"
-
-
-def free_port() -> int:
-    """A port nobody listens on (bound then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ raft messages
