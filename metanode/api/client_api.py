@@ -27,7 +27,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from metanode import __version__
 from metanode.config import parse_address
 from metanode.errors import BadRequest, ClientError, TooLarge, Unauthenticated
-from metanode.inflight import InFlight
+from metanode.trio_util import InFlight
 from metanode.node.watch import WatchHub
 from metanode.sm import (
     Change,

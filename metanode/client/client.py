@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any
 
 import attrs
 import msgpack
@@ -54,6 +54,7 @@ from metanode.client.errors import (
     Unavailable,
     error_from_wire,
 )
+from metanode.trio_util import single_errors
 
 log = logging.getLogger("metanode.client")
 
@@ -237,15 +238,6 @@ async def _wait_any(*events: trio.Event) -> None:
             nursery.start_soon(wait)
 
 
-def _raise_unwrapped(exc: BaseException) -> NoReturn:
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context
-
-
 # ---------------------------------------------------------------------- one socket
 class _Waiter:
     __slots__ = ("done", "lost", "reply")
@@ -324,20 +316,15 @@ class MetaClient:
     ) -> AsyncIterator[MetaClient]:
         """Connect to the first of `addresses` that answers (each `host:port` of a
         node's `grpc_api_address`); `timeout` bounds the connect and every request."""
-        try:
-            async with trio.open_nursery() as nursery:
-                client = cls(nursery, addresses, token, timeout)
-                try:
-                    await client._connect_first()
-                    yield client
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await client.aclose()
-        except BaseExceptionGroup as eg:
-            # The background tasks never raise: a group holds the body's own error.
-            if len(eg.exceptions) == 1:
-                _raise_unwrapped(eg.exceptions[0])
-            raise
+        # The background tasks never raise: a group holds the body's own error.
+        async with single_errors(), trio.open_nursery() as nursery:
+            client = cls(nursery, addresses, token, timeout)
+            try:
+                await client._connect_first()
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
 
     @property
     def address(self) -> str | None:

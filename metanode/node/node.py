@@ -41,7 +41,7 @@ from metanode.errors import (
     TransportError,
     Unavailable,
 )
-from metanode.inflight import InFlight
+from metanode.trio_util import InFlight, single_errors
 from metanode.node import rpc
 from metanode.node.watch import WatchHub
 from metanode.raft import (
@@ -973,21 +973,6 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
             if node is not None:
                 await node.calls_to_leader.aclose()
             await trio.to_thread.run_sync(storage.close)
-
-
-@asynccontextmanager
-async def single_errors() -> AsyncIterator[None]:
-    """Let one error out of the node's nursery as itself, not as a one-member group
-    (callers catch ConfigError, JoinFailed, FatalError)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if exc is group:
-            raise
-        raise exc from None
 
 
 async def _serve_raft_port(node: Node, host: str, port: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

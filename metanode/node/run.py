@@ -14,7 +14,8 @@ import trio
 
 from metanode.config import Config
 from metanode.errors import ConfigError, FatalError
-from metanode.node.node import JoinFailed, open_node, single_errors
+from metanode.node.node import JoinFailed, open_node
+from metanode.trio_util import single_errors
 
 log = logging.getLogger("metanode.node")
 
