@@ -54,6 +54,9 @@ from metanode.raft.types import (
 
 log = logging.getLogger("metanode.raft")
 
+_REQUESTS = (VoteRequest, AppendRequest, Heartbeat, SnapshotRequest, TimeoutNow)
+_RESPONSES = (VoteResponse, AppendResponse, HeartbeatResponse, SnapshotResponse)
+
 # How long a leader keeps informing a removed peer that has not confirmed it knows.
 RETIRE_TIMEOUT_ELECTIONS = 100
 
@@ -159,6 +162,12 @@ class RaftCore:
                 purged, entries = last, []
         applied = snap.meta.last_log_id.index if snap else 0
         self.log = RaftLog(purged, entries, max(hs.commit, applied), applied)
+        if hs.commit > self.log.last_index:
+            log.warning(
+                "%d lost acknowledged entries: committed %d but the log ends at %d"
+                " (the disk did not keep what it acknowledged; Raft assumes it does)",
+                self.id, hs.commit, self.log.last_index,
+            )
         self.log.snapshot = snap
         # Membership configs in the log (§4.1: the latest one is in effect once
         # appended). The first element is the base: the membership as of the
@@ -169,6 +178,16 @@ class RaftCore:
             if e.kind == EntryKind.MEMBERSHIP and e.index > base[0]:
                 assert e.membership is not None
                 self._configs.append((e.index, e.membership))
+        self._member_ids = self._configs_ids()
+        # Besides the members of its log, a node accepts the ids a member named for it
+        # (`trust`): a join reply, or a member's answer about senders it dropped.
+        self._trusted: frozenset[int] = frozenset()
+        # Peers we sent a request to in the current term: only their answers may raise
+        # our term (a response nobody asked for is somebody's forgery or garbage).
+        self._asked: set[int] = set()
+        self.dropped_messages = 0  # from non-members, or unasked responses (a counter)
+        self.strangers: set[int] = set()  # senders dropped as non-members, to ask about
+        self._loss_warned_at = -1  # the leader's count past our log we warned about
         self.role = Role.FOLLOWER
         self.leader: int | None = None
         self.progress: dict[int, Progress] = {}
@@ -212,6 +231,31 @@ class RaftCore:
             if idx <= index:
                 return m
         return self._configs[0][1]
+
+    def _configs_ids(self) -> frozenset[int]:
+        return frozenset(i for _, m in self._configs for i in m.node_ids)
+
+    def is_known_peer(self, node_id: int) -> bool:
+        """A member of any configuration in our log (the snapshot's included), a peer
+        the leader still tracks (a removed node being told), or one a member vouched
+        for (`trust`)."""
+        return node_id in self._member_ids or node_id in self.progress or node_id in self._trusted
+
+    def trust(self, node_ids: Iterable[int]) -> None:
+        """Members named by a member of the cluster: a join reply (a node being added
+        holds no membership until the leader's first append), or the answer of a member
+        we asked about the senders we dropped (`strangers`: our log may be too old to
+        know a newer leader). Replaces what was trusted before."""
+        self._trusted = frozenset(node_ids) - {self.id}
+        self.strangers.difference_update(self._trusted)
+
+    def peer_reconnected(self, peer: int) -> None:
+        """The peer dialed us again (a new hello): it may have restarted with a log
+        shorter than it acknowledged, so probe it again from its match (§3.5)."""
+        pr = self.progress.get(peer)
+        if self.role is Role.LEADER and pr is not None and pr.state is not ProgressState.SNAPSHOT:
+            pr.become_probe(pr.match + 1)
+            self._send_append(peer, pr)
 
     @property
     def is_leader(self) -> bool:
@@ -270,6 +314,7 @@ class RaftCore:
         if term != self.term:
             self.term = term
             self.vote = None
+            self._asked.clear()
         self.leader = None
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
@@ -506,12 +551,19 @@ class RaftCore:
             self.log.purge(upto)
             keep = [c for c in self._configs if c[0] > upto]
             self._configs = [(upto, self.membership_at(upto))] + keep
+            self._member_ids = self._configs_ids()
 
     # ------------------------------------------------------------------ messages
     def step(self, msg: Message) -> None:
         """Handle a message from a peer. Nonsense from peers is logged and dropped."""
         problem = self._malformed(msg)
+        if problem is None and not self.is_known_peer(msg.src):
+            problem = f"{msg.src} is not a member"
+            self.strangers.add(msg.src)
+        if problem is None and msg.term > self.term and isinstance(msg, _RESPONSES) and msg.src not in self._asked:
+            problem = f"a response from a newer term to nothing we asked {msg.src} in term {self.term}"
         if problem is not None:
+            self.dropped_messages += 1
             log.warning("%d dropped %s: %s", self.id, msg, problem)
             return
         if msg.term > self.term:
@@ -596,6 +648,13 @@ class RaftCore:
         """§3.6.1 voting rule; a learner votes too (it may be a voter in a config it has
         not seen yet, §4.1)."""
         up_to_date = self.log.is_up_to_date(msg.last_log_id)
+        if not self._holds_membership_with_self():
+            # A node that does not know it is a member (a wiped disk, a node being
+            # added before its first append) must not vote: its empty log would make
+            # any candidate look up to date and lose committed entries.
+            log.info("%d rejected %s: not a member of any configuration it holds", self.id, msg)
+            self._send(VoteResponse(self.term, self.id, msg.src, False, pre_vote=msg.pre_vote))
+            return
         if msg.pre_vote:
             can_vote = msg.term > self.term or (
                 self.vote in (None, msg.src) and self.leader is None
@@ -609,6 +668,9 @@ class RaftCore:
             self._election_elapsed = 0
         log.info("%d %s %s", self.id, "granted" if granted else "rejected", msg)
         self._send(VoteResponse(term, self.id, msg.src, granted, pre_vote=msg.pre_vote))
+
+    def _holds_membership_with_self(self) -> bool:
+        return self.id in self.membership.node_ids or self.id in self.committed_membership.node_ids
 
     def _handle_vote_response(self, msg: VoteResponse) -> None:
         if msg.pre_vote != (self.role is Role.PRE_CANDIDATE):
@@ -656,6 +718,18 @@ class RaftCore:
         )
 
     def _handle_heartbeat(self, msg: Heartbeat) -> None:
+        if msg.commit > self.log.last_index:
+            # A heartbeat's commit is capped at what the leader believes we matched:
+            # we lost entries we acknowledged. Say so, and reject that index as an
+            # append would, so that the leader stops counting them and sends them again.
+            if msg.commit != self._loss_warned_at:
+                self._loss_warned_at = msg.commit
+                log.warning(
+                    "%d lost acknowledged entries: leader %d counts us up to %d but our log ends at %d"
+                    " (the disk did not keep what it acknowledged); catching up from the leader",
+                    self.id, msg.src, msg.commit, self.log.last_index,
+                )
+            self._send(self._reject(msg.src, msg.commit))
         commit = min(msg.commit, self.log.last_index)
         if commit > self.log.commit:
             self._commit_to(commit)
@@ -685,6 +759,7 @@ class RaftCore:
         log.info("%d installs snapshot %s from %d", self.id, last, msg.src)
         self.log.restore(snapshot)
         self._configs = [(last.index, meta.membership)]
+        self._member_ids = self._configs_ids()
         self._snapshot_to_install = snapshot
         self._send(SnapshotResponse(self.term, self.id, msg.src, last, len(snapshot.data), done=True))
 
@@ -730,8 +805,9 @@ class RaftCore:
                     self._send(TimeoutNow(self.term, self.id, peer))
             self._send_append(peer, pr)
             return
-        # Rejected: ignore stale answers, else back off (§3.5, by term).
-        if msg.index <= pr.match or pr.state is ProgressState.SNAPSHOT:
+        # Rejected: ignore answers to appends sent before the match was known, else
+        # back off (§3.5, by term).
+        if msg.index < pr.match or pr.state is ProgressState.SNAPSHOT:
             return
         if pr.state is ProgressState.PROBE and msg.index != pr.next - 1:
             return
@@ -741,6 +817,16 @@ class RaftCore:
         else:
             nxt = msg.hint_index
         nxt = max(1, min(nxt, msg.index))
+        if nxt <= pr.match:
+            # It no longer holds entries it acknowledged (a disk that lost its tail; or
+            # an old answer, which costs one probe): never count them again. Its log
+            # is a prefix of what it acknowledged, so a plain short-log hint is still
+            # matched up to its end; a term conflict below the match trusts nothing.
+            log.warning(
+                "%d: follower %d no longer holds entries it acknowledged (match %d, it rejects %d,"
+                " hint %d-%d): probing it again", self.id, peer, pr.match, msg.index, msg.hint_term, msg.hint_index,
+            )
+            pr.match = nxt - 1 if msg.hint_term == 0 else 0
         pr.become_probe(nxt)
         self._send_append(peer, pr)
 
@@ -883,20 +969,25 @@ class RaftCore:
         # Configs of a truncated suffix go with it (§4.1: a server uses the latest
         # configuration in its log, committed or not).
         first = entries[0].index
+        changed = False
         while len(self._configs) > 1 and self._configs[-1][0] >= first:
             self._configs.pop()
-        changed = False
+            changed = True
         for e in entries:
             if e.kind == EntryKind.MEMBERSHIP:
                 assert e.membership is not None
                 self._configs.append((e.index, e.membership))
                 changed = True
+        if changed:
+            self._member_ids = self._configs_ids()
         if self.role is Role.LEADER:
             if changed:
                 self._sync_progress()
             self._need_broadcast = True
 
     def _send(self, msg: Message) -> None:
+        if isinstance(msg, _REQUESTS):
+            self._asked.add(msg.dst)
         self._msgs.append(msg)
 
     # ------------------------------------------------------------------ Ready

@@ -107,6 +107,7 @@ class SimNode:
         self.was_member = False
         self.disk_slow_ms = 0  # upper bound of a random per-Ready disk latency
         self.clock_rate = 1.0
+        self.trusted: frozenset[int] = frozenset()  # the members its join reply named
         self.core: RaftCore
         self.sm: KVStateMachine
         self.pending_ready: Ready | None = None
@@ -122,10 +123,12 @@ class SimNode:
     def start(self) -> None:
         c = self.cluster
         self.life += 1
+        self.ticks = 0
         self.up = True
         self.pending_ready = None
         state = self.disk.persisted()
         self.core = RaftCore(c.raft_config(self.id), state, random.Random(c.rng.random()))
+        self.core.trust(self.trusted)
         self.sm = KVStateMachine.restore(state.snapshot.data) if state.snapshot else KVStateMachine()
         self.last_seq = self.sm.last_seq
         self.applied = state.snapshot.meta.last_log_id.index if state.snapshot else 0
@@ -155,7 +158,26 @@ class SimNode:
         if self.pending_ready is not None:
             return  # busy in fsync: this tick is late, like a real ticker's
         self.core.tick()
+        self.ticks += 1
+        if self.core.strangers and self.ticks % 10 == 0:
+            self._ask_about_strangers()
         self.pump()
+
+    def _ask_about_strangers(self) -> None:
+        """Ask a member of our log which ids are members now (the daemon's `members`
+        call): our log may predate a newer leader whose messages we drop."""
+        c = self.cluster
+        known = [n for n in c.nodes.values() if n.up and n.id != self.id and self.core.is_known_peer(n.id)
+                 and (n.id, self.id) not in c.cut and (self.id, n.id) not in c.cut]
+        if not known:
+            return
+        voucher = c.rng.choice(known)
+        ids = voucher.core.membership.node_ids | voucher.core.committed_membership.node_ids
+        c.schedule(c.rng.randint(*c.delay), self._trust, self.life, ids)
+
+    def _trust(self, life: int, ids: frozenset[int]) -> None:
+        if self.up and life == self.life:
+            self.core.trust(ids)
 
     def deliver(self, msg: Message) -> None:
         if not self.up:
@@ -346,6 +368,7 @@ class Cluster:
 
     def add_node(self, node_id: int, disk: Disk | None = None) -> SimNode:
         node = SimNode(self, node_id, disk or Disk())
+        node.trusted = frozenset(self.nodes)  # a join reply names the members
         self.nodes[node_id] = node
         node.start()
         return node

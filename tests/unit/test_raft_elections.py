@@ -139,10 +139,10 @@ def test_a_voter_rejects_a_candidate_whose_log_is_less_up_to_date():
     for last, granted in cases:
         core = new_core(2, state=ours)
         drain(core)
-        core.step(VoteRequest(3, 5, 2, last))
-        vote = 5 if granted else None
+        core.step(VoteRequest(3, 3, 2, last))
+        vote = 3 if granted else None
         answer = "yes" if granted else "no"
-        assert view(take(core)) == {"hs": (3, vote, 1), "msgs": [f"2->5 vote_resp t3 {answer}"]}, last
+        assert view(take(core)) == {"hs": (3, vote, 1), "msgs": [f"2->3 vote_resp t3 {answer}"]}, last
 
 
 def test_a_server_seeing_a_higher_term_adopts_it_and_becomes_follower():

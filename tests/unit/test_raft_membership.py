@@ -26,9 +26,12 @@ from tests.unit.raft_helpers import (
 
 
 def with_new_nodes(net: Net, *ids: int) -> Net:
-    """Add empty nodes (no log, no membership), as a joining server starts."""
+    """Add empty nodes (no log, no membership), as a joining server starts: they trust
+    the members their join reply named."""
     for i in ids:
-        net.add(i, new_core(i, state=PersistedState()))
+        core = new_core(i, state=PersistedState())
+        core.trust(net.cores)
+        net.add(i, core)
     return net
 
 
@@ -121,7 +124,7 @@ def test_joint_consensus_needs_a_majority_of_both_configurations():
 def test_joint_consensus_elections_need_a_majority_of_both_configurations():
     """§4.3: while joint, a candidate needs votes from a majority of C_old and of C_new."""
     joint = state_with([conf(2, 2, (1, 2, 3), (1, 4, 5))], term=2, commit=1)
-    n = with_new_nodes(Net(states={i: joint for i in (1, 2, 3)}), 4, 5)
+    n = Net((1, 2, 3, 4, 5), states={i: joint for i in (1, 2, 3, 4, 5)})
     c1 = n[1]
     for _ in range(2 * ELECTION):
         c1.tick()

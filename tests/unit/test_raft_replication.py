@@ -222,10 +222,16 @@ def test_a_heartbeat_carries_at_most_the_followers_match_as_commit():
 
 
 def test_a_follower_commits_no_further_than_its_own_log():
-    """§3.5: commitIndex = min(leaderCommit, index of last new entry)."""
+    """§3.5: commitIndex = min(leaderCommit, index of last new entry). (A heartbeat's
+    commit is capped at the follower's match, so one past our log also says we lost
+    entries we acknowledged: the follower rejects that index too.)"""
     core = follower(entry(2, 2))
     core.step(Heartbeat(2, 1, 2, 9))
-    assert view(take(core)) == {"hs": (2, None, 2), "msgs": ["2->1 hb_resp t2 ctx0 c2"], "committed": ["2-2:1B"]}
+    assert view(take(core)) == {
+        "hs": (2, None, 2),
+        "msgs": ["2->1 append_resp t2 reject 9 hint=0-3", "2->1 hb_resp t2 ctx0 c2"],
+        "committed": ["2-2:1B"],
+    }
     core.step(AppendRequest(2, 1, 2, LogId(1, 1), (entry(2, 2),), 9))
     assert core.commit_index == 2
 
@@ -318,11 +324,80 @@ def test_stale_responses_are_ignored():
     )
 
 
-def test_a_rejection_of_the_matched_index_is_stale():
-    """§3.5: once a follower acknowledged index i in this term its log keeps matching
-    up to i, so a rejection of prev index i can only be an old answer overtaken by the
-    acknowledgement: the leader keeps replicating instead of probing again."""
-    assert_ignored_by_a_replicating_leader(AppendResponse(2, 2, 1, False, 3, 2, 3))
+def test_a_rejection_of_the_matched_index_lowers_the_match_and_probes_again():
+    """§3.5 assumes disks keep what they acknowledged. A rejection of the matched index
+    means the follower no longer holds it (a lost disk tail) or is an old answer: the
+    leader must not count the entry for it any more, so it probes from there (an old
+    answer costs one probe; counting an entry the follower lost could commit it on a
+    minority)."""
+    n = leader_net()
+    c1 = n[1]
+    c1.propose(b"a")
+    n.stabilize()
+    pr = c1.progress[2]
+    assert (pr.state, pr.match) == (ProgressState.REPLICATE, 3)
+    c1.step(AppendResponse(2, 2, 1, False, 3, 0, 3))  # "my log ends at 2"
+    assert (pr.state, pr.match, pr.next) == (ProgressState.PROBE, 2, 3)
+    assert n.flush(1) == ["1->2 append t2 prev=2-2 [3..3] c3"]
+    n.stabilize()
+    assert (pr.state, pr.match) == (ProgressState.REPLICATE, 3)
+
+
+def test_a_term_conflict_below_the_match_trusts_nothing_of_the_follower():
+    """A follower that answers with a term conflict at or below what it acknowledged
+    has a log unlike the one it acknowledged: its match drops to 0 until a probe finds
+    the real one."""
+    n = leader_net()
+    c1 = n[1]
+    c1.propose(b"a")
+    n.stabilize()
+    c1.step(AppendResponse(2, 2, 1, False, 3, 1, 2))
+    pr = c1.progress[2]
+    assert pr.state is ProgressState.PROBE and pr.match == 0
+
+
+def test_a_follower_whose_log_came_back_shorter_catches_up_on_a_quiet_cluster():
+    """A follower restarts with its last acknowledged entries gone (a cut WAL tail).
+    With no new writes, the leader's heartbeats find it lagging, the probe of the match
+    is rejected, the match drops to the follower's real end and the entries are sent
+    again; the follower says it lost acknowledged entries."""
+    n = leader_net()
+    c1 = n[1]
+    for data in (b"a", b"b", b"c"):
+        c1.propose(data)
+    n.stabilize()
+    n.heartbeat(1)
+    assert c1.progress[3].match == 5 and n[3].log.last_index == 5
+    # Node 3 restarts with the log up to 3 (entries 4 and 5 lost), commit 3.
+    kept = [n[3].log.entry(i) for i in (2, 3)]
+    n.add(3, new_core(3, state=state_with(kept, term=2, commit=3)))
+    drain(n[3])
+    for _ in range(4):  # heartbeat rounds: no writes
+        n.heartbeat(1)
+    assert n[3].log.last_log_id == c1.log.last_log_id
+    assert c1.progress[3].match == 5 and n[3].commit_index == 5
+
+
+def test_a_reconnected_follower_is_probed_from_its_match():
+    """A new hello from a peer (it may have restarted) makes the leader probe it again
+    at once rather than wait for stalled heartbeats."""
+    n = leader_net()
+    c1 = n[1]
+    c1.peer_reconnected(3)
+    assert c1.progress[3].state is ProgressState.PROBE
+    assert n.flush(1) == ["1->3 append t2 prev=2-2 [] c2"]
+    c1.peer_reconnected(99)  # unknown peers: nothing
+    n[2].peer_reconnected(3)  # a follower: nothing
+    assert not n[2].has_ready()
+
+
+def test_a_follower_warns_when_the_leader_counts_entries_it_no_longer_has(caplog):
+    """Raft assumes disks keep what they acknowledged; a heartbeat whose commit (capped
+    at what the leader believes we matched) is past our log shows they did not."""
+    core = follower(entry(2, 2))
+    core.step(Heartbeat(2, 1, 2, 5, 0))
+    assert "2 lost acknowledged entries: leader 1 counts us up to 5 but our log ends at 2" in caplog.text
+    assert core.commit_index == 2
 
 
 def test_a_lost_probe_is_resent_on_a_heartbeat_response():
