@@ -43,9 +43,22 @@ from metanode.errors import (
 )
 from metanode.trio_util import InFlight, single_errors
 from metanode.node import rpc
+from metanode.node.driver import NodeDriver
+from metanode.node.events import (
+    ChangeMembership,
+    Compact,
+    Event,
+    PeerConnected,
+    Propose,
+    ReadIndex,
+    Receive,
+    Reply,
+    Tick,
+    TransferLeader,
+    Trust,
+)
 from metanode.node.watch import WatchHub
 from metanode.raft import (
-    EntryKind,
     LogId,
     Membership,
     Message,
@@ -54,11 +67,11 @@ from metanode.raft import (
     Ready,
     Role,
     Snapshot,
-    SnapshotMeta,
     bootstrap_state,
 )
-from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode, Tick, TxnReply
-from metanode.sm.codec import DecodeError, decode_command, encode_command
+from metanode.sm import ApplyError, Change, Command, Endpoint, KVStateMachine, NodeRecord, RemoveNode, SetNode, TxnReply
+from metanode.sm import Tick as ExpiryTick
+from metanode.sm.codec import DecodeError, encode_command
 from metanode.storage import NodeMeta, RaftStorage
 from metanode.transport import CallPool, ConnectFailed, Identity, PeerLink, call, serve_raft
 
@@ -68,6 +81,7 @@ HEARTBEAT_TICKS = 5  # ticks per heartbeat interval: a tick is heartbeat_interva
 JOIN_TRIES = 3
 JOIN_RETRY_S = 1.0
 INBOX_SIZE = 10_000
+APPLY_QUEUE = 64  # Readys handed to the apply loop; the raft loop waits beyond that
 
 
 SHUTDOWN_GRACE_S = 2.0
@@ -141,25 +155,18 @@ class Node:
             snapshot_chunk_size=rc.snapshot_chunk_size,
             snapshot_timeout_ticks=max(1, math.ceil(rc.install_snapshot_timeout / 1000 / self.tick_s)),
         )
-        self.core: RaftCore  # set in _start
-        self.sm = KVStateMachine()
+        self.driver: NodeDriver  # set in _start_core
         self.watch_hub = WatchHub(0)
-        self._inbox_send, self._inbox_recv = trio.open_memory_channel[Any](INBOX_SIZE)
-        self._apply_send, self._apply_recv = trio.open_memory_channel[_Applied](math.inf)
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[Event](INBOX_SIZE)
+        self._apply_send, self._apply_recv = trio.open_memory_channel[_Applied](APPLY_QUEUE)
         self._links: dict[int, PeerLink] = {}
         self._addresses: dict[int, str] = {}  # raft addresses of peers we learned of
         self._nursery: trio.Nursery | None = None
-        self._write_waiters: dict[int, tuple[int, _Waiter]] = {}  # index -> (term, waiter)
-        self._read_waiters: dict[int, _Waiter] = {}
-        self._reads_ready: list[tuple[int, _Waiter]] = []
-        self._read_ids = itertools.count(1)
+        self._req_ids = itertools.count(1)
+        self._pending: dict[int, _Waiter] = {}  # req_id -> the task waiting for its Reply
         self._watchers: list[tuple[Callable[[], bool], trio.Event]] = []
-        self.applied = LogId(0, 0)
-        self.applied_membership = Membership(())
-        self._was_member = False
         self.removed = trio.Event()
         self.stopping = trio.Event()
-        self._last_snapshot_index = 0
         self._snapshot_lock = trio.Lock()
         self._membership_lock = trio.Lock()
         self.calls = InFlight()
@@ -171,6 +178,23 @@ class Node:
         # hook may replace it to skew one node's clock.
         self.clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
 
+    # ------------------------------------------------------------------ driver views
+    @property
+    def core(self) -> RaftCore:
+        return self.driver.core
+
+    @property
+    def sm(self) -> KVStateMachine:
+        return self.driver.sm
+
+    @property
+    def applied(self) -> LogId:
+        return self.driver.applied
+
+    @property
+    def applied_membership(self) -> Membership:
+        return self.driver.applied_membership
+
     # ------------------------------------------------------------------ identity
     def identity(self) -> Identity:
         cluster_id = self.meta.cluster_id if self.meta else None
@@ -181,6 +205,12 @@ class Node:
             self.meta = NodeMeta(self.id, cluster_id, self.config.raft_config.cluster_name)
             self.storage.save_meta(self.meta)
             log.info("%d joined cluster %s", self.id, cluster_id)
+
+    def _on_peer_hello(self, node_id: int, address: str) -> None:
+        """A member dialed us: it may have restarted (with a shorter log), and its
+        address is the freshest we know."""
+        self._learn_address(node_id, address)
+        self._event_nowait(PeerConnected(node_id))
 
     def _learn_address(self, node_id: int, address: str | None) -> None:
         """A peer told us its address (its hello, a join reply): the freshest source,
@@ -200,24 +230,17 @@ class Node:
 
     # ------------------------------------------------------------------ start
     def _start_core(self) -> None:
+        rc = self.config.raft_config
         state = self.storage.load()
-        self.core = RaftCore(self.raft_config, state, random.Random())
+        self.driver = NodeDriver(
+            self.raft_config, state, random.Random(), learner=rc.learner,
+            snapshot_logs_since_last=rc.snapshot_logs_since_last,
+            max_applied_log_to_keep=rc.max_applied_log_to_keep,
+        )
         self._synced_term_vote = (state.hard_state.term, state.hard_state.vote)
-        if state.snapshot is not None:
-            self.sm = KVStateMachine.restore(state.snapshot.data)
-            self.applied = state.snapshot.meta.last_log_id
-            self.applied_membership = state.snapshot.meta.membership
-            self._last_snapshot_index = self.applied.index
         self.watch_hub = WatchHub(self.sm.rev)
-        # Replaying the log passes through memberships from before this node joined:
-        # removal is only judged once the replay reached the commit index at start.
-        self._replayed_at = self.core.commit_index
-        self._was_member = self.id in self.applied_membership.node_ids
-
-    def _is_member(self, m: Membership) -> bool:
-        if self.config.raft_config.learner:
-            return self.id in m.node_ids
-        return m.is_voter(self.id)
+        self.driver.on_changes = self.watch_hub.on_changes
+        self.driver.on_restore = self.watch_hub.reset
 
     def bootstrap(self) -> None:
         """`single = true` on an empty dir: a one-voter cluster with a new cluster id."""
@@ -231,24 +254,39 @@ class Node:
 
     # ------------------------------------------------------------------ raft loop
     async def _run_ticker(self) -> None:
+        tick = Tick()
         while True:
             await trio.sleep(self.tick_s)
-            await self._inbox_send.send(None)
+            await self._inbox_send.send(tick)
 
     def on_message(self, msg: Message) -> None:
-        try:
-            self._inbox_send.send_nowait(msg)
-        except trio.WouldBlock:
-            log.warning("%d inbox full: dropped %s", self.id, msg)
+        self._event_nowait(Receive(msg))
 
-    async def run_in_loop(self, fn: Callable[[RaftCore], Any]) -> Any:
-        """Run `fn(core)` inside the raft loop and return its result (or raise)."""
-        waiter = _Waiter()
-        await self._inbox_send.send((fn, waiter))
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.value
+    def _event_nowait(self, event: Event) -> None:
+        try:
+            self._inbox_send.send_nowait(event)
+        except trio.WouldBlock:
+            log.warning("%d inbox full: dropped %s", self.id, event)
+
+    async def request(self, make: Callable[[int], Event], timeout: float | None = None, what: str = "request") -> Any:
+        """Send the event `make(req_id)` to the raft loop and wait for its Reply."""
+        req_id = next(self._req_ids)
+        waiter = self._pending[req_id] = _Waiter()
+        try:
+            await self._inbox_send.send(make(req_id))
+            return await waiter.wait(timeout if timeout is not None else self.wait_s(), what)
+        finally:
+            self._pending.pop(req_id, None)
+
+    def _dispatch(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            waiter = self._pending.pop(reply.req_id, None)
+            if waiter is None:
+                continue  # its caller gave up (timeout, cancel)
+            if reply.error is not None:
+                waiter.fail(reply.error)
+            else:
+                waiter.set(reply.value)
 
     async def _run_raft_loop(self) -> None:
         recv = self._inbox_recv
@@ -262,18 +300,8 @@ class Node:
                 self._handle(event)
             await self._process_ready()
 
-    def _handle(self, event: Any) -> None:
-        core = self.core
-        if event is None:
-            core.tick()
-        elif isinstance(event, tuple):
-            fn, waiter = event
-            try:
-                waiter.set(fn(core))
-            except ClientError as e:
-                waiter.fail(e)
-        else:
-            core.step(event)
+    def _handle(self, event: Event) -> None:
+        self.driver.handle(event)
 
     async def _process_ready(self) -> None:
         core = self.core
@@ -284,10 +312,11 @@ class Node:
             for msg in ready.messages:
                 self._send(msg)
             if ready.snapshot is not None or ready.committed or ready.read_states or ready.dropped_reads:
-                self._apply_send.send_nowait(
+                await self._apply_send.send(
                     _Applied(ready.snapshot, ready.committed, ready.read_states, ready.dropped_reads)
                 )
             core.advance(ready)
+        self._dispatch(self.driver.take_replies())
         self._check_watchers()
 
     def _persist(self, ready: Ready) -> None:
@@ -337,142 +366,45 @@ class Node:
 
     # ------------------------------------------------------------------ apply loop
     async def _run_apply_loop(self) -> None:
+        driver = self.driver
         async for batch in self._apply_recv:
-            if batch.snapshot is not None:
-                try:
-                    self.sm = KVStateMachine.restore(batch.snapshot.data)
-                except ValueError as e:
-                    raise FatalError(
-                        f"snapshot {batch.snapshot.meta.last_log_id} from the leader is unreadable: {e}"
-                    ) from None
-                self.watch_hub.reset(self.sm.rev)
-                covered = [i for i in self._write_waiters if i <= batch.snapshot.meta.last_log_id.index]
-                for index in covered:
-                    _, waiter = self._write_waiters.pop(index)
-                    waiter.fail(Timeout("the write's outcome is unknown: a snapshot replaced the log"))
-                self.applied = batch.snapshot.meta.last_log_id
-                self.applied_membership = batch.snapshot.meta.membership
-                self._last_snapshot_index = self.applied.index
-            for entry in batch.committed:
-                self._apply(entry)
-            self._check_removed()
-            for rs in batch.read_states:
-                waiter = self._read_waiters.pop(rs.ctx, None)
-                if waiter is not None:
-                    self._reads_ready.append((rs.index, waiter))
-            for ctx in batch.dropped_reads:
-                waiter = self._read_waiters.pop(ctx, None)
-                if waiter is not None:
-                    waiter.fail(NotLeader("leadership changed during the read", leader=None))
-            if self._reads_ready:
-                ready = [(i, w) for i, w in self._reads_ready if i <= self.applied.index]
-                self._reads_ready = [(i, w) for i, w in self._reads_ready if i > self.applied.index]
-                for _, w in ready:
-                    w.set(self.applied.index)
+            driver.apply(batch.snapshot, batch.committed, batch.read_states, batch.dropped_reads)
+            self._dispatch(driver.take_replies())
+            if driver.removed and not self.removed.is_set():
+                self.removed.set()
             self._check_watchers()
-            await self._maybe_snapshot()
+            if driver.snapshot_due() and not self._snapshot_lock.locked():
+                assert self._nursery is not None
+                self._nursery.start_soon(self._build_snapshot)
 
-    def _apply(self, entry: Any) -> None:
-        result: Any = None
-        if entry.kind == EntryKind.NORMAL:
-            try:
-                logged = decode_command(entry.data)
-            except DecodeError as e:
-                result = ApplyError(f"undecodable entry {entry.log_id}: {e}")
-                log.error("%d %s", self.id, result.message)
-            else:
-                result = self.sm.apply(logged.cmd, logged.time_ms)
-                if self.sm.last_changes:
-                    self.watch_hub.on_changes(self.sm.last_changes)
-        elif entry.kind == EntryKind.MEMBERSHIP:
-            self.applied_membership = entry.membership
-            if self.id in entry.membership.node_ids:
-                self._was_member = True
-        self.applied = entry.log_id
-        waiting = self._write_waiters.pop(entry.index, None)
-        if waiting is not None:
-            term, waiter = waiting
-            if term == entry.term:
-                waiter.set(result)
-            else:
-                waiter.fail(Unavailable("leadership changed: the write was not applied"))
-
-    def _check_removed(self) -> None:
-        """SPEC §3: a node that sees a committed membership without itself exits."""
-        m = self.applied_membership
-        if m.is_joint:
-            return
-        if self.id in m.node_ids:
-            self._was_member = True
-        elif self._was_member and self.applied.index >= self._replayed_at and not self.removed.is_set():
-            log.warning("%d was removed from the cluster (membership %s): exiting", self.id, m)
-            self.removed.set()
-
-    async def _maybe_snapshot(self, force: bool = False) -> None:
-        rc = self.config.raft_config
-        if not force and self.applied.index - self._last_snapshot_index < rc.snapshot_logs_since_last:
-            return
-        if self.applied.index <= self._last_snapshot_index and not force:
-            return
+    async def _build_snapshot(self, force: bool = False) -> None:
+        """Snapshot the applied state, save it, then compact the core and purge the
+        log behind it. Its own task: the apply loop never waits for the raft loop."""
         async with self._snapshot_lock:
-            applied = self.applied
-            if applied.index == 0:
+            if not self.driver.snapshot_due(force):
                 return
-            meta = SnapshotMeta(applied, self.applied_membership)
-            snapshot = Snapshot(meta, self.sm.snapshot())
+            snapshot, purge_to = self.driver.build_snapshot()
             await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
-            self._last_snapshot_index = applied.index
-            purge_to = applied.index - rc.max_applied_log_to_keep
-
-            def compact(core: RaftCore) -> int:
-                core.compact(snapshot, purge_to)
-                return core.log.purged.index
-
-            # The core may have purged further for a snapshot just installed from the
-            # leader (persisted by its own Ready): only purge behind our own snapshot.
-            purged = min(await self.run_in_loop(compact), applied.index)
+            self.driver.snapshot_saved(snapshot)
+            purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")
             await trio.to_thread.run_sync(self.storage.purge, purged)
-            log.info("%d built snapshot %s (%d bytes), log purged to %d", self.id, applied, len(snapshot.data), purged)
+            log.info(
+                "%d built snapshot %s (%d bytes), log purged to %d",
+                self.id, snapshot.meta.last_log_id, len(snapshot.data), purged,
+            )
 
     async def trigger_snapshot(self) -> None:
-        await self._maybe_snapshot(force=True)
+        await self._build_snapshot(force=True)
 
     # ------------------------------------------------------------------ requests
     async def propose(self, cmd: Command, timeout: float | None = None) -> Any:
         """Propose on this node (the leader); wait until applied; the apply result."""
         data = encode_command(cmd, self.clock_ms())
-        waiter = _Waiter()
-
-        def go(core: RaftCore) -> LogId:
-            log_id = core.propose(data)
-            self._write_waiters[log_id.index] = (log_id.term, waiter)
-            return log_id
-
-        log_id = await self.run_in_loop(go)
-        try:
-            return await waiter.wait(timeout or self.wait_s(), "write")
-        finally:
-            if self._write_waiters.get(log_id.index, (0, None))[1] is waiter:
-                del self._write_waiters[log_id.index]
+        return await self.request(lambda req_id: Propose(((req_id, data),)), timeout, "write")
 
     async def read_barrier(self, timeout: float | None = None) -> int:
         """ReadIndex (§6.4) on this node (the leader): returns once it is safe to read."""
-        waiter = _Waiter()
-        ctx = next(self._read_ids)
-
-        def go(core: RaftCore) -> None:
-            self._read_waiters[ctx] = waiter
-            core.read_index(ctx)
-
-        try:
-            await self.run_in_loop(go)
-        except ClientError:
-            self._read_waiters.pop(ctx, None)
-            raise
-        try:
-            return await waiter.wait(timeout or self.wait_s(), "read")
-        finally:
-            self._read_waiters.pop(ctx, None)
+        return await self.request(lambda req_id: ReadIndex((req_id,)), timeout, "read")
 
     def wait_s(self) -> float:
         """`wait_leader_timeout` in seconds: how long requests wait for the cluster."""
@@ -513,11 +445,12 @@ class Node:
 
     # ------------------------------------------------------------------ join / leave (leader side)
     async def on_call(self, method: str, payload: bytes, hello: Any) -> bytes:
-        handlers: dict[str, tuple[type, Callable[[Any], Any]]] = {
+        handlers: dict[str, tuple[type, Callable[[Any], Any] | None]] = {
             rpc.JOIN: (rpc.JoinRequest, self._join_local),
             rpc.LEAVE: (rpc.LeaveRequest, self._leave_local),
             rpc.WRITE: (rpc.WriteRequest, self._write_local),
             rpc.READ: (rpc.ReadRequest, self._read_local),
+            rpc.MEMBERS: (rpc.MembersRequest, None),
         }
         if method not in handlers:
             raise BadRequest(f"unknown method {method!r}")
@@ -526,27 +459,11 @@ class Node:
             req = rpc.decode(payload, cls)
         except DecodeError as e:
             raise BadRequest(f"bad {method} request: {e}") from None
-        if isinstance(req, rpc.JoinRequest):
-            self._check_join(req, hello)
+        if isinstance(req, rpc.MembersRequest):
+            return rpc.encode(rpc.MembersReply(tuple(sorted(self.driver.member_ids()))))
+        assert handler is not None
         with self.calls:
             return await self.call_leader(method, payload, lambda: handler(req))
-
-    def _check_join(self, req: rpc.JoinRequest, hello: Any) -> None:
-        """Refuse a fresh data dir (no cluster id in its hello) taking over the id of a
-        member at another address: two processes would vote as one node."""
-        if req.node_id <= 0:
-            raise BadRequest(f"node id must be positive, got {req.node_id}")
-        known = self.sm.node(req.node_id)
-        if (
-            hello.cluster_id is None
-            and req.node_id in self.core.membership.node_ids
-            and known is not None
-            and known != req.record
-        ):
-            raise BadRequest(
-                f"node id {req.node_id} is already a member at {known.endpoint}: a node with an"
-                " empty data dir cannot take over its id"
-            )
 
     async def _write_local(self, req: rpc.WriteRequest) -> bytes:
         result = await self.propose(req.cmd)
@@ -579,10 +496,35 @@ class Node:
             return
         self._tick_done = done = trio.Event()
         try:
-            await self.propose(Tick())
+            await self.propose(ExpiryTick())
         finally:
             self._tick_done = None
             done.set()
+
+    async def _run_ask_about_strangers(self) -> None:
+        """Our log may predate the current leader (we were down while members
+        changed): its messages are dropped as coming from a stranger. Once an election
+        timeout, ask a member of our log which ids are members now, and trust those."""
+        while True:
+            await trio.sleep(self.tick_s * self.raft_config.election_ticks)
+            strangers = set(self.core.strangers)
+            if not strangers or self.meta is None:
+                continue
+            for peer in sorted(self.driver.member_ids() - {self.id}):
+                address = self.address_of(peer)
+                if address is None:
+                    continue
+                try:
+                    body = await self.calls_to_leader.call(
+                        address, rpc.MEMBERS, rpc.encode(rpc.MembersRequest()), timeout=self.tick_s * 5
+                    )
+                    ids = frozenset(rpc.decode(body, rpc.MembersReply).member_ids)
+                except (ClientError, TransportError, DecodeError) as e:
+                    log.debug("%d could not ask %d about %s: %s", self.id, peer, sorted(strangers), e)
+                    continue
+                log.info("%d asked %d about senders %s: members are %s", self.id, peer, sorted(strangers), sorted(ids))
+                await self._inbox_send.send(Trust(ids))
+                break
 
     async def _run_expiry(self) -> None:
         """Expire due keys even when nobody writes or reads: one check a heartbeat."""
@@ -635,7 +577,7 @@ class Node:
             raise RuntimeError("_change_membership needs the membership lock")
         while True:
             await self.wait_for(
-                lambda: not self.core.is_leader or self._change_possible(), self.wait_s(), "membership change"
+                lambda: not self.core.is_leader or self.driver.change_possible(), self.wait_s(), "membership change"
             )
             if not self.core.is_leader:
                 raise NotLeader("lost leadership", leader=self.core.leader)
@@ -643,7 +585,10 @@ class Node:
             voters, learners = update(set(m.final_voters), set(m.learners))
             target = Membership.of(voters, learners)
             try:
-                await self.run_in_loop(lambda core: core.change_membership(voters, learners))
+                await self.request(
+                    lambda req_id: ChangeMembership(req_id, frozenset(voters), frozenset(learners)),
+                    what="membership change",
+                )
                 break
             except Unavailable:
                 continue  # a change of the previous leader is still finishing
@@ -659,39 +604,34 @@ class Node:
         if self.applied_membership != target:
             raise NotLeader("lost leadership during the membership change", leader=self.core.leader)
 
-    def _change_possible(self) -> bool:
-        core = self.core
-        m = core.membership
-        return (
-            not m.is_joint
-            and core.committed_membership == m
-            and core.log.term_at(core.commit_index) == core.term
-            and not core.transferring
-        )
-
     async def _join_local(self, req: rpc.JoinRequest) -> bytes:
+        """The leader's side of a join (docs/operations/cluster.md, "Joining"): the
+        driver decides (a wiped voter is refused); this waits for each step."""
         nid = req.node_id
-        log.info("%d handles join of node %d at %s", self.id, nid, req.record.endpoint)
-        if self.sm.node(nid) != req.record:
+        assert self.meta is not None
+        if req.cluster_id is not None and req.cluster_id != self.meta.cluster_id:
+            raise BadRequest(f"node {nid} belongs to cluster {req.cluster_id}, not {self.meta.cluster_id}")
+        plan = self.driver.plan_join(
+            nid, req.record, fresh=req.cluster_id is None, learner=req.learner, promote=req.promote
+        )
+        log.info("%d handles join of node %d at %s: %s", self.id, nid, req.record.endpoint, plan)
+        if plan.set_record:
             await self._expect_applied(await self.propose(SetNode(nid, req.record)))
         async with self._membership_lock:  # one join or leave at a time
-            m = self.core.membership
-            if nid not in m.node_ids:
+            if nid not in self.core.membership.node_ids:
                 await self._change_membership(lambda v, learners: (v, learners | {nid}))
-            if not req.learner and not self.core.membership.is_voter(nid):
+            if plan.promote and not self.core.membership.is_voter(nid):
                 # Catch the learner up (log or snapshot) before it counts for a quorum.
-                def caught_up() -> bool:
-                    pr = self.core.progress.get(nid)
-                    return not self.core.is_leader or (pr is not None and pr.match >= self.core.commit_index)
-
-                await self.wait_for(caught_up, self.wait_s(), f"catching up node {nid}")
+                await self.wait_for(
+                    lambda: not self.core.is_leader or self.driver.caught_up(nid),
+                    self.wait_s(), f"catching up node {nid}",
+                )
                 await self._change_membership(lambda v, learners: (v | {nid}, learners - {nid}))
         members = tuple(
             rpc.NodeAddress(i, f"{r.endpoint.addr}:{r.endpoint.port}") for i, r in self.sm.nodes()
         )
-        assert self.meta is not None
-        log.info("%d added node %d (membership %s)", self.id, nid, self.applied_membership)
-        return rpc.encode(rpc.JoinReply(self.meta.cluster_id, members))
+        log.info("%d added node %d (membership %s)", self.id, nid, self.core.membership)
+        return rpc.encode(rpc.JoinReply(self.meta.cluster_id, members, tuple(sorted(self.driver.member_ids()))))
 
     async def _expect_applied(self, result: Any) -> None:
         if isinstance(result, ApplyError):
@@ -700,11 +640,9 @@ class Node:
     async def _leave_local(self, req: rpc.LeaveRequest) -> bytes:
         nid = req.node_id
         async with self._membership_lock:
-            m = self.core.membership
-            if nid not in m.node_ids:
-                return rpc.encode(rpc.LeaveReply(False, f"node {nid} is not a member of the cluster"))
-            if set(m.final_voters) <= {nid}:
-                raise BadRequest(f"node {nid} is the last voter: removing it would stop the cluster")
+            nothing = self.driver.plan_leave(nid)
+            if nothing is not None:
+                return rpc.encode(rpc.LeaveReply(False, nothing))
             log.info("%d handles leave of node %d", self.id, nid)
             # Removing the leader works too: the core keeps leading without counting
             # itself, and hands leadership to an up-to-date voter once C_new commits.
@@ -718,32 +656,47 @@ class Node:
 
     # ------------------------------------------------------------------ join (joiner side)
     async def join(self) -> None:
-        """SPEC §3: skip when the committed membership already has us; otherwise ask
-        each `join` address in order, 3 tries each 1 s apart."""
+        """Join the cluster (docs/operations/cluster.md, "Joining"): skip when the
+        committed membership already has us; otherwise ask each `join` address in
+        order, 3 tries each 1 s apart. A node with an empty data dir first joins as
+        a learner: the reply brings the cluster id (the only way a node adopts one)
+        and the members it may accept raft messages from; then it asks again to be
+        promoted, which the leader answers once it caught up."""
         rc = self.config.raft_config
-        if self._is_member(self.core.committed_membership):
+        if self.driver.is_member(self.core.committed_membership):
             log.info("%d is already a member: join skipped", self.id)
             return
-        payload = rpc.encode(rpc.JoinRequest(self.id, self.record, rc.learner))
         errors: list[str] = []
         for address in rc.join:
             for attempt in range(JOIN_TRIES):
                 try:
-                    reply = rpc.decode(
-                        await call(address, self.identity(), rpc.JOIN, payload, timeout=self.wait_s()),
-                        rpc.JoinReply,
-                    )
+                    if self.meta is None or not self.core.membership.node_ids:
+                        # First as a learner: the cluster id and whom to accept from.
+                        await self._join_call(address, promote=False)
+                    if not rc.learner:
+                        await self._join_call(address, promote=True)
                 except (ClientError, TransportError, DecodeError) as e:
                     errors.append(f"{address} (try {attempt + 1}): {e}")
                     log.warning("%d join via %s failed: %s", self.id, address, e)
+                    if isinstance(e, BadRequest):
+                        raise JoinFailed(errors) from None  # refused: trying again changes nothing
                     await trio.sleep(JOIN_RETRY_S)
                     continue
-                self._adopt_cluster_id(reply.cluster_id)
-                for member in reply.members:
-                    self._learn_address(member.node_id, member.address)
                 log.info("%d joined the cluster via %s", self.id, address)
                 return
         raise JoinFailed(errors)
+
+    async def _join_call(self, address: str, *, promote: bool) -> None:
+        rc = self.config.raft_config
+        cluster_id = self.meta.cluster_id if self.meta is not None else None
+        payload = rpc.encode(rpc.JoinRequest(self.id, self.record, rc.learner, cluster_id, promote))
+        reply = rpc.decode(
+            await call(address, self.identity(), rpc.JOIN, payload, timeout=self.wait_s()), rpc.JoinReply
+        )
+        self._adopt_cluster_id(reply.cluster_id)
+        for member in reply.members:
+            self._learn_address(member.node_id, member.address)
+        await self._inbox_send.send(Trust(frozenset(reply.member_ids)))
 
     async def publish_record(self) -> None:
         """(Re)publish this node's record when it is missing or stale (SPEC §3)."""
@@ -754,7 +707,7 @@ class Node:
                 math.inf,
                 "leader",
             )
-            if self.sm.node(self.id) == self.record or not self._is_member(self.core.committed_membership):
+            if self.sm.node(self.id) == self.record or not self.driver.is_member(self.core.committed_membership):
                 return
             request = rpc.WriteRequest(SetNode(self.id, self.record))
             try:
@@ -847,7 +800,7 @@ class Node:
                 raise BadRequest("no other voter to transfer leadership to")
             to = max(candidates, key=lambda p: core.progress[p].match if p in core.progress else 0)
         target = to
-        await self.run_in_loop(lambda c: c.transfer_leadership(target))
+        await self.request(lambda req_id: TransferLeader(req_id, target), what="leadership transfer")
         return {"from": self.id, "to": target, "voter_ids": voters}
 
 
@@ -920,6 +873,7 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
                 nursery.start_soon(node._run_apply_loop)
                 nursery.start_soon(node._run_ticker)
                 nursery.start_soon(node._run_expiry)
+                nursery.start_soon(node._run_ask_about_strangers)
                 if admin:
                     from metanode.api.admin import serve_admin
 
@@ -951,7 +905,7 @@ async def open_node(config: Config, *, admin: bool = True, client_api: bool = Tr
                 # Replay the local log first: the committed membership decides whether
                 # to join, and a node removed earlier must not join again (SPEC §3).
                 await node.wait_for(
-                    lambda: node.applied.index >= node._replayed_at, node.wait_s(), "replaying the log"
+                    lambda: node.driver.replayed, node.wait_s(), "replaying the log"
                 )
                 if node.removed.is_set():
                     log.warning("%d was removed from the cluster earlier: not joining again", node.id)
@@ -982,8 +936,7 @@ async def _serve_raft_port(node: Node, host: str, port: int, task_status: Any = 
             identity=node.identity,
             on_message=node.on_message,
             on_call=node.on_call,
-            on_cluster_id=node._adopt_cluster_id,
-            on_peer=node._learn_address,
+            on_peer=node._on_peer_hello,
             leader_address=node.address_of,
             task_status=task_status,
         )

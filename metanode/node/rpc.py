@@ -17,13 +17,19 @@ JOIN = "join"
 LEAVE = "leave"
 WRITE = "write"
 READ = "read"
+MEMBERS = "members"
 
 
 @attrs.frozen
 class JoinRequest:
+    """`cluster_id` is the joiner's (None: an empty data dir); `promote` asks to become
+    a voter (the second step of a join, once the joiner accepts the leader's appends)."""
+
     node_id: int
     record: NodeRecord
     learner: bool = False
+    cluster_id: str | None = None
+    promote: bool = False
 
 
 @attrs.frozen
@@ -34,8 +40,22 @@ class NodeAddress:
 
 @attrs.frozen
 class JoinReply:
+    """`members`: the raft addresses of the nodes with records; `member_ids`: the ids
+    of the leader's membership, the only senders a node without one accepts."""
+
     cluster_id: str
     members: tuple[NodeAddress, ...]
+    member_ids: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class MembersRequest:
+    """Which ids are members? Asked of a member of our log about senders we dropped."""
+
+
+@attrs.frozen
+class MembersReply:
+    member_ids: tuple[int, ...]
 
 
 @attrs.frozen
@@ -76,19 +96,22 @@ class ReadReply:
 
 
 register_tagged_union(TxnResponse, name="txn response")
-for _cls in (JoinRequest, NodeAddress, JoinReply, LeaveRequest, LeaveReply, WriteRequest, WriteReply, ReadRequest, ReadReply):
+for _cls in (JoinRequest, NodeAddress, JoinReply, MembersRequest, MembersReply, LeaveRequest, LeaveReply, WriteRequest, WriteReply, ReadRequest, ReadReply):
     register_class(_cls)
 del _sm_codec
 
 __all__ = [
     "JOIN",
     "LEAVE",
+    "MEMBERS",
     "READ",
     "WRITE",
     "JoinReply",
     "JoinRequest",
     "LeaveReply",
     "LeaveRequest",
+    "MembersReply",
+    "MembersRequest",
     "NodeAddress",
     "ReadReply",
     "ReadRequest",

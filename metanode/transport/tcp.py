@@ -245,15 +245,9 @@ class _Server:
     identity: Callable[[], Identity]
     on_message: Callable[[Message], None]
     on_call: Callable[[str, bytes, Hello], Awaitable[bytes]]
-    on_cluster_id: Callable[[str], None]
     on_peer: Callable[[int, str], None]
     leader_address: Callable[[int], str | None] | None
     max_frame_size: int
-    #: The cluster id adopted from a peer while our identity had none (SPEC §3).
-    adopted_cluster_id: str | None = None
-
-    def our_cluster_id(self, ident: Identity) -> str | None:
-        return ident.cluster_id if ident.cluster_id is not None else self.adopted_cluster_id
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """The task of one accepted connection; never raises (but `Cancelled`)."""
@@ -317,7 +311,9 @@ class _ServerConnection:
                 raise _Refuse("bad_request", f"the first frame must be a hello, got {type(frame).__name__}")
             self._check_hello(frame)
             self.hello = frame
-            if frame.from_id and frame.addr and frame.cluster_id is not None:
+            if frame.from_id and frame.addr and frame.cluster_id is not None and (
+                frame.cluster_id == self.server.identity().cluster_id
+            ):
                 # Only a member of our cluster may tell us where it is now (a fresh
                 # dialer claiming a member's id must not redirect that member's traffic).
                 self.server.on_peer(frame.from_id, frame.addr)
@@ -348,7 +344,7 @@ class _ServerConnection:
                 "unauthenticated",
                 f"cluster_name {hello.cluster_name!r} is not ours ({ident.cluster_name!r})",
             )
-        ours = self.server.our_cluster_id(ident)
+        ours = ident.cluster_id
         if hello.cluster_id is not None and ours is not None and hello.cluster_id != ours:
             raise _Refuse(
                 "unauthenticated",
@@ -365,18 +361,12 @@ class _ServerConnection:
                 raise _Refuse(
                     "unauthenticated", "raft messages need a cluster_id in the hello"
                 )
-            ours = self.server.our_cluster_id(ident)
+            ours = ident.cluster_id
             if ours is None:
-                # A fresh node waiting to be added learns its cluster from the leader.
-                log.info("%d adopted cluster_id %s from node %d (%s)",
-                         ident.node_id, theirs, self.hello.from_id, self.conn.peer)
-                try:
-                    self.server.on_cluster_id(theirs)
-                except Exception:
-                    log.exception("%d on_cluster_id(%s) failed", ident.node_id, theirs)
-                    raise _Refuse("internal", "cannot adopt the cluster id", linger=False) from None
-                self.server.adopted_cluster_id = theirs
-            elif ours != theirs:
+                # A node adopts a cluster id only from a successful join reply (or
+                # `single`, or an import): never from whoever dials it.
+                raise _Refuse("unavailable", "this node has not joined a cluster yet")
+            if ours != theirs:
                 raise _Refuse("unauthenticated", f"cluster_id {theirs!r} is not ours ({ours!r})")
             self.raft_checked = True
         if msg.src != self.hello.from_id or msg.dst != ident.node_id:
@@ -434,10 +424,6 @@ class _ServerConnection:
             log.debug("%d raft port: error frame to %s lost: %s", self.node_id, self.conn.peer, exc)
 
 
-def _ignore_cluster_id(cluster_id: str) -> None:
-    """Default `on_cluster_id`: nothing to persist."""
-
-
 async def serve_raft(
     host: str,
     port: int,
@@ -445,7 +431,6 @@ async def serve_raft(
     identity: Callable[[], Identity],
     on_message: Callable[[Message], None],
     on_call: Callable[[str, bytes, Hello], Awaitable[bytes]],
-    on_cluster_id: Callable[[str], None] = _ignore_cluster_id,
     on_peer: Callable[[int, str], None] = lambda node_id, address: None,
     leader_address: Callable[[int], str | None] | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -462,9 +447,8 @@ async def serve_raft(
 
     * raft messages go to `on_message` (sync and non-blocking: the node puts them in
       a bounded inbox). They need a cluster id in the hello, and must come from the
-      hello's node and be addressed to us. If we have no cluster id yet (a fresh node
-      waiting to be added), the dialer's is adopted: ``on_cluster_id(cluster_id)`` is
-      called once, before the first message, and later dialers must match it;
+      hello's node and be addressed to us. A node without a cluster id (an empty
+      data dir, until its join reply) refuses them: it never adopts a dialer's;
     * each `Call` runs ``await on_call(method, payload, hello)`` in its own task, so
       calls on one connection run concurrently; the answer carries the call's id. A
       `ClientError` becomes an `ErrorInfo` (``code``, ``str(e)``, and the leader's
@@ -483,7 +467,6 @@ async def serve_raft(
         identity=identity,
         on_message=on_message,
         on_call=on_call,
-        on_cluster_id=on_cluster_id,
         on_peer=on_peer,
         leader_address=leader_address,
         max_frame_size=max_frame_size,

@@ -85,10 +85,6 @@ async def running_server(
     send, receive = trio.open_memory_channel[object](10_000)
     cluster_ids: list[str] = []
 
-    def on_cluster_id(cluster_id: str) -> None:
-        cluster_ids.append(cluster_id)
-        state["identity"] = attrs.evolve(state["identity"], cluster_id=cluster_id)
-
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(
             partial(
@@ -98,7 +94,6 @@ async def running_server(
                 identity=lambda: state["identity"],
                 on_message=send.send_nowait,
                 on_call=on_call,
-                on_cluster_id=on_cluster_id,
                 **kwargs,
             )
         )
@@ -425,41 +420,24 @@ async def test_a_dialer_without_cluster_id_may_call_but_not_send_raft() -> None:
             assert server.cluster_ids == []
 
 
-async def test_a_server_without_cluster_id_adopts_the_dialers() -> None:
+async def test_a_server_without_cluster_id_refuses_raft_messages_and_adopts_nothing() -> None:
+    """A node adopts a cluster id only from its join reply: a dialer claiming any
+    cluster id (a forger who read it off the status route, or a vote request reaching
+    a wiped node) gets no raft message through and changes nothing."""
     with trio.fail_after(LIMIT):
         async with running_server(identity=ident(SERVER_ID, cluster_id=None)) as server:
             async with raw_client(server) as client:
-                await client.send(hello(cluster_id="c9"), hb(1), hb(2))
-                assert await server.messages.receive() == hb(1)
-                assert await server.messages.receive() == hb(2)
-            assert server.cluster_ids == ["c9"]
-            # From now on another cluster is refused, and the id is adopted only once.
-            async with raw_client(server) as client:
-                await client.send(hello(cluster_id="c8"), hb(3))
+                await client.send(hello(cluster_id="c9"), hb(1))
                 frames = await client.receive_until_closed()
             assert [type(f) for f in frames] == [ErrorFrame]
-            async with raw_client(server) as client:
-                await client.send(hello(cluster_id="c9"), hb(4))
-                assert await server.messages.receive() == hb(4)
-            assert server.cluster_ids == ["c9"]
-
-
-async def test_a_fresh_server_adopts_the_cluster_id_before_any_identity_update() -> None:
-    """The node may persist the id later: the adoption alone already binds us."""
-    with trio.fail_after(LIMIT):
-        async with running_server(identity=ident(SERVER_ID, cluster_id=None)) as server:
-            server.state["identity"] = ident(SERVER_ID, cluster_id=None)
-            async with raw_client(server) as first, raw_client(server) as second:
-                await first.send(hello(cluster_id="c9"))
-                await second.send(hello(cluster_id="c7"))  # accepted: nothing adopted yet
-                await first.send(hb(1))
-                assert await server.messages.receive() == hb(1)
-                server.state["identity"] = ident(SERVER_ID, cluster_id=None)  # not persisted yet
-                await second.send(hb(2))
-                frame = await second.receive_frame()
-                assert isinstance(frame, ErrorFrame) and "c7" in frame.message
+            assert "not joined a cluster yet" in frames[0].message
             assert_no_message(server)
-            assert server.cluster_ids == ["c9"]
+            assert server.state["identity"].cluster_id is None
+            # Calls still work: that is how the node joins.
+            async with raw_client(server) as client:
+                await client.send(hello(cluster_id=None), Call(1, "join", b"x"))
+                frame = await client.receive_frame()
+            assert isinstance(frame, CallResult) and frame.payload == b"join:x"
 
 
 async def test_messages_not_from_the_hello_node_or_not_for_us_are_refused() -> None:

@@ -1,0 +1,344 @@
+"""Everything a node decides, without waiting (docs/architecture/node.md).
+
+`NodeDriver` owns one `RaftCore` and the state machine around it. The daemon's Trio
+loops (`metanode/node/node.py`) and the simulator's `SimNode` both call it, so the
+simulator runs the daemon's own decisions, never a copy of them:
+
+- `handle(event)`: the raft loop's typed events (`metanode/node/events.py`); requests
+  are remembered by `req_id` and answered with `Reply`s (`take_replies`);
+- `apply(...)`: the apply step of one Ready: restore a snapshot, apply the committed
+  entries in order, answer the writes they carry (or fail those another term
+  overwrote, or that a snapshot covered), release the reads whose index is applied,
+  and judge whether this node was removed;
+- the snapshot and purge rule (`snapshot_due`, `build_snapshot`);
+- the leader's join and leave decisions (`plan_join`, `plan_leave`, `change_possible`).
+
+Pure: no trio, no clock, no global randomness (the guard test checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any, assert_never
+
+import attrs
+
+from metanode.errors import BadRequest, ClientError, FatalError, NotLeader, Timeout, Unavailable
+from metanode.node.events import (
+    ChangeMembership,
+    Compact,
+    Event,
+    PeerConnected,
+    Propose,
+    ReadIndex,
+    Receive,
+    Reply,
+    Tick,
+    TransferLeader,
+    Trust,
+)
+from metanode.raft import (
+    Entry,
+    EntryKind,
+    LogId,
+    Membership,
+    PersistedState,
+    RaftConfig,
+    RaftCore,
+    ReadState,
+    Snapshot,
+    SnapshotMeta,
+)
+from metanode.sm import ApplyError, KeyChange, KVStateMachine, NodeRecord
+from metanode.sm.codec import DecodeError, decode_command
+
+log = logging.getLogger("metanode.node")
+
+
+class NodeDriver:
+    def __init__(
+        self,
+        raft_config: RaftConfig,
+        state: PersistedState,
+        rng: random.Random,
+        *,
+        learner: bool = False,
+        snapshot_logs_since_last: int = 1024,
+        max_applied_log_to_keep: int = 1000,
+    ) -> None:
+        self.id = raft_config.id
+        self.learner = learner
+        self.snapshot_logs_since_last = snapshot_logs_since_last
+        self.max_applied_log_to_keep = max_applied_log_to_keep
+        self.core = RaftCore(raft_config, state, rng)
+        self.sm = KVStateMachine()
+        self.applied = LogId(0, 0)
+        self.applied_membership = Membership(())
+        self.last_snapshot_index = 0
+        if state.snapshot is not None:
+            self.sm = KVStateMachine.restore(state.snapshot.data)
+            self.applied = state.snapshot.meta.last_log_id
+            self.applied_membership = state.snapshot.meta.membership
+            self.last_snapshot_index = self.applied.index
+        # Replaying the log passes through memberships from before this node joined:
+        # removal is only judged once the replay reached the commit index at start.
+        self.replayed_at = self.core.commit_index
+        self._was_member = self.id in self.applied_membership.node_ids
+        self.removed = False
+        self._writes: dict[int, tuple[int, int]] = {}  # log index -> (term, req_id)
+        self._reads: set[int] = set()  # req_ids of reads waiting for their read index
+        self._reads_ready: list[tuple[int, int]] = []  # (read index, req_id)
+        self._replies: list[Reply] = []
+        # Hooks of the runtime (the watch hub): changes of each applied entry, and a
+        # state machine replaced by a snapshot (its revision).
+        self.on_changes: Callable[[tuple[KeyChange, ...]], None] = lambda changes: None
+        self.on_restore: Callable[[int], None] = lambda rev: None
+
+    # ------------------------------------------------------------------ raft loop
+    def handle(self, event: Event) -> None:
+        """Apply one event of the raft loop's inbox to the core."""
+        core = self.core
+        match event:
+            case Tick():
+                core.tick()
+            case Receive(msg):
+                core.step(msg)
+            case Propose(items):
+                for req_id, data in items:
+                    try:
+                        log_id = core.propose(data)
+                    except ClientError as e:
+                        self._replies.append(Reply(req_id, error=e))
+                    else:
+                        self._writes[log_id.index] = (log_id.term, req_id)
+            case ReadIndex(req_ids):
+                for req_id in req_ids:
+                    try:
+                        core.read_index(req_id)
+                    except ClientError as e:
+                        self._replies.append(Reply(req_id, error=e))
+                    else:
+                        self._reads.add(req_id)
+            case ChangeMembership(req_id, voters, learners):
+                self._answer(req_id, lambda: core.change_membership(voters, learners))
+            case Compact(req_id, snapshot, purge_to):
+                self._answer(req_id, lambda: self._compact(snapshot, purge_to))
+            case TransferLeader(req_id, target):
+                self._answer(req_id, lambda: core.transfer_leadership(target))
+            case PeerConnected(peer):
+                core.peer_reconnected(peer)
+            case Trust(node_ids):
+                core.trust(node_ids)
+            case _:
+                assert_never(event)
+
+    def _answer(self, req_id: int, fn: Callable[[], Any]) -> None:
+        try:
+            self._replies.append(Reply(req_id, value=fn()))
+        except ClientError as e:
+            self._replies.append(Reply(req_id, error=e))
+
+    def _compact(self, snapshot: Snapshot, purge_to: int) -> int:
+        self.core.compact(snapshot, purge_to)
+        # The core may have purged further for a snapshot just installed from the
+        # leader (persisted by its own Ready): storage purges only behind ours.
+        return min(self.core.log.purged.index, snapshot.meta.last_log_id.index)
+
+    def take_replies(self) -> list[Reply]:
+        replies, self._replies = self._replies, []
+        return replies
+
+    # ------------------------------------------------------------------ apply
+    def apply(
+        self,
+        snapshot: Snapshot | None,
+        committed: tuple[Entry, ...],
+        read_states: tuple[ReadState, ...] = (),
+        dropped_reads: tuple[object, ...] = (),
+    ) -> None:
+        """The apply step of one Ready, in order: snapshot, entries, reads."""
+        if snapshot is not None:
+            self._restore(snapshot)
+        for entry in committed:
+            self._apply_entry(entry)
+        self._check_removed()
+        for rs in read_states:
+            req_id = rs.ctx
+            if isinstance(req_id, int) and req_id in self._reads:
+                self._reads.discard(req_id)
+                self._reads_ready.append((rs.index, req_id))
+        for req_id in dropped_reads:
+            if isinstance(req_id, int) and req_id in self._reads:
+                self._reads.discard(req_id)
+                self._replies.append(Reply(req_id, error=NotLeader("leadership changed during the read", leader=None)))
+        if self._reads_ready:
+            applied = self.applied.index
+            keep = []
+            for index, req_id in self._reads_ready:
+                if index <= applied:
+                    self._replies.append(Reply(req_id, value=applied))
+                else:
+                    keep.append((index, req_id))
+            self._reads_ready = keep
+
+    def _restore(self, snapshot: Snapshot) -> None:
+        try:
+            self.sm = KVStateMachine.restore(snapshot.data)
+        except ValueError as e:
+            raise FatalError(f"snapshot {snapshot.meta.last_log_id} from the leader is unreadable: {e}") from None
+        self.on_restore(self.sm.rev)
+        last = snapshot.meta.last_log_id.index
+        for index in [i for i in self._writes if i <= last]:
+            _, req_id = self._writes.pop(index)
+            self._replies.append(
+                Reply(req_id, error=Timeout("the write's outcome is unknown: a snapshot replaced the log"))
+            )
+        self.applied = snapshot.meta.last_log_id
+        self.applied_membership = snapshot.meta.membership
+        self.last_snapshot_index = self.applied.index
+
+    def _apply_entry(self, entry: Entry) -> None:
+        result: Any = None
+        if entry.kind == EntryKind.NORMAL:
+            try:
+                logged = decode_command(entry.data)
+            except DecodeError as e:
+                result = ApplyError(f"undecodable entry {entry.log_id}: {e}")
+                log.error("%d %s", self.id, result.message)
+            else:
+                result = self.sm.apply(logged.cmd, logged.time_ms)
+                if self.sm.last_changes:
+                    self.on_changes(self.sm.last_changes)
+        elif entry.kind == EntryKind.MEMBERSHIP:
+            assert entry.membership is not None
+            self.applied_membership = entry.membership
+            if self.id in entry.membership.node_ids:
+                self._was_member = True
+        self.applied = entry.log_id
+        waiting = self._writes.pop(entry.index, None)
+        if waiting is not None:
+            term, req_id = waiting
+            if term == entry.term:
+                self._replies.append(Reply(req_id, value=result))
+            else:
+                self._replies.append(Reply(req_id, error=Unavailable("leadership changed: the write was not applied")))
+
+    def _check_removed(self) -> None:
+        """A node that applied a committed membership without itself was removed
+        (docs/operations/cluster.md): it stops, and does not rejoin."""
+        m = self.applied_membership
+        if m.is_joint:
+            return
+        if self.id in m.node_ids:
+            self._was_member = True
+        elif self._was_member and self.applied.index >= self.replayed_at and not self.removed:
+            log.warning("%d was removed from the cluster (membership %s): exiting", self.id, m)
+            self.removed = True
+
+    @property
+    def replayed(self) -> bool:
+        """The log held at start is applied (the committed membership is known)."""
+        return self.applied.index >= self.replayed_at
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot_due(self, force: bool = False) -> bool:
+        """Every `snapshot_logs_since_last` applied entries (or on demand), if there is
+        anything new to snapshot."""
+        if self.applied.index == 0:
+            return False
+        if force:
+            return self.applied.index > self.last_snapshot_index or self.core.log.snapshot is None
+        return self.applied.index - self.last_snapshot_index >= self.snapshot_logs_since_last
+
+    def build_snapshot(self) -> tuple[Snapshot, int]:
+        """The applied state as a snapshot, and the index to purge the log to (keeping
+        `max_applied_log_to_keep` entries behind it for slow followers)."""
+        meta = SnapshotMeta(self.applied, self.applied_membership)
+        snapshot = Snapshot(meta, self.sm.snapshot())
+        return snapshot, self.applied.index - self.max_applied_log_to_keep
+
+    def snapshot_saved(self, snapshot: Snapshot) -> None:
+        self.last_snapshot_index = max(self.last_snapshot_index, snapshot.meta.last_log_id.index)
+
+    # ------------------------------------------------------------------ membership
+    def is_member(self, m: Membership) -> bool:
+        """Does `m` hold this node as it wants to be (a voter, or a learner)?"""
+        return self.id in m.node_ids if self.learner else m.is_voter(self.id)
+
+    def change_possible(self) -> bool:
+        """May this leader propose a membership change now? (One at a time, after an
+        entry of its own term committed, not during a leadership transfer.)"""
+        core = self.core
+        m = core.membership
+        return (
+            core.is_leader
+            and not m.is_joint
+            and core.committed_membership == m
+            and core.log.term_at(core.commit_index) == core.term
+            and not core.transferring
+        )
+
+    def plan_join(self, node_id: int, record: NodeRecord, *, fresh: bool, learner: bool, promote: bool) -> JoinPlan:
+        """What this leader does for a join (docs/operations/cluster.md, "Joining").
+
+        `fresh`: the joiner holds no cluster id (an empty data dir). Such a node whose
+        id is already a voter lost its disk: letting it back would count an empty log
+        in quorums and could lose committed writes, so it is refused and told to
+        remove the old member first. A fresh node first joins as a learner (it gets
+        the cluster id and the members); it asks to be promoted in a second call, once
+        it accepts the leader's appends.
+        """
+        core = self.core
+        if node_id <= 0:
+            raise BadRequest(f"node id must be positive, got {node_id}")
+        voter = core.membership.is_voter(node_id) or core.committed_membership.is_voter(node_id)
+        if fresh and voter:
+            raise BadRequest(
+                f"node {node_id} is a voter of this cluster but its data dir is empty (a wiped or"
+                f" lost disk): remove it first with `metanode --leave-id {node_id} --leave-via"
+                " <a member's raft address>`, then start it again with an empty raft_dir and join"
+            )
+        known = self.sm.node(node_id)
+        if fresh and node_id in core.membership.node_ids and known is not None and known != record:
+            raise BadRequest(
+                f"node id {node_id} is already a member at {known.endpoint}: a node with an"
+                " empty data dir cannot take over its id"
+            )
+        if fresh and promote:
+            raise BadRequest(f"node {node_id} must join as a learner before it is promoted")
+        return JoinPlan(
+            set_record=known != record,
+            add_learner=node_id not in core.membership.node_ids,
+            promote=promote and not learner and not core.membership.is_voter(node_id),
+        )
+
+    def caught_up(self, node_id: int) -> bool:
+        """A learner may become a voter once it matched our commit index."""
+        pr = self.core.progress.get(node_id)
+        return pr is not None and pr.match >= self.core.commit_index
+
+    def plan_leave(self, node_id: int) -> str | None:
+        """None when `node_id` is to be removed, else why there is nothing to do
+        (not a member). Removing the last voter is refused (BadRequest)."""
+        m = self.core.membership
+        if node_id not in m.node_ids:
+            return f"node {node_id} is not a member of the cluster"
+        if set(m.final_voters) <= {node_id}:
+            raise BadRequest(f"node {node_id} is the last voter: removing it would stop the cluster")
+        return None
+
+    def member_ids(self) -> frozenset[int]:
+        """Every id in our latest and committed memberships (what we vouch for)."""
+        return self.core.membership.node_ids | self.core.committed_membership.node_ids
+
+
+@attrs.frozen
+class JoinPlan:
+    set_record: bool  # replicate the joiner's node record first
+    add_learner: bool  # add it as a learner
+    promote: bool  # catch it up, then make it a voter
+
+
+__all__ = ["JoinPlan", "NodeDriver"]
