@@ -28,7 +28,7 @@ from metanode.raft import Entry, EntryKind, HardState  # noqa: E402
 from metanode.sm import Upsert  # noqa: E402
 from metanode.sm.codec import encode_command  # noqa: E402
 from metanode.storage import RaftStorage  # noqa: E402
-from tests.integration.harness import LocalCluster, wait_until  # noqa: E402
+from tests.integration.harness import LocalCluster, voter_ids, wait_until  # noqa: E402
 
 
 def bench_join_and_failover(root: pathlib.Path) -> tuple[float, float]:
@@ -37,7 +37,7 @@ def bench_join_and_failover(root: pathlib.Path) -> tuple[float, float]:
         c.start(3)
         started = time.monotonic()
         c.add(4, join=[1])
-        wait_until(lambda: 4 in c.admin(1).status()["voters"], 60, "node 4 voter", interval=0.01)
+        wait_until(lambda: 4 in voter_ids(c.admin(1).status()), 60, "node 4 voter", interval=0.01)
         join_s = time.monotonic() - started
         leader = wait_until(c.leader, 30, "leader")
         survivors = [i for i in (1, 2, 3, 4) if i != leader]

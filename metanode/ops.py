@@ -149,9 +149,57 @@ def main(argv: Sequence[str]) -> int:
     except _Usage as e:
         print(f"metanode: error: {e}", file=sys.stderr)
         return 2
-    if result is not _NOTHING:
+    if result is _NOTHING:
+        return 0
+    if args.command == "status" and args.format == "table" and isinstance(result, dict):
+        print("\n".join(status_table(result)))
+    else:
         _print(result, args.format)
     return 0
+
+
+def _log_id(lid: Any) -> str:
+    """``{"leader_id": {"term": T, ...}, "index": I}`` as ``T-I``; ``-`` for null."""
+    if not isinstance(lid, dict):
+        return "-"
+    return f"{lid.get('leader_id', {}).get('term', '?')}-{lid.get('index', '?')}"
+
+
+def _endpoint(node: Any) -> str:
+    endpoint = node.get("endpoint") if isinstance(node, dict) else None
+    if not isinstance(endpoint, dict):
+        return "-"
+    addr = str(endpoint.get("addr"))
+    return f"[{addr}]:{endpoint.get('port')}" if ":" in addr else f"{addr}:{endpoint.get('port')}"
+
+
+def status_table(st: dict) -> list[str]:
+    """`metanode status --format table`: this node on two lines, then one row per
+    member (the status document is described in docs/reference/admin-api.md)."""
+    leader = st.get("leader") or {}
+    log = st.get("raft_log") or {}
+    lines = [
+        f"node {st.get('id')}: {st.get('state')}, term {st.get('current_term')}, "
+        f"leader {leader.get('name', '-')}, raft {st.get('endpoint')}, cluster {st.get('cluster_id')}, "
+        f"{st.get('binary_version')}, data {st.get('data_version')}",
+        f"log: last {st.get('last_log_index')}, applied {_log_id(st.get('last_applied'))}, "
+        f"snapshot {_log_id(st.get('snapshot_last_log_id'))}, purged {_log_id(st.get('purged'))}, "
+        f"seq {st.get('last_seq')}, keys {st.get('snapshot_key_count')}, "
+        f"wal {log.get('wal_total_size')} bytes in {(log.get('wal_closed_chunk_count') or 0) + 1} segments",
+        "",
+    ]
+    replication = st.get("replication")
+    rows = [["name", "raft", "role", "leader"] + (["matched"] if isinstance(replication, dict) else [])]
+    members = [(n, "voter") for n in st.get("voters") or []] + [(n, "learner") for n in st.get("non_voters") or []]
+    for node, role in members:
+        name = str(node.get("name"))
+        row = [name, _endpoint(node), role, "*" if name == leader.get("name") else ""]
+        if isinstance(replication, dict):
+            row.append(_log_id(replication.get(name)))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return lines
 
 
 class _Failed(Exception):

@@ -42,7 +42,7 @@ from metanode.errors import (
     Unavailable,
 )
 from metanode.trio_util import InFlight, single_errors
-from metanode.node import rpc
+from metanode.node import rpc, status
 from metanode.node.driver import NodeDriver
 from metanode.node.events import (
     ChangeMembership,
@@ -740,33 +740,7 @@ class Node:
         ]
 
     def cluster_status(self) -> dict:
-        st = self.core.status()
-
-        def log_id(lid: LogId | None) -> dict | None:
-            if lid is None:
-                return None
-            return {"leader_id": {"term": lid.term, "node_id": st.leader or 0}, "index": lid.index}
-
-        role = st.role.value
-        if st.role is Role.FOLLOWER and not st.membership.is_voter(self.id):
-            role = "Learner"
-        return {
-            "id": self.id,
-            "endpoint": {"addr": self.record.endpoint.addr, "port": self.record.endpoint.port},
-            "state": "Candidate" if role == "PreCandidate" else role,
-            "is_leader": st.role is Role.LEADER,
-            "current_term": st.term,
-            "last_log_index": st.last_log_id.index,
-            "last_applied": log_id(self.applied),
-            "snapshot_last_log_id": log_id(st.snapshot_last_log_id),
-            "purged": log_id(st.purged) if st.purged.index else None,
-            "leader": self._leader_json(st.leader),
-            "replication": {str(p): {"index": m} for p, m in st.matched.items()} if st.role is Role.LEADER else None,
-            "voters": sorted(st.committed_membership.voter_ids),
-            "non_voters": list(st.committed_membership.learners),
-            "last_seq": self.sm.last_seq,
-            "cluster_id": self.meta.cluster_id if self.meta else None,
-        }
+        return status.cluster_status(self)
 
     def _leader_json(self, leader: int | None) -> dict | None:
         if leader is None:

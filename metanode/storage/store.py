@@ -207,6 +207,13 @@ class RaftStorage:
         """The log id of the latest durable snapshot."""
         return self._snapshot_id
 
+    def wal_segments(self) -> list[tuple[str, int]]:
+        """The WAL segment files, oldest first, as (20-digit file number, bytes); the
+        last one is the segment being appended to. Read without the lock (a copy of a
+        list the writer thread only appends to or pops from): it may be a write behind.
+        For the status document (docs/reference/admin-api.md)."""
+        return [(f"{s.number:020d}", s.size) for s in list(self._wal.segments)]
+
     # ------------------------------------------------------------------ writing
     def save_meta(self, meta: NodeMeta) -> None:
         """Replace the node meta atomically (temp file, fsync, rename, fsync dir)."""

@@ -108,6 +108,12 @@ class Admin:
         return self.get("/v1/health").status_code == 200
 
 
+def voter_ids(status: dict) -> list[int]:
+    """The voter ids of a `/v1/cluster/status` document (voters are node records whose
+    `name` is the id, as databend's scripts read them)."""
+    return [int(v["name"]) for v in status["voters"]]
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("METASRV_CONFIG_FILE", None)

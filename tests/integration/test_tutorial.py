@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Admin, Proc, run_cli, wait_until
+from tests.integration.harness import Admin, Proc, run_cli, voter_ids, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def test_the_cluster_management_tutorial(tmp_path: Path) -> None:
         # 1.2: `./databend-meta -c ./databend-meta-7.toml > meta7.log 2>&1 &`
         started = time.monotonic()
         start(7)
-        wait_until(lambda: 7 in Admin(ADMIN[1]).status()["voters"], 30, "node 7 to be a voter")
+        wait_until(lambda: 7 in voter_ids(Admin(ADMIN[1]).status()), 30, "node 7 to be a voter")
         print(f"node 7 became a voter {time.monotonic() - started:.2f} s after it started")
         wait_nodes([1, 2, 3, 7], on=[1, 2, 3, 7])
 

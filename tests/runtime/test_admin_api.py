@@ -36,18 +36,28 @@ NODES = [
     {"name": "2", "endpoint": {"addr": "localhost", "port": 28203}, "grpc_api_advertise_address": "10.0.0.2:9191"},
 ]
 
+NODE_1 = NODES[0]
+LOG_ID = {"leader_id": {"term": 3, "node_id": 1}, "index": 10}
 STATUS = {
     "id": 1,
-    "endpoint": {"addr": "localhost", "port": 28004},
+    "binary_version": "metanode 0.1.0",
+    "data_version": "V001",
+    "endpoint": "localhost:28004",
+    "raft_log": {
+        "cache_items": 10, "cache_used_size": 812, "wal_total_size": 4096, "wal_open_chunk_size": 4096,
+        "wal_offset": 4096, "wal_closed_chunk_count": 0, "wal_closed_chunk_total_size": 0,
+        "wal_closed_chunk_sizes": {},
+    },
+    "snapshot_key_count": 2,
     "state": "Leader",
     "is_leader": True,
     "current_term": 3,
     "last_log_index": 10,
-    "last_applied": {"leader_id": {"term": 3, "node_id": 1}, "index": 10},
+    "last_applied": LOG_ID,
     "snapshot_last_log_id": None,
     "purged": None,
-    "leader": {"name": "1", "endpoint": {"addr": "localhost", "port": 28004}, "grpc_api_advertise_address": None},
-    "replication": {"2": {"leader_id": {"term": 3, "node_id": 1}, "index": 10}},
+    "leader": NODE_1,
+    "replication": {"1": LOG_ID, "2": LOG_ID},
     "voters": NODES,
     "non_voters": [],
     "last_seq": 7,
@@ -374,7 +384,7 @@ async def test_unexpected_error_is_500_json_and_logged(caplog: pytest.LogCapture
     assert any(rec.name == "metanode.admin" and rec.exc_info for rec in caplog.records)
 
 
-@pytest.mark.parametrize("path", ["/", "/v1/nope", "/v1/health/extra", "/v1/ctrl/unknown"])
+@pytest.mark.parametrize("path", ["/v1/nope", "/v1/health/extra", "/v1/ctrl/unknown", "/dashboard/nope.js", "/dashboard/index.html", "/static/x"])
 async def test_unknown_route_is_404_json(path: str) -> None:
     with trio.fail_after(LIMIT):
         async with running(FakeNode(), token=TOKEN) as srv:

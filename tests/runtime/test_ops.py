@@ -55,6 +55,12 @@ async def test_kv_and_admin_subcommands(tmp_path: Path, capsys: pytest.CaptureFi
         assert code == 0
         code, out = await run(capsys, "status", "--admin", f"127.0.0.1:{admin}")
         assert code == 0 and out["is_leader"] is True  # type: ignore[index]
+        assert [v["name"] for v in out["voters"]] == ["1"]  # type: ignore[index]
+        code, out = await run(capsys, "status", "--admin", f"127.0.0.1:{admin}", "--format", "table")
+        lines = out.out.splitlines()  # type: ignore[union-attr]
+        assert code == 0 and lines[0].startswith("node 1: Leader, term ") and "leader 1," in lines[0]
+        assert lines[1].startswith("log: last ") and lines[3].split() == ["name", "raft", "role", "leader", "matched"]
+        assert lines[4].split()[:4] == ["1", n.advertise_address, "voter", "*"]
         code, out = await run(capsys, "trigger-snapshot", "--admin", f"127.0.0.1:{admin}")
         assert code == 1 and "401" in out.err  # type: ignore[union-attr]
         code, out = await run(capsys, "trigger-snapshot", "--admin", f"127.0.0.1:{admin}", "--token", "s3cret")
