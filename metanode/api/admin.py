@@ -14,6 +14,8 @@ Routes (all ``GET``; JSON bodies are ``application/json``, keys in the node's or
 * ``/v1/metrics`` and ``/metrics`` -> Prometheus exposition (format by ``Accept``)
 * ``/v1/ctrl/trigger_snapshot`` -> ``null`` once the snapshot is built
 * ``/v1/ctrl/trigger_transfer_leader[?to=ID]`` -> ``{"from","to","voter_ids"}``
+* ``/`` -> the live cluster dashboard (HTML; its files under ``/dashboard/``) and
+  ``/v1/dashboard/stats[?since=MS]`` -> what the page shows (`metanode.api.dashboard`)
 
 Errors are JSON ``{"error": message}``: unknown route 404, wrong method 405, a bad
 parameter 400, a missing or wrong token on ``/v1/ctrl/*`` 401 (when a token is
@@ -44,6 +46,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from metanode.api.dashboard import ASSETS, CONTENT_SECURITY_POLICY, Dashboard, load_assets, parse_since
 from metanode.config import format_address, parse_address
 from metanode.errors import (
     BadRequest,
@@ -196,14 +199,19 @@ def parse_node_id(name: str, values: list[str]) -> int | None:
     return int(text)
 
 
-def create_app(node: AdminNode, *, token: str | None) -> QuartTrio:
+def create_app(node: AdminNode, *, token: str | None, dashboard: Dashboard | None = None) -> QuartTrio:
     """The admin app over `node`. With `token` set, ``/v1/ctrl/*`` require
-    ``Authorization: Bearer <token>``; read routes never do."""
+    ``Authorization: Bearer <token>``; read routes never do. `dashboard` keeps the
+    page's history (`serve_admin` runs its sampler); by default a fresh one that only
+    samples when the page asks."""
     if token is not None and not token:
         raise ValueError("admin_api_token must not be empty (leave it unset for no token)")
     expected = token.encode("utf-8") if token is not None else None
+    board = dashboard if dashboard is not None else Dashboard(node)
+    assets = load_assets()
 
-    app = QuartTrio("metanode.admin")
+    # No static folder: Quart's default would serve files from "<cwd>/static".
+    app = QuartTrio("metanode.admin", static_folder=None)
     # Quart's `app.logger` would start a QueueListener thread on first use when the
     # logger has no handler: every error path below logs to `log` instead.
 
@@ -248,6 +256,27 @@ def create_app(node: AdminNode, *, token: str | None) -> QuartTrio:
     async def metrics() -> Response:
         body, content_type = render_metrics(node.metrics(), request.headers.get("Accept"))
         return Response(body, status=200, content_type=content_type)
+
+    def asset(name: str) -> Response:
+        headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+        if name == "index.html":
+            headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        return Response(assets[name], status=200, content_type=ASSETS[name], headers=headers)
+
+    @app.get("/")
+    async def dashboard_page() -> Response:
+        return asset("index.html")
+
+    @app.get("/dashboard/<name>")
+    async def dashboard_asset(name: str) -> Response:
+        if name not in ASSETS or name == "index.html":
+            raise NotFound()
+        return asset(name)
+
+    @app.get("/v1/dashboard/stats")
+    async def dashboard_stats() -> Response:
+        since = parse_since(request.args.getlist("since"))
+        return json_response(board.view(since), headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/ctrl/trigger_snapshot")
     @mutating
@@ -389,7 +418,11 @@ async def serve_admin(
     exception groups after its lifespan task started, and it never closes the sockets it
     creates (a ResourceWarning at garbage collection).
     """
-    app = create_app(node, token=token)
+    # The dashboard asks peers for their status over the client API: with this
+    # node's client token, as the members of one cluster share it.
+    node_config = getattr(node, "config", None)
+    board = Dashboard(node, client_token=getattr(node_config, "grpc_api_token", None))
+    app = create_app(node, token=token, dashboard=board)
     cfg = hypercorn_config(certfile=certfile, keyfile=keyfile)
     sock = await bind_socket(address)
     try:
@@ -402,13 +435,16 @@ async def serve_admin(
             quic_sockets=[],
         )
         log.info("admin API listening on %s://%s", "https" if tls else "http", bound)
-        await worker_serve(
-            wrap_app(shield_sends(app), cfg.wsgi_max_body_size, "asgi"),
-            cfg,
-            sockets=sockets,
-            shutdown_trigger=shutdown.wait,
-            task_status=_StartedAs(task_status, bound),  # type: ignore[arg-type]
-        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(board.run)  # the dashboard's sampler, for as long as we serve
+            await worker_serve(
+                wrap_app(shield_sends(app), cfg.wsgi_max_body_size, "asgi"),
+                cfg,
+                sockets=sockets,
+                shutdown_trigger=shutdown.wait,
+                task_status=_StartedAs(task_status, bound),  # type: ignore[arg-type]
+            )
+            nursery.cancel_scope.cancel()
         log.info("admin API on %s stopped", bound)
     finally:
         sock.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from metanode import __version__
 from metanode.config import parse_address
+from metanode.api.reqstats import KIND_OF_OP, stats_for
 from metanode.errors import BadRequest, ClientError, TooLarge, Unauthenticated
 from metanode.trio_util import InFlight
 from metanode.node.watch import WatchHub
@@ -196,6 +198,7 @@ class ClientSession:
         self.watches: dict[int, trio.CancelScope] = {}
         self.token = token
         self.authenticated = token is None
+        self.stats = stats_for(node)  # counts and latencies for the dashboard
         self.ops: dict[str, Callable[[dict], Any]] = {
             "handshake": self.op_handshake,
             "upsert": self.op_upsert,
@@ -266,6 +269,14 @@ class ClientSession:
                 raise BadRequest(f"unknown op {req.get('op')!r}")
             if name == "watch":
                 result = await self._watch(rid, req)
+            elif self.stats is not None and name in KIND_OF_OP:
+                started = time.perf_counter()
+                ok = False
+                try:
+                    result = await op(req)
+                    ok = True
+                finally:
+                    self.stats.record(KIND_OF_OP[name], time.perf_counter() - started, ok)
             else:
                 result = await op(req)
             reply = {"id": rid, "ok": result}
