@@ -249,6 +249,10 @@ class RaftCore:
         self._trusted = frozenset(node_ids) - {self.id}
         self.strangers.difference_update(self._trusted)
 
+    def has_asked(self, peer: int) -> bool:
+        """Did we send `peer` a request in the current term (may its answer raise our term)?"""
+        return peer in self._asked
+
     def peer_reconnected(self, peer: int) -> None:
         """The peer dialed us again (a new hello): it may have restarted with a log
         shorter than it acknowledged, so probe it again from its match (§3.5)."""

@@ -23,11 +23,12 @@ from typing import Any
 
 import attrs
 
-from metanode.errors import ClientError
+from metanode.errors import ClientError, Unavailable
+from metanode.node.driver import NodeDriver
+from metanode.node.events import Compact, Propose, ReadIndex, Receive, Tick, Trust
 from metanode.raft import (
     ZERO_LOG_ID,
     Entry,
-    EntryKind,
     HardState,
     LogId,
     Message,
@@ -37,7 +38,6 @@ from metanode.raft import (
     Ready,
     Role,
     Snapshot,
-    SnapshotMeta,
     bootstrap_state,
 )
 from metanode.sm import KVStateMachine, MatchSeq, Upsert
@@ -97,28 +97,40 @@ class Disk:
 
 # --------------------------------------------------------------------- node
 class SimNode:
+    """One simulated node: the daemon's own `NodeDriver` (every decision: waiters,
+    apply step, reads, snapshot and purge rule, removal) with the simulator standing in
+    for the Trio loops, the disk and the network. Only the waiting is simulated here."""
+
     def __init__(self, cluster: Cluster, node_id: int, disk: Disk) -> None:
         self.cluster = cluster
         self.id = node_id
         self.disk = disk
         self.life = 0
+        self.ticks = 0
         self.up = False
         self.retired = False
-        self.was_member = False
         self.disk_slow_ms = 0  # upper bound of a random per-Ready disk latency
         self.clock_rate = 1.0
         self.trusted: frozenset[int] = frozenset()  # the members its join reply named
-        self.core: RaftCore
-        self.sm: KVStateMachine
+        self.driver: NodeDriver
         self.pending_ready: Ready | None = None
         self.mailbox: list[Message] = []
         self.last_seq = 0
-        self.applied = 0
         self.commit_seen = 0
-        # client requests waiting on this node
-        self.writes: dict[int, tuple[LogId, Callable[[Any], None]]] = {}
-        self.reads: dict[int, Callable[[int], None]] = {}
-        self.reads_ready: list[tuple[int, Callable[[int], None]]] = []
+        self.callbacks: dict[int, tuple[str, Callable[[Any], None]]] = {}  # req_id -> (kind, reply)
+
+    # the driver's state, as the daemon's views read it
+    @property
+    def core(self) -> RaftCore:
+        return self.driver.core
+
+    @property
+    def sm(self) -> KVStateMachine:
+        return self.driver.sm
+
+    @property
+    def applied(self) -> int:
+        return self.driver.applied.index
 
     def start(self) -> None:
         c = self.cluster
@@ -126,12 +138,12 @@ class SimNode:
         self.ticks = 0
         self.up = True
         self.pending_ready = None
-        state = self.disk.persisted()
-        self.core = RaftCore(c.raft_config(self.id), state, random.Random(c.rng.random()))
-        self.core.trust(self.trusted)
-        self.sm = KVStateMachine.restore(state.snapshot.data) if state.snapshot else KVStateMachine()
+        self.driver = NodeDriver(
+            c.raft_config(self.id), self.disk.persisted(), random.Random(c.rng.random()),
+            snapshot_logs_since_last=c.snapshot_every, max_applied_log_to_keep=c.keep_after_snapshot,
+        )
+        self.driver.handle(Trust(self.trusted))
         self.last_seq = self.sm.last_seq
-        self.applied = state.snapshot.meta.last_log_id.index if state.snapshot else 0
         self.commit_seen = self.core.commit_index
         if not c.manual:
             c.schedule(c.rng.randrange(1, TICK_MS), self._tick, self.life)
@@ -140,15 +152,9 @@ class SimNode:
         self.up = False
         self.pending_ready = None
         self.mailbox = []
-        for _, (_, reply) in list(self.writes.items()):
-            reply(None)  # outcome unknown
-        for _, reply in list(self.reads.items()):
-            reply(-1)
-        for _, reply in self.reads_ready:
-            reply(-1)
-        self.writes.clear()
-        self.reads.clear()
-        self.reads_ready.clear()
+        callbacks, self.callbacks = self.callbacks, {}
+        for kind, reply in callbacks.values():
+            reply(None if kind == "write" else -1)  # a write's outcome is unknown
 
     def _tick(self, life: int) -> None:
         if not self.up or life != self.life:
@@ -157,7 +163,7 @@ class SimNode:
         c.schedule(max(1, int(TICK_MS * self.clock_rate)), self._tick, life)
         if self.pending_ready is not None:
             return  # busy in fsync: this tick is late, like a real ticker's
-        self.core.tick()
+        self.driver.handle(Tick())
         self.ticks += 1
         if self.core.strangers and self.ticks % 10 == 0:
             self._ask_about_strangers()
@@ -172,12 +178,11 @@ class SimNode:
         if not known:
             return
         voucher = c.rng.choice(known)
-        ids = voucher.core.membership.node_ids | voucher.core.committed_membership.node_ids
-        c.schedule(c.rng.randint(*c.delay), self._trust, self.life, ids)
+        c.schedule(c.rng.randint(*c.delay), self._trust, self.life, voucher.driver.member_ids())
 
     def _trust(self, life: int, ids: frozenset[int]) -> None:
         if self.up and life == self.life:
-            self.core.trust(ids)
+            self.driver.handle(Trust(ids))
 
     def deliver(self, msg: Message) -> None:
         if not self.up:
@@ -185,7 +190,7 @@ class SimNode:
         if self.pending_ready is not None:
             self.mailbox.append(msg)  # the raft loop is busy in fsync: queue it
             return
-        self.core.step(msg)
+        self.driver.handle(Receive(msg))
         self.pump()
 
     def pump(self) -> None:
@@ -199,6 +204,7 @@ class SimNode:
                 c.schedule(latency, self._complete, self.life, ready)
                 return
             self._complete(self.life, ready)
+        self._dispatch()
 
     def _complete(self, life: int, ready: Ready) -> None:
         if not self.up or life != self.life:
@@ -212,47 +218,55 @@ class SimNode:
             c.send(msg)
         if ready.snapshot is not None:
             c.snapshots_installed += 1
-            self.sm = KVStateMachine.restore(ready.snapshot.data)
-            self.applied = ready.snapshot.meta.last_log_id.index
-            self._check_seq()
+        applied = ready.snapshot.meta.last_log_id.index if ready.snapshot is not None else self.applied
         for entry in ready.committed:
-            self._apply(entry)
-        for rs in ready.read_states:
-            reply = self.reads.pop(rs.ctx, None)  # type: ignore[call-overload]
-            if reply is not None:
-                self.reads_ready.append((rs.index, reply))
-        for ctx in ready.dropped_reads:
-            reply = self.reads.pop(ctx, None)  # type: ignore[call-overload]
-            if reply is not None:
-                reply(-1)
+            if entry.index != applied + 1:
+                raise InvariantViolation(f"t={c.now} node {self.id} applied {entry.index} after {applied} (gap)")
+            c.check_applied(self, entry)
+            applied = entry.index
+        self.driver.apply(ready.snapshot, ready.committed, ready.read_states, ready.dropped_reads)
+        self._check_seq()
         self.core.advance(ready)
         mailbox, self.mailbox = self.mailbox, []
         for msg in mailbox:
-            self.core.step(msg)
-        self._serve_reads()
+            self.driver.handle(Receive(msg))
         c.check_commit(self)
         c.check_role(self)
         self._maybe_snapshot()
-        self._maybe_retire()
+        self._dispatch()
+        if self.driver.removed:
+            # The daemon exits once it applied a membership without itself.
+            self.retired = True
+            self.crash()
+            c.log(f"node {self.id} removed from the cluster: exits")
+            return
         self.pump()
 
-    def _apply(self, entry: Entry) -> None:
-        c = self.cluster
-        if entry.index != self.applied + 1:
-            raise InvariantViolation(
-                f"t={c.now} node {self.id} applied {entry.index} after {self.applied} (gap)"
-            )
-        c.check_applied(self, entry)
-        self.applied = entry.index
-        result = apply_command(self.sm, entry.data) if entry.kind == EntryKind.NORMAL else None
-        self._check_seq()
-        waiting = self.writes.pop(entry.index, None)
-        if waiting is not None:
-            log_id, reply = waiting
-            if log_id.term == entry.term:
-                reply(result)
+    def _dispatch(self, refused: int | None = None) -> None:
+        """Hand the driver's replies to whoever waits on them. The request `refused`
+        (just made) raises its error instead, as the daemon's API call would."""
+        error: BaseException | None = None
+        for r in self.driver.take_replies():
+            waiting = self.callbacks.pop(r.req_id, None)
+            if waiting is None:
+                continue
+            kind, reply = waiting
+            if r.req_id == refused and r.error is not None:
+                error = r.error
+            elif kind == "write":
+                if isinstance(r.error, Unavailable):
+                    reply(False)  # another entry took its index: it can never apply
+                elif r.error is not None:
+                    reply(None)  # unknown outcome (a snapshot replaced the log)
+                else:
+                    reply(r.value)
+            elif kind == "compact":
+                assert r.error is None, r.error
+                reply(r.value)
             else:
-                reply(False)  # another entry won the index: ours can never commit
+                reply(-1 if r.error is not None else r.value)
+        if error is not None:
+            raise error
 
     def _check_seq(self) -> None:
         if self.sm.last_seq < self.last_seq:
@@ -261,53 +275,32 @@ class SimNode:
             )
         self.last_seq = self.sm.last_seq
 
-    def _serve_reads(self) -> None:
-        if not self.reads_ready:
-            return
-        keep = []
-        for index, reply in self.reads_ready:
-            if self.applied >= index:
-                reply(index)
-            else:
-                keep.append((index, reply))
-        self.reads_ready = keep
-
     def _maybe_snapshot(self) -> None:
-        c = self.cluster
-        core = self.core
-        snap = core.log.snapshot
-        since = self.applied - (snap.meta.last_log_id.index if snap else 0)
-        if since < c.snapshot_every or core.log.applied != self.applied:
+        """The daemon's rule (the driver's), built and saved at once (the daemon saves
+        in a thread, then compacts: the same order)."""
+        driver = self.driver
+        if not driver.snapshot_due():
             return
-        term = core.log.term_at(self.applied)
-        assert term is not None
-        meta = SnapshotMeta(LogId(term, self.applied), core.membership_at(self.applied))
-        snapshot = Snapshot(meta, self.sm.snapshot())
+        snapshot, purge_to = driver.build_snapshot()
         self.disk.snapshot = snapshot  # written to a temp file and renamed: atomic
-        purge_to = self.applied - c.keep_after_snapshot
-        core.compact(snapshot, purge_to)
-        self.disk.purge(core.log.purged.index)
-
-    def _maybe_retire(self) -> None:
-        committed = self.core.committed_membership
-        if committed.node_ids and self.id in committed.node_ids:
-            self.was_member = True
-        elif self.was_member and self.id not in self.core.membership.node_ids:
-            # SPEC §3: a node that sees a committed membership without itself exits.
-            self.retired = True
-            self.crash()
-            self.cluster.log(f"node {self.id} removed from the cluster: exits")
+        driver.snapshot_saved(snapshot)
+        req_id = next(self.cluster.ctx_ids)
+        self.callbacks[req_id] = ("compact", self.disk.purge)
+        driver.handle(Compact(req_id, snapshot, purge_to))
 
     # client entry points (the node's API layer)
     def client_write(self, data: bytes, reply: Callable[[Any], None]) -> None:
-        log_id = self.core.propose(data)
-        self.writes[log_id.index] = (log_id, reply)
-        self.pump()
+        """Propose on this node; raises the ClientError (NotLeader, ...) it refused with."""
+        self._request("write", Propose(((next(self.cluster.ctx_ids), data),)), reply)
 
     def client_read(self, reply: Callable[[int], None]) -> None:
-        ctx = next(self.cluster.ctx_ids)
-        self.reads[ctx] = reply
-        self.core.read_index(ctx)
+        self._request("read", ReadIndex((next(self.cluster.ctx_ids),)), reply)
+
+    def _request(self, kind: str, event: Propose | ReadIndex, reply: Callable[[Any], None]) -> None:
+        req_id = event.items[0][0] if isinstance(event, Propose) else event.req_ids[0]
+        self.callbacks[req_id] = (kind, reply)
+        self.driver.handle(event)
+        self._dispatch(refused=req_id)
         self.pump()
 
 
@@ -423,7 +416,7 @@ class Cluster:
         node = self.nodes[node_id]
         for _ in range(n):
             if node.up:
-                node.core.tick()
+                node.driver.handle(Tick())
                 node.pump()
 
     def tick_all(self, n: int = 1) -> None:

@@ -1,7 +1,7 @@
 """Randomized simulation: many seeds of a faulty cluster under load and churn.
 
 Each seed runs 60 simulated seconds of a 3- or 5-voter cluster (see `workload.py`).
-`SIM_SEEDS=N` runs N seeds (default 300), `SIM_SEED_START=S` starts at seed S. A
+`SIM_SEEDS=N` runs N seeds (default 500), `SIM_SEED_START=S` starts at seed S. A
 failure prints the seed and the command that replays it with a transcript.
 """
 
@@ -13,7 +13,7 @@ import pytest
 
 from tests.sim.workload import run_seed
 
-SEEDS = int(os.environ.get("SIM_SEEDS", "300"))
+SEEDS = int(os.environ.get("SIM_SEEDS", "500"))
 START = int(os.environ.get("SIM_SEED_START", "0"))
 
 

@@ -209,3 +209,53 @@ def test_duplicated_and_reordered_appends_are_harmless() -> None:
     c.settle()
     assert follower.sm.get("a").data == b"2"  # type: ignore[union-attr]
     assert not [m for m in c.inflight if isinstance(m, SnapshotRequest)]
+
+
+def test_a_voter_whose_log_came_back_shorter_catches_up_on_a_quiet_cluster() -> None:
+    """A follower restarts with its last acknowledged entries gone (a cut WAL tail) and
+    nobody writes: the leader's heartbeat (its commit capped at what it believes the
+    follower matched) shows the follower the loss, the follower rejects that index, the
+    leader lowers its match and sends the entries again. Before: the leader kept
+    counting entries the follower no longer had and it never caught up."""
+    c = Cluster(0, voters=3, manual=True, trace=True)
+    leader = c.elect(1)
+    for i in range(4):
+        write(c, leader, f"k{i}", b"v")
+        c.deliver()
+    c.settle()
+    f = c.nodes[3]
+    top = leader.core.log.last_index
+    assert f.core.log.last_index == top and leader.core.progress[3].match == top
+    f.crash()
+    del f.disk.entries[-2:]
+    f.start()
+    assert f.core.log.last_index == top - 2
+    c.settle()
+    assert f.core.log.last_index == top and f.applied == top
+    assert leader.core.progress[3].match == top
+    assert any("append_resp" in line and "reject" in line for line in c.transcript)
+
+
+def test_a_wiped_voter_is_refused_and_a_forged_term_moves_nothing() -> None:
+    """The safety issue's scenario in the simulator: a voter with an empty data dir
+    asking to join under its old id is refused by the leader's own decision (naming
+    `--leave-id`); an empty node never votes; and frames from a non-member with a far
+    term leave every term as it was."""
+    from metanode.errors import BadRequest
+    from metanode.raft.messages import HeartbeatResponse, VoteRequest
+    from metanode.raft.types import LogId
+    from tests.sim.workload import _record
+
+    c = Cluster(0, voters=3, manual=True)
+    leader = c.elect(1)
+    with pytest.raises(BadRequest, match="--leave-id 2"):
+        leader.driver.plan_join(2, _record(2), fresh=True, learner=False, promote=False)
+    wiped = c.add_node(9)  # an empty disk, trusting the members
+    wiped.deliver(VoteRequest(leader.core.term + 1, 3, 9, LogId(1, 1), transfer=True))
+    assert [m for m in c.inflight if m.src == 9 and "yes" in str(m)] == []
+    terms = {n.id: n.core.term for n in c.nodes.values()}
+    for n in (1, 2, 3):
+        c.nodes[n].deliver(HeartbeatResponse(terms[n] + 100_000, 99, n, 0, 0))
+        c.nodes[n].deliver(VoteRequest(terms[n] + 100_000, 99, n, LogId(10**5, 10**6)))
+    assert {n.id: n.core.term for n in c.nodes.values()} == terms
+    assert leader.core.is_leader

@@ -17,9 +17,21 @@ from typing import Any
 
 import attrs
 
-from metanode.errors import ClientError
-from metanode.sm import ApplyError, Change
-from tests.sim.cluster import Cluster, InvariantViolation, SimNode, encode_command
+from metanode.errors import BadRequest, ClientError
+from metanode.raft.messages import (
+    AppendRequest,
+    AppendResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    SnapshotResponse,
+    VoteRequest,
+    VoteResponse,
+)
+from metanode.raft.types import LogId
+from metanode.sm import ApplyError, Change, Endpoint, NodeRecord
+from tests.sim.cluster import Cluster, Disk, InvariantViolation, SimNode, encode_command
+
+FORGED_TERM = 100_000  # forged frames claim terms this far ahead; no node may reach it
 from tests.sim.linearizability import Op, assert_linearizable
 
 KEYS = ("a", "b", "c", "d")
@@ -39,6 +51,9 @@ class RunStats:
     messages: int = 0
     snapshots_installed: int = 0
     removed_nodes_exited: int = 0
+    forged_frames: int = 0
+    wiped_voters_refused: int = 0
+    shortened_logs: int = 0
 
 
 def _sv(seqv: Any) -> tuple[int, bytes] | None:
@@ -229,12 +244,105 @@ class Run:
                 c.cut.add((a, b))
                 c.log(f"cut {a}->{b}")
             c.schedule(rng.randrange(self.fault_every[0], 2 * self.fault_every[1]), self.heal)
-        elif r < 0.65:
+        elif r < 0.62:
             n = rng.choice(live)
             n.disk_slow_ms = rng.choice((0, 20, 200))
             c.log(f"disk of {n.id} max {n.disk_slow_ms} ms")
+        elif r < 0.68:
+            self.forge()
+        elif r < 0.71:
+            self.shorten_learner_log()
+        elif r < 0.74:
+            self.wipe_voter()
         else:
             self.churn()
+
+    # -- faults outside the paper: strangers, lost disk tails, wiped disks
+    def forge(self) -> None:
+        """A burst of forged frames: any message from a non-member (id 99), and
+        responses nobody asked for from members, all with a term far ahead. None may
+        move a term (checked at the end: no node reaches FORGED_TERM)."""
+        c, rng = self.cluster, self.rng
+        targets = [n for n in c.up_nodes() if not n.retired]
+        for _ in range(rng.randrange(1, 6)):
+            if not targets:
+                return
+            dst = rng.choice(targets)
+            term = dst.core.term + FORGED_TERM
+            # Members' responses are forged only where that member was not asked in
+            # this term: an answer to a request we did send cannot be told from a
+            # forgery without peer authentication.
+            unasked = sorted(p for p in dst.driver.member_ids() - {dst.id} if not dst.core.has_asked(p))
+            member = rng.choice(unasked) if unasked else 99
+            last = LogId(term, 10**6)
+            msg = rng.choice((
+                HeartbeatResponse(term, 99, dst.id, 0, 0),
+                AppendResponse(term, 99, dst.id, False, 5),
+                VoteRequest(term, 99, dst.id, last),
+                AppendRequest(term, 99, dst.id, LogId(0, 0), (), 0),
+                Heartbeat(term, 99, dst.id, 10**6),
+                VoteResponse(term, 99, dst.id, True),
+                HeartbeatResponse(term, member, dst.id, 0, 0),
+                VoteResponse(term, member, dst.id, False),
+                SnapshotResponse(term, member, dst.id, LogId(1, 1), 0),
+                AppendResponse(term, member, dst.id, False, 1),
+            ))
+            self.stats.forged_frames += 1
+            c.log(f"forged {msg}")
+            dst.deliver(msg)
+
+    def shorten_learner_log(self) -> None:
+        """A learner restarts with the tail of its log gone (a disk that lost what it
+        acknowledged). Only learners: a voter losing acknowledged entries may lose
+        committed ones, which Raft cannot prevent; that case has a scripted scenario."""
+        c, rng = self.cluster, self.rng
+        leader = c.leader()
+        if leader is None:
+            return
+        learners = [c.nodes[i] for i in leader.core.membership.learners if i in c.nodes]
+        learners = [n for n in learners if n.up and len(n.disk.entries) > 1 and not n.retired]
+        if not learners:
+            return
+        n = rng.choice(learners)
+        cut = rng.randrange(1, min(10, len(n.disk.entries)))
+        n.crash()
+        del n.disk.entries[-cut:]
+        self.stats.shortened_logs += 1
+        c.log(f"shorten the log of learner {n.id} by {cut}")
+        c.schedule(rng.randrange(100, 2000), self.restart, n)
+
+    def wipe_voter(self) -> None:
+        """A follower voter loses its disk and comes back with its old id: the
+        leader's join decision must refuse it; the operator then removes it (the
+        documented fix) and it may join again later under a new id."""
+        c, rng = self.cluster, self.rng
+        leader = c.leader()
+        if leader is None or not leader.driver.change_possible():
+            return
+        voters = set(leader.core.membership.final_voters)
+        victims = [c.nodes[i] for i in sorted(voters - {leader.id}) if i in c.nodes and not c.nodes[i].retired]
+        if len(voters) < 3 or not victims:
+            return
+        victim = rng.choice(victims)
+        victim.crash()
+        victim.disk = Disk()
+        victim.retired = True  # its process exits: the join was refused
+        c.log(f"wipe voter {victim.id}")
+        try:
+            leader.driver.plan_join(victim.id, _record(victim.id), fresh=True, learner=False, promote=False)
+        except BadRequest as e:
+            assert "--leave-id" in str(e), e
+            self.stats.wiped_voters_refused += 1
+        else:
+            raise InvariantViolation(f"t={c.now} the wiped voter {victim.id} was let back in")
+        try:
+            if leader.driver.plan_leave(victim.id) is None:
+                m = leader.core.membership
+                leader.core.change_membership(set(m.final_voters) - {victim.id}, set(m.learners))
+                c.log(f"operator removes wiped voter {victim.id}")
+        except ClientError as e:
+            c.log(f"leave of {victim.id} refused: {e}")
+        leader.pump()
 
     def new_leader(self, node: SimNode) -> None:
         """Adversary: the moments right after an election are where membership and
@@ -279,15 +387,18 @@ class Run:
         r = rng.random()
         try:
             if r < 0.25 and len(voters) + len(learners) < 7:
+                # A node with an empty data dir joins: the leader's own join decision.
                 new = self.next_id
                 self.next_id += 1
+                plan = leader.driver.plan_join(new, _record(new), fresh=True, learner=False, promote=False)
+                assert plan.add_learner and not plan.promote, plan
                 c.add_node(new).clock_rate = rng.uniform(0.9, 1.1)
                 core.change_membership(voters, learners | {new})
                 c.log(f"add learner {new}")
             elif r < 0.45 and learners:
                 lid = rng.choice(sorted(learners))
-                pr = core.progress.get(lid)
-                if pr is not None and pr.match >= core.commit_index - 5:
+                plan = leader.driver.plan_join(lid, _record(lid), fresh=False, learner=False, promote=True)
+                if plan.promote and leader.driver.caught_up(lid):
                     core.change_membership(voters | {lid}, learners - {lid})
                     c.log(f"promote {lid}")
             elif r < 0.6 and learners and len(voters) > 2:
@@ -367,6 +478,9 @@ class Run:
             raise InvariantViolation(
                 f"membership change stuck at the end: latest {m}, committed {leader.core.committed_membership}"
             )
+        runaway = [n.id for n in c.nodes.values() if n.core.term >= FORGED_TERM]
+        if runaway:
+            raise InvariantViolation(f"forged frames moved the term of nodes {runaway}")
         self.stats.sim_ms = c.now
         self.stats.messages = c.messages_sent
         self.stats.snapshots_installed = c.snapshots_installed
@@ -375,6 +489,10 @@ class Run:
         assert_linearizable(self.history)
         if any(isinstance(op.out, ApplyError) for op in self.history):
             raise InvariantViolation("a client write hit an ApplyError")
+
+
+def _record(node_id: int) -> NodeRecord:
+    return NodeRecord(str(node_id), Endpoint("sim", node_id), None)
 
 
 def run_seed(seed: int, duration_ms: int = 60_000, trace: bool = False) -> RunStats:
