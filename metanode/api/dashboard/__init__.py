@@ -324,7 +324,10 @@ class Dashboard:
         kept open; every failure is recorded and the connection made again."""
         from metanode.client import MetaClient  # the client imports nothing from api/
 
-        info: dict[str, Any] = {"address": address, "status": None, "at_ms": None, "error": None}
+        info: dict[str, Any] = {
+            "address": address, "status": None, "at_ms": None,
+            "error": None, "error_ms": None, "failing_since_ms": None,
+        }
         self.peers[peer] = info
         with scope:
             while True:
@@ -332,11 +335,14 @@ class Dashboard:
                     async with MetaClient.connect([address], token=self.client_token, timeout=PEER_TIMEOUT_S) as client:
                         while True:
                             status = await client.cluster_status()
-                            info.update(status=status, at_ms=self.wall_ms(), error=None)
+                            info.update(status=status, at_ms=self.wall_ms(), error=None, failing_since_ms=None)
                             await trio.sleep(PEER_POLL_S)
                 except Exception as exc:  # unreachable, refused, timed out: keep trying
                     message = str(exc) or type(exc).__name__
-                    info.update(error=message, error_ms=self.wall_ms())
+                    now = self.wall_ms()
+                    info.update(error=message, error_ms=now)
+                    if info.get("failing_since_ms") is None:
+                        info["failing_since_ms"] = now
                 await trio.sleep(PEER_POLL_S)
 
     # ------------------------------------------------------------------ the task

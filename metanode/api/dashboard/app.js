@@ -220,6 +220,7 @@
         st: null,
         role: 'unknown',
         why: '',
+        detail: '',
         lag: null,
       };
       const p = peers.get(id);
@@ -235,7 +236,8 @@
           m.role = ps.role;
         } else if (p && p.error && !(link && link.connected === true)) {
           m.role = 'down';
-          m.why = `no answer: ${p.error}`;
+          m.why = isNum(p.failing_since_ms) ? `not answering since ${fmtTime(p.failing_since_ms)}` : 'not answering';
+          m.detail = p.error;
         } else if (linkDown) {
           m.role = 'down';
           m.why = `node ${me.id}'s raft link to it is down`;
@@ -246,7 +248,8 @@
           m.role = m.learner ? 'learner' : 'follower';
           m.why = 'replicating from this leader';
         } else if (p && p.error) {
-          m.why = `client API: ${p.error}`;
+          m.why = 'its client API does not answer';
+          m.detail = p.error;
         } else if (p) {
           m.why = 'asking for its status…';
         } else {
@@ -405,14 +408,16 @@
     if (me.leaderId === null) {
       leaderEl.className = 'value none';
       leaderEl.textContent = 'none';
-      $('leader-sub').textContent = `term ${fmtInt(me.term)} · election or no quorum`;
+      $('leader-sub').textContent = `term ${fmtInt(me.term)}`;
+      $('leader-sub2').textContent = 'an election, or no quorum';
     } else {
       leaderEl.className = 'value leader';
       const lead = model.members.find((m) => m.id === me.leaderId);
       replace(leaderEl, `node ${me.leaderId}`, me.leaderId === me.id ? h('span', { class: 'unit', text: '  this node' }) : null);
       const since = leaderSince(d, model);
       const when = since && since.kind !== 'start' ? ` · since ${fmtTime(since.t)}` : '';
-      $('leader-sub').textContent = `term ${fmtInt(me.term)}${when}${lead && lead.endpoint ? ' · ' + lead.endpoint : ''}`;
+      $('leader-sub').textContent = `term ${fmtInt(me.term)}${when}`;
+      $('leader-sub2').textContent = lead && lead.endpoint ? `raft ${lead.endpoint}` : '';
     }
 
     const voters = model.members.filter((m) => m.voter);
@@ -426,17 +431,22 @@
     const parts = [`${nUp} up`];
     if (nDown) parts.push(`${nDown} down`);
     if (nUnknown) parts.push(`${nUnknown} not seen from here`);
-    parts.push(`quorum ${Math.floor(voters.length / 2) + 1}`);
     $('members-sub').textContent = parts.join(' · ');
+    const quorum = Math.floor(voters.length / 2) + 1;
+    $('members-sub2').textContent = voters.length ? `a quorum is ${quorum} of ${voters.length} voters` : '';
 
     replace($('log-last'), fmtInt(me.lastLog), h('span', { class: 'unit', text: ' last index' }));
-    $('log-sub').textContent = `applied ${fmtInt(me.applied)} · snapshot ${fmtInt(me.snapshot)} · purged ${fmtInt(me.purged)}`;
+    $('log-sub').textContent = `applied ${fmtInt(me.applied)}`;
+    $('log-sub2').textContent = `snapshot ${fmtInt(me.snapshot)} · purged ${fmtInt(me.purged)}`;
 
     const p = state.series.length ? state.series[state.series.length - 1] : null;
     replace($('rate-now'), p ? fmtRate(p.applied_per_s) : '—', h('span', { class: 'unit', text: ' writes/s' }));
-    $('rate-sub').textContent = p
-      ? `reads here ${fmtRate(p.reads_per_s)}/s · write p99 ${fmtMs(p.write_p99_ms)} ms`
-      : 'waiting for the first second of samples';
+    $('rate-sub').textContent = p ? `reads at this node ${fmtRate(p.reads_per_s)}/s` : 'waiting for the first second';
+    let lat = '';
+    if (p && (isNum(p.write_p99_ms) || isNum(p.read_p99_ms))) {
+      lat = `p99 write ${fmtMs(p.write_p99_ms)} ms · read ${fmtMs(p.read_p99_ms)} ms`;
+    } else if (p) lat = 'no client requests at this node';
+    $('rate-sub2').textContent = lat;
   }
 
   function cell(value, cls) {
@@ -452,17 +462,21 @@
       return h('td', null, h('div', { class: 'lag none' }, h('span', { class: 'text', text: 'leader' })));
     }
     const { behind, matched, state: rs } = m.lag;
+    const down = m.role === 'down';
     let width = 0;
     if (isNum(behind) && behind > 0) width = Math.max(0.03, Math.min(1, Math.log10(1 + behind) / Math.log10(1 + LAG_FULL)));
-    const warn = (isNum(behind) && behind >= LAG_WARN) || (rs && rs !== 'replicate' && behind > 0);
-    const cls = m.role === 'down' ? 'down' : (warn ? 'warn' : '');
-    const label = !isNum(behind) ? 'not matched yet' : (behind === 0 ? 'in sync' : `${fmtInt(behind)} behind`);
+    if (down && !isNum(behind)) width = 1;
+    const warn = !down && ((isNum(behind) && behind >= LAG_WARN) || (rs && rs !== 'replicate' && behind > 0));
+    const label = !isNum(behind) ? 'no match yet' : (behind === 0 ? 'in sync' : `${fmtInt(behind)} behind`);
     const extra = [];
     if (isNum(matched)) extra.push(`matched ${fmtInt(matched)}`);
-    if (rs && rs !== 'replicate') extra.push(rs === 'snapshot' ? 'sending snapshot' : 'probing');
-    return h('td', { title: `leader's view: ${label}${extra.length ? ', ' + extra.join(', ') : ''}` },
+    if (rs === 'snapshot') extra.push('sending a snapshot');
+    else if (rs === 'probe' && !down) extra.push('probing');
+    const fill = h('div', { class: `fill ${down ? 'down' : (warn ? 'warn' : '')}` });
+    fill.style.width = `${(width * 100).toFixed(1)}%`;
+    return h('td', { title: `the leader's view: ${label}${extra.length ? ', ' + extra.join(', ') : ''}` },
       h('div', { class: 'lag', 'data-behind': isNum(behind) ? behind : '' },
-        h('div', { class: 'track' }, h('div', { class: `fill ${cls}`, style: null })),
+        h('div', { class: 'track' }, fill),
         h('span', { class: `text ${warn ? 'warn' : ''}`, text: label }),
         extra.length ? h('span', { class: 'muted', text: extra.join(' · ') }) : null));
   }
@@ -477,16 +491,11 @@
       const tr = h('tr', { 'data-node-id': m.id, 'data-role': m.role, class: m.role === 'leader' ? 'is-leader' : null },
         h('td', null, h('span', { class: 'node-id', text: m.name === String(m.id) ? `${m.id}` : `${m.id} · ${m.name}` }), tags),
         h('td', { class: 'mono', text: m.endpoint || '—' }),
-        h('td', { class: 'c-role', title: m.why || null },
+        h('td', { class: 'c-role', title: [m.why, m.detail].filter(Boolean).join(': ') || null },
           h('span', { class: `role ${m.role}`, text: roleText }),
           m.why && !st ? h('span', { class: 'why', text: m.why }) : null),
         cell(st && st.term), cell(st && st.lastLog), cell(st && st.applied), cell(st && st.snapshot), cell(st && st.purged),
         lagCell(m));
-      const fill = tr.querySelector('.fill');
-      if (fill && m.lag && isNum(m.lag.behind)) {
-        const w = m.lag.behind > 0 ? Math.max(0.03, Math.min(1, Math.log10(1 + m.lag.behind) / Math.log10(1 + LAG_FULL))) : 0;
-        fill.style.width = `${(w * 100).toFixed(1)}%`;
-      }
       return tr;
     });
     replace($('members-body'), rows);
@@ -546,7 +555,7 @@
     }
     const maxGap = ((state.data && state.data.sample_s) || 1) * 2500;
     let any = false;
-    for (const ln of lines) {
+    for (const ln of lines.slice().reverse()) {
       let d = '';
       let prev = null;
       for (const p of pts) {
