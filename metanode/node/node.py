@@ -237,6 +237,13 @@ class Node:
             snapshot_logs_since_last=rc.snapshot_logs_since_last,
             max_applied_log_to_keep=rc.max_applied_log_to_keep,
         )
+        if self.driver.core.log_reset_to_snapshot:
+            # The log does not reach the snapshot (a lost WAL tail, a crash during an
+            # install): the snapshot wins, and the stored entries go too.
+            assert state.snapshot is not None
+            log.warning("%d: the log does not reach snapshot %s: reset the log to it",
+                        self.id, state.snapshot.meta.last_log_id)
+            self.storage.append(snapshot=state.snapshot)
         self._synced_term_vote = (state.hard_state.term, state.hard_state.vote)
         self.watch_hub = WatchHub(self.sm.rev)
         self.driver.on_changes = self.watch_hub.on_changes

@@ -152,14 +152,18 @@ class RaftCore:
         self.vote = hs.vote
         snap = state.snapshot
         purged, entries = state.purged, list(state.entries)
+        self.log_reset_to_snapshot = False
         if snap is not None:
             last = snap.meta.last_log_id
             # The log may keep entries behind the snapshot (max_applied_log_to_keep).
             # If it does not reach the snapshot's last entry, or disagrees there (a
             # crash during an install from the leader), the snapshot wins (§5.1).
+            # The runtime must then make the stored log agree (drop its entries)
+            # before it appends after the snapshot: `log_reset_to_snapshot`.
             pos = last.index - purged.index - 1
             if pos >= 0 and not (pos < len(entries) and entries[pos].term == last.term):
                 purged, entries = last, []
+                self.log_reset_to_snapshot = True
         applied = snap.meta.last_log_id.index if snap else 0
         self.log = RaftLog(purged, entries, max(hs.commit, applied), applied)
         if hs.commit > self.log.last_index:

@@ -143,6 +143,8 @@ class SimNode:
             snapshot_logs_since_last=c.snapshot_every, max_applied_log_to_keep=c.keep_after_snapshot,
         )
         self.driver.handle(Trust(self.trusted))
+        if self.core.log_reset_to_snapshot:  # as the daemon does: the snapshot wins
+            self.disk.write(Ready(snapshot=self.disk.snapshot))
         self.last_seq = self.sm.last_seq
         self.commit_seen = self.core.commit_index
         if not c.manual:

@@ -215,3 +215,21 @@ def test_compacting_beyond_the_applied_index_is_our_bug():
     c1.propose(b"a")
     with pytest.raises(RaftInvariantError):
         c1.compact(Snapshot(SnapshotMeta(LogId(2, 3), c1.membership), DATA), 3)
+
+
+def test_a_log_that_does_not_reach_the_snapshot_is_reset_and_the_runtime_told():
+    """A restart whose log ends before the snapshot's last entry (a lost WAL tail, a
+    crash during an install): the snapshot wins (§5.1), and `log_reset_to_snapshot`
+    tells the runtime to drop the stored entries before it appends after the snapshot
+    (else the store sees a gap). Found by the simulator once it ran the daemon's rules."""
+    from metanode.raft import HardState, PersistedState, Snapshot, SnapshotMeta
+    from metanode.raft.types import Membership
+    from tests.unit.raft_helpers import entry, new_core
+
+    snap = Snapshot(SnapshotMeta(LogId(2, 5), Membership.of((1, 2, 3))), b"")
+    short = PersistedState(HardState(2, None, 3), snap, (entry(2, 2), entry(2, 3)), LogId(1, 1))
+    core = new_core(2, state=short)
+    assert core.log_reset_to_snapshot and core.log.purged == LogId(2, 5) and core.log.last_index == 5
+    whole = PersistedState(HardState(2, None, 5), snap, tuple(entry(2, i) for i in range(2, 7)), LogId(1, 1))
+    core = new_core(2, state=whole)
+    assert not core.log_reset_to_snapshot and core.log.last_index == 6
