@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,18 @@ import httpx
 import pytest
 
 from metanode.client import MetaError, SyncMetaClient
+from metanode.raft.messages import (
+    AppendRequest,
+    AppendResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
+)
+from metanode.raft.types import LogId
+from metanode.transport.frames import Hello, frame_bytes
+from metanode.wire.codec import PROTOCOL_VERSION
 from tests.integration.harness import (
     LocalCluster,
     Proc,
@@ -287,3 +301,201 @@ class _SeqV:
     def __init__(self, seq: int, data: bytes) -> None:
         self.seq = seq
         self.data = data
+
+
+# --------------------------------------------------------------------------------------
+# 2. Forged raft frames
+# --------------------------------------------------------------------------------------
+
+FORGED_ID = 99  # not a member
+
+
+def send_forged(address: str, hello_from: int, cluster_id: str, frames: list[Any]) -> None:
+    """One connection to a raft port: a hello claiming to be node `hello_from` of our
+    cluster (the id is public), then `frames`. Waits (bounded) for the listener to close
+    after our end of stream, so every frame was read before we go."""
+    host, port = address.rsplit(":", 1)
+    hello = Hello(PROTOCOL_VERSION, cluster_id, "metanode", hello_from)
+    data = frame_bytes(hello) + b"".join(frame_bytes(fr) for fr in frames)
+    with socket.create_connection((host, int(port)), timeout=2) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and s.recv(65536):
+                pass
+        except OSError:
+            pass  # refused and closed: what a fixed node may do
+
+
+def forged_frames(term: int, dst: int) -> list[Any]:
+    """Every kind of raft frame a stranger could send, with term `term`."""
+    src = FORGED_ID
+    return [
+        HeartbeatResponse(term, src, dst),
+        AppendResponse(term, src, dst, success=False, index=0),
+        AppendResponse(term, src, dst, success=True, index=10**9),
+        VoteResponse(term, src, dst, granted=True),
+        VoteResponse(term, src, dst, granted=True, pre_vote=True),
+        VoteRequest(term, src, dst, LogId(term, 10**9)),
+        VoteRequest(term, src, dst, LogId(term, 10**9), pre_vote=True),
+        AppendRequest(term, src, dst, LogId(0, 0), (), 0),
+        Heartbeat(term, src, dst, commit=0),
+        TimeoutNow(term, src, dst),
+    ]
+
+
+class Writer(threading.Thread):
+    """`count` writes, one every `pause` s, each on its own key; records failures."""
+
+    def __init__(self, addresses: list[str], prefix: str, count: int, pause: float, stop_at: float) -> None:
+        super().__init__(name=f"writer-{prefix}", daemon=True)
+        self.addresses, self.prefix, self.count, self.pause, self.stop_at = addresses, prefix, count, pause, stop_at
+        self.acked: dict[str, tuple[int, bytes]] = {}
+        self.errors: list[str] = []
+        self.elapsed = 0.0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            with SyncMetaClient(self.addresses, timeout=5) as cl:
+                for n in range(self.count):
+                    if time.monotonic() > self.stop_at:
+                        self.errors.append(f"deadline passed after {n} writes")
+                        return
+                    key = f"{self.prefix}{n:04d}"
+                    try:
+                        ch = cl.upsert(key, key.encode())
+                        self.acked[key] = (ch.result.seq, ch.result.data)  # type: ignore[union-attr]
+                    except MetaError as e:
+                        self.errors.append(f"{key}: {e}")
+                    time.sleep(self.pause)
+        except MetaError as e:
+            self.errors.append(f"connect: {e}")
+        finally:
+            self.elapsed = round(time.monotonic() - started, 2)
+
+
+def test_forged_frames_from_a_non_member_change_no_term_and_no_leader(cluster: SafetyCluster) -> None:
+    c = cluster
+    c.start(3)
+    leader = wait_until(c.leader, 20, "a leader")
+    wait_caught_up(c, [1, 2, 3], 20)
+    before = {i: c.admin(i).status() for i in (1, 2, 3)}
+    term0 = before[leader]["current_term"]
+    assert all(st["current_term"] == term0 for st in before.values()), before
+    cluster_id = before[leader]["cluster_id"]  # unauthenticated: anyone can read it
+
+    writer = Writer(c.client_addresses(), "w", count=150, pause=0.02, stop_at=time.monotonic() + 30)
+    writer.start()
+    rounds = 0
+    terms_seen: dict[int, set[int]] = {i: set() for i in (1, 2, 3)}
+    leaders_seen: set[int | None] = set()
+    deadline = time.monotonic() + 30
+    while (writer.is_alive() or rounds < 20) and time.monotonic() < deadline and rounds < 400:
+        rounds += 1
+        term = term0 + 100_000 * rounds  # always above whatever a node may have adopted
+        for i in (1, 2, 3):
+            for fr in forged_frames(term, i):
+                send_forged(c.raft_address(i), FORGED_ID, cluster_id, [fr])
+        for i in (1, 2, 3):
+            st = status_or_none(c, i)
+            if st is not None:
+                terms_seen[i].add(st["current_term"])
+                if st["is_leader"]:
+                    leaders_seen.add(i)
+        time.sleep(0.1)
+    writer.join(40)
+    after = {i: c.admin(i).status() for i in (1, 2, 3)}
+    report = {
+        "rounds of forged frames": rounds, "term before": term0, "leader before": leader,
+        "terms seen per node": {i: sorted(t)[:3] + (["..."] if len(t) > 3 else []) for i, t in terms_seen.items()},
+        "terms after": {i: st["current_term"] for i, st in after.items()},
+        "leaders seen": sorted(x for x in leaders_seen if x is not None),
+        "writes acknowledged": len(writer.acked), "write errors": len(writer.errors),
+        "first write errors": writer.errors[:3], "writer seconds": writer.elapsed,
+    }
+    print(json.dumps(report, indent=1))
+    assert not writer.is_alive(), f"the writer did not finish within 40 s: {report}"
+    assert all(t == {term0} for t in terms_seen.values()), f"a forged frame moved a term: {report}"
+    assert leaders_seen == {leader}, f"the leadership changed: {report}"
+    assert all(st["current_term"] == term0 for st in after.values()), report
+    assert len(writer.acked) == 150 and not writer.errors, f"writes failed: {report}"
+
+
+def test_unasked_responses_in_the_name_of_a_member_change_no_term_and_no_leader(cluster: SafetyCluster) -> None:
+    """A hello claiming a member's id (no authentication yet): responses nobody asked for
+    move no term and no leader: any response with a huge term to a follower (which asked
+    nobody anything), and answers of the current term to the leader (votes it did not ask
+    for, an append response past its log, a heartbeat response to a round it never
+    started). The leader never believes a peer holds entries past its own log."""
+    c = cluster
+    c.start(3)
+    leader = wait_until(c.leader, 20, "a leader")
+    g, f = (i for i in (1, 2, 3) if i != leader)
+    wait_caught_up(c, [1, 2, 3], 20)
+    before = {i: c.admin(i).status() for i in (1, 2, 3)}
+    term0 = before[leader]["current_term"]
+    cluster_id = before[leader]["cluster_id"]
+
+    def unasked(rounds: int) -> dict[int, list[Any]]:
+        """Frames from g, by destination."""
+        big = term0 + 100_000 * rounds
+        return {
+            # The leader did ask g (heartbeats, appends): a newer term in g's answer may be
+            # true, so only answers of our term here.
+            leader: [
+                VoteResponse(term0, g, leader, granted=True),
+                VoteResponse(term0, g, leader, granted=True, pre_vote=True),
+                AppendResponse(term0, g, leader, success=True, index=10**9),  # past the leader's log
+                HeartbeatResponse(term0, g, leader, ctx=10**9),
+            ],
+            f: [  # a follower asked g for nothing
+                VoteResponse(big, g, f, granted=False),
+                VoteResponse(big, g, f, granted=True, pre_vote=True),
+                HeartbeatResponse(big, g, f),
+                AppendResponse(big, g, f, success=False, index=0),
+                AppendResponse(big, g, f, success=True, index=10**9),
+            ],
+        }
+
+    writer = Writer(c.client_addresses(), "m", count=150, pause=0.02, stop_at=time.monotonic() + 30)
+    writer.start()
+    rounds = 0
+    terms_seen: dict[int, set[int]] = {i: set() for i in (1, 2, 3)}
+    leaders_seen: set[int] = set()
+    overshoot: list[tuple[int, int]] = []  # (leader's view of g, leader's last log index)
+    deadline = time.monotonic() + 30
+    while (writer.is_alive() or rounds < 20) and time.monotonic() < deadline and rounds < 400:
+        rounds += 1
+        for dst, frames in unasked(rounds).items():
+            for fr in frames:
+                send_forged(c.raft_address(dst), g, cluster_id, [fr])
+        for i in (1, 2, 3):
+            st = status_or_none(c, i)
+            if st is not None:
+                terms_seen[i].add(st["current_term"])
+                if st["is_leader"]:
+                    leaders_seen.add(i)
+                    if matched(st, g) > st["last_log_index"]:
+                        overshoot.append((matched(st, g), st["last_log_index"]))
+        time.sleep(0.1)
+    writer.join(40)
+    after = {i: c.admin(i).status() for i in (1, 2, 3)}
+    report = {
+        "rounds": rounds, "term before": term0, "leader before": leader, "impersonated": g,
+        "terms seen per node": {i: sorted(t)[:3] + (["..."] if len(t) > 3 else []) for i, t in terms_seen.items()},
+        "terms after": {i: st["current_term"] for i, st in after.items()},
+        "leaders seen": sorted(leaders_seen), "leader's view of g past its own log": overshoot[:3],
+        "writes acknowledged": len(writer.acked), "write errors": len(writer.errors),
+        "first write errors": writer.errors[:3], "writer seconds": writer.elapsed,
+    }
+    print(json.dumps(report, indent=1))
+    assert not writer.is_alive(), f"the writer did not finish within 40 s: {report}"
+    assert all(t == {term0} for t in terms_seen.values()), f"an unasked response moved a term: {report}"
+    assert leaders_seen == {leader}, f"the leadership changed: {report}"
+    assert not overshoot, f"the leader believes {g} holds entries past its own log: {report}"
+    assert len(writer.acked) == 150 and not writer.errors, f"writes failed: {report}"
+    # g itself, the real one, still follows and has everything.
+    sts = wait_caught_up(c, [1, 2, 3], 20)
+    assert all(st["current_term"] == term0 for st in sts.values()), sts
