@@ -28,11 +28,17 @@ What the loader checks (everything that can be decided from the configuration al
   ``wait_leader_timeout``) and sizes are positive; ``max_applied_log_to_keep`` >= 0;
 - log levels are TRACE, DEBUG, INFO, WARN, WARNING, ERROR or CRITICAL (any case); log
   formats are ``json`` or ``text``;
-- ``join`` is a list of ``host:port`` strings not containing this node's own raft
+- ``join`` is a list of ``host:port`` strings; entries naming this node's own raft
   address (``raft_advertise_host:raft_api_port``, also the listen host, and the loopback
   names ``localhost``/``127.0.0.1``/``::1`` when the node listens or advertises on one of
-  them or on a wildcard address, with the same port);
-- ``single`` and ``join`` are not both set; ``learner`` and ``single`` are not both set;
+  them or on a wildcard address, with the same port) are skipped, as databend-meta does,
+  so one "all members" list serves every node (``RaftConfigSection.join_skipped``);
+- ``single`` and ``join`` (what is left of it) are not both set; ``learner`` and
+  ``single`` are not both set;
+- ``--log-level`` and ``--log-dir`` on the command line override the levels of
+  ``[log.file]`` and ``[log.stderr]`` and the dir of ``[log.file]`` (as databend-meta:
+  a CI run's ``--log-level=DEBUG`` wins over the file's ``level = "INFO"``), unless
+  those are given as flags too (``--log-file-level`` and the like);
 - TLS certificates and keys come in pairs.
 
 Left to the node layer, because they depend on the data dir (SPEC §2): "an empty data
@@ -141,6 +147,9 @@ class RaftConfigSection:
     raft_tls_server_cert: str | None = None
     raft_tls_server_key: str | None = None
     raft_secret: str | None = None
+    # The `join` entries that named this node's own raft address, skipped by the
+    # loader (not a configuration key: `join` already holds the rest).
+    join_skipped: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple)
 
     @property
     def raft_advertise_address(self) -> str:
@@ -813,6 +822,30 @@ def config_from_args(
         except ValueError as exc:
             raise ConfigError(f"{name(key)}: {exc}{where(key)}") from None
 
+    # databend-meta: --log-level / --log-dir override the sections' level and dir.
+    overrides = {
+        ("log_level",): [("log", "file", "level"), ("log", "stderr", "level")],
+        ("log_dir",): [("log", "file", "dir")],
+    }
+    for top, paths in overrides.items():
+        if top in flags:
+            for path in paths:
+                if path not in flags:
+                    checked[path] = checked[top]
+
+    # Skip this node's own raft address in `join` (databend-meta does the same), so one
+    # "all members" list can be given to every node.
+    raft_values = {p[-1]: v for p, v in checked.items() if p[:-1] == ("raft_config",)}
+    probe = RaftConfigSection(**raft_values)  # type: ignore[arg-type]
+    own = _own_raft_addresses(probe)
+    kept, skipped = [], []
+    for entry in probe.join:
+        host, port = parse_address(entry)
+        (skipped if (host.lower(), port) in own else kept).append(entry)
+    if skipped:
+        checked[("raft_config", "join")] = tuple(kept)
+        checked[("raft_config", "join_skipped")] = tuple(skipped)
+
     def section(prefix: tuple[str, ...]) -> dict[str, object]:
         return {p[-1]: v for p, v in checked.items() if p[:-1] == prefix}
 
@@ -853,15 +886,6 @@ def _check_combinations(
             f"{name(learner)}: cannot be combined with {name(single)}: "
             f"a single-node cluster needs a voter{where(learner)}"
         )
-    own = _own_raft_addresses(raft)
-    for entry in raft.join:
-        host, port = parse_address(entry)
-        if (host.lower(), port) in own:
-            raise ConfigError(
-                f"{name(join)}: contains this node's own raft address {entry!r} "
-                f"(raft_advertise_host:raft_api_port is {raft.raft_advertise_address}); "
-                f"list the addresses of other members{where(join)}"
-            )
     pairs = [
         ("admin_tls_server_cert", "admin_tls_server_key"),
         ("grpc_tls_server_cert", "grpc_tls_server_key"),

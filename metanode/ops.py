@@ -179,13 +179,17 @@ def status_table(st: dict) -> list[str]:
     leader = st.get("leader") or {}
     log = st.get("raft_log") or {}
     lines = [
-        f"node {st.get('id')}: {st.get('state')}, term {st.get('current_term')}, "
-        f"leader {leader.get('name', '-')}, raft {st.get('endpoint')}, cluster {st.get('cluster_id')}, "
-        f"{st.get('binary_version')}, data {st.get('data_version')}",
-        f"log: last {st.get('last_log_index')}, applied {_log_id(st.get('last_applied'))}, "
-        f"snapshot {_log_id(st.get('snapshot_last_log_id'))}, purged {_log_id(st.get('purged'))}, "
-        f"seq {st.get('last_seq')}, keys {st.get('snapshot_key_count')}, "
-        f"wal {log.get('wal_total_size')} bytes in {(log.get('wal_closed_chunk_count') or 0) + 1} segments",
+        (
+            f"node {st.get('id')}: {st.get('state')}, term {st.get('current_term')}, "
+            f"leader {leader.get('name', '-')}, raft {st.get('endpoint')}, cluster {st.get('cluster_id')}, "
+            f"{st.get('binary_version')}, data {st.get('data_version')}"
+        ),
+        (
+            f"log: last {st.get('last_log_index')}, applied {_log_id(st.get('last_applied'))}, "
+            f"snapshot {_log_id(st.get('snapshot_last_log_id'))}, purged {_log_id(st.get('purged'))}, "
+            f"seq {st.get('last_seq')}, keys {st.get('snapshot_key_count')}, "
+            f"wal {log.get('wal_total_size')} bytes in {(log.get('wal_closed_chunk_count') or 0) + 1} segments"
+        ),
         "",
     ]
     replication = st.get("replication")
@@ -198,7 +202,7 @@ def status_table(st: dict) -> list[str]:
             row.append(_log_id(replication.get(name)))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return lines
 
 

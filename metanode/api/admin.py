@@ -6,7 +6,9 @@ node only through `AdminNode`, so it is tested against a fake.
 
 Routes (all ``GET``; JSON bodies are ``application/json``, keys in the node's order):
 
-* ``/v1/health`` -> ``{"status":"pass"}``
+* ``/v1/health`` -> ``{"status":"pass"}`` once the node is ready (it knows a leader and
+  applied what that leader had committed: metanode/node/ready.py), else 503
+  ``{"status":"fail","reason":...}``
 * ``/v1/config`` -> the effective config, secrets already redacted by the node
 * ``/v1/cluster/nodes`` -> ``[{"name":"1","endpoint":{"addr":..,"port":..},
   "grpc_api_advertise_address":..}, ...]`` as the tutorial shows
@@ -199,11 +201,31 @@ def parse_node_id(name: str, values: list[str]) -> int | None:
     return int(text)
 
 
-def create_app(node: AdminNode, *, token: str | None, dashboard: Dashboard | None = None) -> QuartTrio:
+HealthCheck = Callable[[], Coroutine[Any, Any, "str | None"]]
+
+
+def node_health(node: Any) -> HealthCheck:
+    """The readiness rule of a running node (metanode/node/ready.py) as a health check:
+    None when ready, else the reason."""
+
+    async def check() -> str | None:
+        from metanode.node.ready import readiness_of
+
+        return await readiness_of(node).check()
+
+    return check
+
+
+def create_app(
+    node: AdminNode, *, token: str | None, dashboard: Dashboard | None = None,
+    health: HealthCheck | None = None,
+) -> QuartTrio:
     """The admin app over `node`. With `token` set, ``/v1/ctrl/*`` require
     ``Authorization: Bearer <token>``; read routes never do. `dashboard` keeps the
     page's history (`serve_admin` runs its sampler); by default a fresh one that only
-    samples when the page asks."""
+    samples when the page asks. `health` answers None when ready, else the reason
+    (default: `node_health(node)`)."""
+    check_health = health if health is not None else node_health(node)
     if token is not None and not token:
         raise ValueError("admin_api_token must not be empty (leave it unset for no token)")
     expected = token.encode("utf-8") if token is not None else None
@@ -236,8 +258,11 @@ def create_app(node: AdminNode, *, token: str | None, dashboard: Dashboard | Non
         return guarded  # type: ignore[return-value]
 
     @app.get("/v1/health")
-    async def health() -> Response:
-        return json_response({"status": "pass"})
+    async def health_route() -> Response:
+        reason = await check_health()
+        if reason is None:
+            return json_response({"status": "pass"})
+        return json_response({"status": "fail", "reason": reason}, 503)
 
     @app.get("/v1/config")
     async def config() -> Response:
@@ -404,9 +429,11 @@ async def serve_admin(
     shutdown: trio.Event,
     certfile: str | None = None,
     keyfile: str | None = None,
+    health: HealthCheck | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the admin API on `address` until `shutdown` is set.
+    """Serve the admin API on `address` until `shutdown` is set (`health`: see
+    `create_app`).
 
     ``task_status.started("host:port")`` (the bound address, so port 0 works) once
     listening. After `shutdown` is set, new connections are refused, idle keep-alive
@@ -422,7 +449,7 @@ async def serve_admin(
     # node's client token, as the members of one cluster share it.
     node_config = getattr(node, "config", None)
     board = Dashboard(node, client_token=getattr(node_config, "grpc_api_token", None))
-    app = create_app(node, token=token, dashboard=board)
+    app = create_app(node, token=token, dashboard=board, health=health)
     cfg = hypercorn_config(certfile=certfile, keyfile=keyfile)
     sock = await bind_socket(address)
     try:

@@ -29,7 +29,7 @@ from metanode import __version__
 from metanode.config import parse_address
 from metanode.api.reqstats import KIND_OF_OP, stats_for
 from metanode.errors import BadRequest, ClientError, TooLarge, Unauthenticated
-from metanode.trio_util import InFlight
+from metanode.trio_util import InFlight, single_errors
 from metanode.node.watch import WatchHub
 from metanode.sm import (
     Change,
@@ -449,7 +449,8 @@ async def serve_client_api(
     """Serve the client API on `address` until `shutdown` is set; then let requests in
     flight answer (up to SHUTDOWN_GRACE_S), close every socket with 1001, set `closed`
     and return. `task_status.started("host:port")` once listening; a port in use
-    raises OSError."""
+    raises OSError (itself, not in an exception group). `closed` is set on the way out
+    however it ends, cancelled too, so a shutdown never waits for it in vain."""
     host, port = parse_address(address)
     sockets: set[WebSocketConnection] = set()
     counter = InFlight()
@@ -465,25 +466,27 @@ async def serve_client_api(
         finally:
             sockets.discard(ws)
 
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(
-                serve_websocket, handler, host, port, None, handler_nursery=nursery,
-                max_message_size=2 * max_message_size + (1 << 20), message_queue_size=64,
-                receive_buffer_size=None,
+    try:
+        async with single_errors(), trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(
+                    serve_websocket, handler, host, port, None, handler_nursery=nursery,
+                    max_message_size=2 * max_message_size + (1 << 20), message_queue_size=64,
+                    receive_buffer_size=None,
+                )
             )
-        )
-        bound = server.port
-        log.info("client API listening on ws://%s:%d%s", host, bound, PATH)
-        task_status.started(f"{host}:{bound}")
-        await shutdown.wait()
-        # SPEC §1: finish in-flight replies (bounded), then close every socket (1001).
-        with trio.move_on_after(SHUTDOWN_GRACE_S):
-            await counter.wait_idle()
-        await _close_all(sockets)
+            bound = server.port
+            log.info("client API listening on ws://%s:%d%s", host, bound, PATH)
+            task_status.started(f"{host}:{bound}")
+            await shutdown.wait()
+            # SPEC §1: finish in-flight replies (bounded), then close every socket (1001).
+            with trio.move_on_after(SHUTDOWN_GRACE_S):
+                await counter.wait_idle()
+            await _close_all(sockets)
+            nursery.cancel_scope.cancel()
+    finally:
         if closed is not None:
             closed.set()
-        nursery.cancel_scope.cancel()
 
 
 async def _close_all(sockets: Iterable[WebSocketConnection]) -> None:

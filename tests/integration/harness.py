@@ -38,16 +38,19 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], cwd: Path) -> None:
+    def __init__(self, name: str, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.args = args
         self.cwd = cwd
+        self.extra_env = env or {}  # added to the environment (NOTIFY_SOCKET, ...)
         self.log_path = cwd / f"{name}.out"
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("METASRV_CONFIG_FILE", None)
+        env.pop("NOTIFY_SOCKET", None)
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "metanode", *self.args],

@@ -93,6 +93,10 @@ class FakeNode:
     snapshots: int = 0
     metric_values: dict[str, float] = attrs.Factory(lambda: dict(METRICS))
     transfers: list[int | None] = attrs.Factory(list)
+    not_ready: str | None = None  # the health check's reason; None: ready
+
+    async def health(self) -> str | None:
+        return self.not_ready
 
     def _maybe_fail(self) -> None:
         if self.error is not None:
@@ -148,6 +152,8 @@ async def running(
     shutdown = trio.Event()
     finished = trio.Event()
 
+    kwargs.setdefault("health", node.health)
+
     async def serve(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         await serve_admin(node, "127.0.0.1:0", token=token, shutdown=shutdown,
                           task_status=task_status, **kwargs)
@@ -176,6 +182,18 @@ async def test_health() -> None:
     assert r.headers["content-type"] == "application/json"
     assert r.content == b'{"status":"pass"}'
     assert "server" not in r.headers
+
+
+async def test_health_is_503_with_the_reason_until_the_node_is_ready() -> None:
+    node = FakeNode(not_ready="no leader known")
+    with trio.fail_after(LIMIT):
+        async with running(node) as srv:
+            before = await srv.client.get("/v1/health")
+            node.not_ready = None
+            after = await srv.client.get("/v1/health")
+    assert before.status_code == 503 and before.headers["content-type"] == "application/json"
+    assert before.json() == {"status": "fail", "reason": "no leader known"}
+    assert (after.status_code, after.content) == (200, b'{"status":"pass"}')
 
 
 async def test_bound_address_is_reported() -> None:

@@ -503,21 +503,36 @@ SELF_JOINS = [
 
 
 @pytest.mark.parametrize(("listen", "advertise", "entry"), SELF_JOINS)
-def test_join_must_not_contain_this_node(listen: str, advertise: str, entry: str) -> None:
-    message = error_of(
+def test_join_skips_this_node_s_own_address(listen: str, advertise: str, entry: str) -> None:
+    """As databend-meta: one "all members" list works on every node."""
+    config = load(
         "--id", "1", "--raft-listen-host", listen, "--raft-advertise-host", advertise,
-        "--join", "other:28004", entry,
+        "--join", "other:28004", entry, "other2:28004",
     )  # fmt: skip
-    assert message.startswith("--join: contains this node's own raft address")
-    assert repr(entry) in message
+    assert config.raft_config.join == ("other:28004", "other2:28004")
+    assert config.raft_config.join_skipped == (entry,)
 
 
-def test_join_self_in_the_file_names_the_key(tmp_path: Path) -> None:
+def test_join_self_in_the_file_is_skipped_too(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[raft_config]\nid = 1\nraft_advertise_host = "localhost"\njoin = ["localhost:28004"]\n',
+        '[raft_config]\nid = 1\nraft_advertise_host = "localhost"\n'
+        'join = ["localhost:28004", "localhost:28104", "localhost:28204"]\n',
     )
-    assert error_of("-c", path).startswith("raft_config.join: contains this node's own")
+    config = load("-c", path)
+    assert config.raft_config.join == ("localhost:28104", "localhost:28204")
+    assert config.raft_config.join_skipped == ("localhost:28004",)
+    assert config.redacted()["raft_config"]["join"] == ["localhost:28104", "localhost:28204"]
+
+
+def test_a_join_list_of_only_this_node_is_no_join_list() -> None:
+    """`single` with an "all members" list of one is fine: nothing is left to join."""
+    config = load("--id", "1", "--raft-advertise-host", "localhost", "--single", "--join", "localhost:28004")
+    assert (config.raft_config.single, config.raft_config.join) == (True, ())
+    assert config.raft_config.join_skipped == ("localhost:28004",)
+    message = error_of("--id", "1", "--raft-advertise-host", "localhost", "--single",
+                       "--join", "localhost:28004", "meta2:28004")  # fmt: skip
+    assert message.startswith("--single: cannot be combined with --join")
 
 
 @pytest.mark.parametrize(
@@ -574,6 +589,25 @@ def test_log_outputs_inherit_the_top_level(tmp_path: Path) -> None:
     assert config.log_stderr_level == "ERROR"
     config = load("-c", path, "--log-file-dir", "/own", require_id=False)
     assert config.log_file_dir == "/own"
+
+
+def test_log_level_and_dir_flags_override_the_sections(tmp_path: Path) -> None:
+    """databend-meta: Databend's CI runs `--log-level=DEBUG` over `level = "INFO"`."""
+    path = write(
+        tmp_path,
+        '[log.file]\nlevel = "INFO"\ndir = "/file-dir"\n[log.stderr]\non = true\nlevel = "WARN"\n',
+    )
+    config = load("-c", path, "--log-level=DEBUG", "--log-dir", "/flag-dir", require_id=False)
+    assert (config.log_file_level, config.log_stderr_level, config.log_file_dir) == ("DEBUG", "DEBUG", "/flag-dir")
+    assert config.redacted()["log"]["file"]["level"] == "DEBUG"
+    # The sections' own flags win over the top-level ones.
+    config = load("-c", path, "--log-level", "debug", "--log-file-level", "error", "--log-dir", "/x",
+                  "--log-file-dir", "/y", require_id=False)  # fmt: skip
+    assert (config.log_file_level, config.log_stderr_level, config.log_file_dir) == ("ERROR", "DEBUG", "/y")
+    # In the file, the top-level keys stay defaults: the sections' values win.
+    path = write(tmp_path, 'log_level = "DEBUG"\nlog_dir = "/top"\n[log.file]\nlevel = "INFO"\ndir = "/own"\n')
+    config = load("-c", path, require_id=False)
+    assert (config.log_file_level, config.log_file_dir) == ("INFO", "/own")
 
 
 @pytest.mark.parametrize(
