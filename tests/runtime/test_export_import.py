@@ -42,6 +42,6 @@ async def test_export_then_import_starts_a_cluster_with_the_same_keys(tmp_path: 
         await until(lambda: m.cluster_status()["is_leader"], "leader")
         assert list(m.sm.items()) == before
         assert m.sm.last_seq == seq
-        assert m.cluster_status()["voters"] == [1]
+        assert [v["name"] for v in m.cluster_status()["voters"]] == ["1"]
         await m.propose(Upsert("after", b"x"))
         assert m.sm.get("after").seq == seq + 1  # type: ignore[union-attr]
