@@ -8,11 +8,15 @@ pytest-trio loaded already.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-PURE_PACKAGES = ("metanode.raft", "metanode.wire", "metanode.sm")
+import metanode
+
+PURE_PACKAGES = ("metanode.raft", "metanode.wire", "metanode.sm", "metanode.node.driver", "metanode.node.events")
 FORBIDDEN = ("trio", "trio_websocket", "hypercorn", "quart", "quart_trio", "httpx", "asyncio")
 
 PROBE = f"""
@@ -30,3 +34,38 @@ def test_pure_packages_do_not_import_trio() -> None:
     assert proc.returncode == 0, proc.stderr
     imported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert imported == [], f"importing {PURE_PACKAGES} imported {imported}"
+
+
+# The pure layers never read a clock, touch the OS or use global randomness: an
+# injected `random.Random` is the only randomness (its type may be named).
+NO_IO_MODULES = {"time", "datetime", "os", "socket", "threading", "asyncio", "subprocess", "select", "signal"}
+
+
+def _pure_files() -> list[Path]:
+    root = Path(metanode.__file__).parent
+    files = [*root.joinpath("raft").glob("*.py"), *root.joinpath("wire").glob("*.py"), *root.joinpath("sm").glob("*.py")]
+    return files + [root / "node" / "driver.py", root / "node" / "events.py"]
+
+
+def test_pure_layers_read_no_clock_and_use_no_global_randomness() -> None:
+    problems = []
+    for path in _pure_files():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.module or "").split(".")[0]]
+                if names == ["random"]:
+                    problems.append(f"{path.name}:{node.lineno}: from random import ...")
+            else:
+                names = []
+            problems += [f"{path.name}:{node.lineno}: imports {n}" for n in names if n in NO_IO_MODULES]
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "random"
+                and node.attr != "Random"
+            ):
+                problems.append(f"{path.name}:{node.lineno}: random.{node.attr} (global randomness)")
+    assert problems == []
