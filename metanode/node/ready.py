@@ -69,10 +69,10 @@ class Readiness:
         key = self._key()
         if key is None or self.node.stopping.is_set() or self.node.removed.is_set():
             return False
-        async with self._lock:  # one confirmation at a time; the others wait for it
-            if self._latched == self._key() == key:
-                return True
-            with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout):
+            async with self._lock:  # one confirmation at a time; the others wait for it
+                if self._latched == self._key() == key:
+                    return True
                 try:
                     await self.node.client_read_barrier()
                 except ClientError:

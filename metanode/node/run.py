@@ -125,6 +125,7 @@ async def _main(config: Config) -> int:
             async with open_node(config) as node:
                 running = True
                 if node.removed.is_set():
+                    sdnotify.notify("STOPPING=1")
                     _say_removed_earlier(node)
                     nursery.cancel_scope.cancel()
                     return 0
@@ -137,6 +138,7 @@ async def _main(config: Config) -> int:
                     tasks.start_soon(_cancel_when, stop, tasks.cancel_scope)
                     tasks.start_soon(_cancel_when, node.removed, tasks.cancel_scope)
                 if node.removed.is_set() and not stop.is_set():
+                    sdnotify.notify("STOPPING=1")
                     await trio.sleep(0.5)  # let the reply to the leave request go out
                     log.info("%d removed from the cluster: exit", node.id)
                     print(
