@@ -4,8 +4,8 @@ They depend on the machine rather than on the configuration alone, so they are n
 loader's (metanode/config.py); each failure is a `ConfigError` naming the key (exit 2,
 docs/reference/config.md#checks-exit-code-2), raised before anything is written:
 
-- the admin API's TLS certificate and key files exist, can be read, and load as a
-  certificate chain with its private key;
+- the TLS certificate and key files that are set exist and can be read (admin, client
+  and raft port), and the admin API's load as a certificate chain with its private key;
 - the three ports (`raft_config.raft_api_port` on `raft_listen_host`,
   `admin_api_address`, `grpc_api_address`) can be bound: a port held by another
   process, or given to two of the keys, is named here; port 0 (the OS picks) is not
@@ -35,7 +35,15 @@ def check_before_start(config: Config) -> None:
 
 def check_tls_files(config: Config) -> None:
     cert, key = config.admin_tls_server_cert, config.admin_tls_server_key
-    for name, path in (("admin_tls_server_cert", cert), ("admin_tls_server_key", key)):
+    rc = config.raft_config
+    for name, path in (
+        ("admin_tls_server_cert", cert),
+        ("admin_tls_server_key", key),
+        ("grpc_tls_server_cert", config.grpc_tls_server_cert),
+        ("grpc_tls_server_key", config.grpc_tls_server_key),
+        ("raft_config.raft_tls_server_cert", rc.raft_tls_server_cert),
+        ("raft_config.raft_tls_server_key", rc.raft_tls_server_key),
+    ):
         if path is not None:
             _check_readable(name, path)
     if cert is not None and key is not None:

@@ -87,6 +87,9 @@ def test_tls_files_must_exist_and_be_files(tmp_path: Path) -> None:
     directory = error(check_tls_files, cfg(tmp_path, "--admin-tls-server-cert", str(key),
                                            "--admin-tls-server-key", str(tmp_path)))  # fmt: skip
     assert directory.startswith("admin_tls_server_key: ") and "is a directory" in directory
+    for flag, name in (("--grpc-tls-server", "grpc_tls_server"), ("--raft-tls-server", "raft_config.raft_tls_server")):
+        other = error(check_tls_files, cfg(tmp_path, f"{flag}-cert", str(key), f"{flag}-key", str(tmp_path / "k")))
+        assert other == f"{name}_key: {str(tmp_path / 'k')!r} does not exist"
     garbage = error(check_tls_files, cfg(tmp_path, "--admin-tls-server-cert", str(key),
                                          "--admin-tls-server-key", str(key)))  # fmt: skip
     assert garbage.startswith("admin_tls_server_cert: ") and "not a certificate and its private key" in garbage
