@@ -34,7 +34,8 @@ from metanode.config import Config
 from metanode.errors import ConfigError, FatalError
 from metanode.logsetup import log_file_path
 from metanode.node import sdnotify
-from metanode.node.node import JoinFailed, open_node
+from metanode.node.node import JoinFailed
+from metanode.server import open_server
 from metanode.node.preflight import check_before_start
 from metanode.node.ready import readiness_of
 from metanode.trio_util import single_errors
@@ -122,7 +123,7 @@ async def _main(config: Config) -> int:
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(on_signals)
-            async with open_node(config) as node:
+            async with open_server(config) as node:
                 running = True
                 if node.removed.is_set():
                     sdnotify.notify("STOPPING=1")

@@ -39,7 +39,8 @@ from metanode.client import (
 from metanode.client.client import encode_match_seq, split_address
 from metanode.client.errors import error_from_wire
 from metanode.config import load_config
-from metanode.node.node import Node, open_node
+from metanode.node.node import Node
+from metanode.server import open_server
 from tests.net import free_port, until
 
 pytestmark = pytest.mark.runtime
@@ -184,7 +185,7 @@ class Cluster:
 
     async def _run(self, i: int, config: Any, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with open_node(config, admin=False) as node:
+            async with open_server(config, admin=False) as node:
                 task_status.started(node)
                 await self.stops[i].wait()
         finally:

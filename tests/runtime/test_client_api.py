@@ -14,7 +14,8 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from metanode.config import load_config
-from metanode.node.node import Node, open_node
+from metanode.node.node import Node
+from metanode.server import open_server
 from tests.net import free_port, until
 
 pytestmark = pytest.mark.runtime
@@ -41,7 +42,7 @@ class Cluster:
         ]
         if max_message is not None:
             args += ["--grpc-api-max-message-size", str(max_message)]
-        async with open_node(load_config(args, {}), admin=False) as n:
+        async with open_server(load_config(args, {}), admin=False) as n:
             yield n
 
     @asynccontextmanager

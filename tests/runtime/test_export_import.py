@@ -19,7 +19,7 @@ pytestmark = pytest.mark.runtime
 
 async def test_export_then_import_starts_a_cluster_with_the_same_keys(tmp_path: Path) -> None:
     ports = Ports()
-    async with open_node(config(tmp_path / "old", ports, 1, "--single"), admin=False, client_api=False) as n:
+    async with open_node(config(tmp_path / "old", ports, 1, "--single")) as n:
         await until(lambda: n.cluster_status()["is_leader"], "leader")
         for i in range(50):
             await n.propose(Upsert(f"k/{i:03d}", f"v{i}".encode()))
@@ -38,7 +38,7 @@ async def test_export_then_import_starts_a_cluster_with_the_same_keys(tmp_path: 
         ["import", "--raft-dir", cfg.raft_config.raft_dir, "--id", "1", "-i", str(export),
          "--initial-cluster", f"1={new_ports.address(1)}"],
     ) == 0
-    async with open_node(cfg, admin=False, client_api=False) as m:
+    async with open_node(cfg) as m:
         await until(lambda: m.cluster_status()["is_leader"], "leader")
         assert list(m.sm.items()) == before
         assert m.sm.last_seq == seq

@@ -50,7 +50,7 @@ def voter_ids(status: dict) -> list[int]:
 
 @asynccontextmanager
 async def node(tmp: Path, ports: Ports, i: int, *extra: str) -> AsyncIterator[Node]:
-    async with open_node(config(tmp, ports, i, *extra), admin=False, client_api=False) as n:
+    async with open_node(config(tmp, ports, i, *extra)) as n:
         yield n
 
 
@@ -117,7 +117,7 @@ async def test_data_dir_rules(tmp_path: Path) -> None:
     async with node(tmp_path, ports, 1, "--single"):
         pass
     with pytest.raises(ConfigError, match="raft_config.id: 5 differs from node id 1"):
-        async with open_node(config(tmp_path, ports, 5, "--raft-dir", str(tmp_path / "d1")), admin=False, client_api=False):
+        async with open_node(config(tmp_path, ports, 5, "--raft-dir", str(tmp_path / "d1"))):
             pass
     async with node(tmp_path, ports, 1) as n1:  # initialized: neither single nor join needed
         await until(lambda: n1.core.is_leader, "leader again")
@@ -190,7 +190,7 @@ async def test_a_fresh_node_cannot_take_over_a_members_id(tmp_path: Path) -> Non
                 {},
             )
             with pytest.raises(JoinFailed, match="--leave-id 2"):
-                async with open_node(impostor, admin=False, client_api=False):
+                async with open_node(impostor):
                     pass
             assert n1.address_of(2) == ports.address(2)
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from metanode.config import load_config
-from metanode.node.node import open_node
+from metanode.server import open_server
 from metanode.ops import main as ops_main
 from tests.net import free_port
 
@@ -35,7 +35,7 @@ async def test_kv_and_admin_subcommands(tmp_path: Path, capsys: pytest.CaptureFi
         {},
     )
     addr = ["--addr", f"127.0.0.1:{grpc}"]
-    async with open_node(cfg) as n:
+    async with open_server(cfg) as n:
         with trio.fail_after(10):
             while not n.core.is_leader:
                 await trio.sleep(0.01)

@@ -59,7 +59,7 @@ async def test_a_follower_is_ready_once_it_applied_the_leader_s_commit(tmp_path:
 async def test_health_answers_503_with_the_reason_then_200(tmp_path: Path) -> None:
     """`/v1/health` on a real node: 503 `{"status":"fail","reason":...}` while the node
     knows no leader (a lone member of a two-voter cluster), 200 pass once it has one."""
-    from metanode.node.node import open_node
+    from metanode.server import open_server
 
     ports = Ports()
     with trio.fail_after(LIMIT):
@@ -68,7 +68,7 @@ async def test_health_answers_503_with_the_reason_then_200(tmp_path: Path) -> No
                 await until(lambda: n1.core.membership.voter_ids == {1, 2}, "two voters")
         admin = f"127.0.0.1:{free_port()}"
         cfg = config(tmp_path, ports, 2, "--admin-api-address", admin, "--grpc-api-address", f"127.0.0.1:{free_port()}")
-        async with open_node(cfg) as n2, httpx.AsyncClient(base_url=f"http://{admin}") as client:
+        async with open_server(cfg) as n2, httpx.AsyncClient(base_url=f"http://{admin}") as client:
             r = await client.get("/v1/health")
             assert r.status_code == 503 and r.json()["status"] == "fail"
             assert r.json()["reason"] in ("no leader known",) or r.json()["reason"].startswith("catching up")

@@ -69,3 +69,12 @@ def test_pure_layers_read_no_clock_and_use_no_global_randomness() -> None:
             ):
                 problems.append(f"{path.name}:{node.lineno}: random.{node.attr} (global randomness)")
     assert problems == []
+
+
+def test_the_node_runtime_does_not_import_the_apis() -> None:
+    """metanode/node/ knows nothing of the servers built on it (metanode/server.py
+    assembles them), so the simulator and the node never pull in Quart or wsproto."""
+    probe = "import sys, metanode.node.node; print(sorted(m for m in sys.modules if m.startswith('metanode.api')))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

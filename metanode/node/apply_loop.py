@@ -1,0 +1,103 @@
+"""The apply loop of a node (docs/architecture/node.md): applies what the raft loop
+committed through the `NodeDriver`, answers waiting writes and reads, starts snapshots;
+and the requests that end there: proposals, read barriers, TTL expiry ticks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from metanode.errors import ClientError
+from metanode.node.events import (
+    Compact,
+    Propose,
+    ReadIndex,
+)
+from metanode.sm import Command
+from metanode.sm import Tick as ExpiryTick
+from metanode.sm.codec import encode_command
+
+log = logging.getLogger("metanode.node")
+
+if TYPE_CHECKING:
+    from metanode.node.node import Node  # noqa: F401
+
+
+
+class ApplyLoop:
+    """A part of `Node` (metanode/node/node.py), by concern."""
+
+    # ------------------------------------------------------------------ apply loop
+    async def _run_apply_loop(self) -> None:
+        driver = self.driver
+        async for batch in self._apply_recv:
+            driver.apply(batch.snapshot, batch.committed, batch.read_states, batch.dropped_reads)
+            self._dispatch(driver.take_replies())
+            if driver.removed and not self.removed.is_set():
+                self.removed.set()
+            self._check_watchers()
+            if driver.snapshot_due() and not self._snapshot_lock.locked():
+                assert self._nursery is not None
+                self._nursery.start_soon(self._build_snapshot)
+
+    async def _build_snapshot(self, force: bool = False) -> None:
+        """Snapshot the applied state, save it, then compact the core and purge the
+        log behind it. Its own task: the apply loop never waits for the raft loop."""
+        async with self._snapshot_lock:
+            if not self.driver.snapshot_due(force):
+                return
+            snapshot, purge_to = self.driver.build_snapshot()
+            await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
+            self.driver.snapshot_saved(snapshot)
+            purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")
+            await trio.to_thread.run_sync(self.storage.purge, purged)
+            log.info(
+                "%d built snapshot %s (%d bytes), log purged to %d",
+                self.id, snapshot.meta.last_log_id, len(snapshot.data), purged,
+            )
+
+    async def trigger_snapshot(self) -> None:
+        await self._build_snapshot(force=True)
+
+    # ------------------------------------------------------------------ requests
+    async def propose(self, cmd: Command, timeout: float | None = None) -> Any:
+        """Propose on this node (the leader); wait until applied; the apply result."""
+        data = encode_command(cmd, self.clock_ms())
+        return await self.request(lambda req_id: Propose(((req_id, data),)), timeout, "write")
+
+    async def read_barrier(self, timeout: float | None = None) -> int:
+        """ReadIndex (§6.4) on this node (the leader): returns once it is safe to read."""
+        return await self.request(lambda req_id: ReadIndex((req_id,)), timeout, "read")
+
+    def _expiry_due(self) -> bool:
+        due = self.sm.next_expiry_ms()
+        return due is not None and due <= self.clock_ms()
+
+    async def _expire_due(self) -> None:
+        """On the leader: when keys are due by our clock, log a Tick so every replica
+        expires them at the same log position (SPEC §5). One Tick at a time: readers
+        arriving meanwhile wait for it (it is stamped after their keys were due)."""
+        if self._tick_done is not None:
+            await self._tick_done.wait()
+            return
+        if not self._expiry_due():
+            return
+        self._tick_done = done = trio.Event()
+        try:
+            await self.propose(ExpiryTick())
+        finally:
+            self._tick_done = None
+            done.set()
+
+    async def _run_expiry(self) -> None:
+        """Expire due keys even when nobody writes or reads: one check a heartbeat."""
+        while True:
+            await trio.sleep(self.config.raft_config.heartbeat_interval / 1000)
+            if self.core.is_leader and self._expiry_due():
+                try:
+                    await self._expire_due()
+                except ClientError as e:
+                    log.debug("%d expiry tick not applied: %s", self.id, e)
