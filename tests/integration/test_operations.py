@@ -1,17 +1,15 @@
 """Real processes: what an operator of databend-meta expects around a node's start and
 stop (docs/operations/cluster.md, docs/reference/config.md): the banner, an "all
 members" join list, --log-level over the file, checks before the data dir is touched,
-systemd's READY=1/STOPPING=1, a quick SIGTERM, a removed node restarted, the unit file."""
+systemd's READY=1/STOPPING=1, a quick SIGTERM, a removed node restarted. (The unit
+file is verified by tests/unit/test_config.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from tests.net import free_port
 
 pytestmark = pytest.mark.integration
 
-ETC = Path(__file__).resolve().parents[2] / "etc"
 
 
 def log_records(root: Path, node_id: int) -> list[dict]:
@@ -139,18 +136,3 @@ def test_a_removed_node_restarted_says_so_and_exits_0(cluster: LocalCluster) -> 
     again = cluster.procs[2].output().split(f"metanode {__version__}")[-1]
     assert "node 2 was removed from the cluster" in again and "empty raft_dir" in again, again
     assert voter_ids(cluster.admin(1).status()) == [1]
-
-
-def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
-    text = (ETC / "metanode.service").read_text()
-    assert "\nType=notify\n" in text
-    # verify needs ExecStart's binary to exist: point a copy at this environment's.
-    binary = Path(sys.executable).parent / "metanode"
-    assert binary.exists(), binary
-    unit = tmp_path / "metanode.service"
-    unit.write_text(text.replace("/usr/local/bin/metanode", str(binary)))
-    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and str(unit) not in result.stderr, result.stderr

@@ -767,7 +767,9 @@ def test_the_example_config_names_every_key() -> None:
 def test_systemd_unit() -> None:
     text = (ETC / "metanode.service").read_text(encoding="utf-8")
     for line in (
-        "Type=exec",
+        "Type=notify",  # READY=1 once ready, STOPPING=1 (metanode/node/sdnotify.py)
+        "NotifyAccess=main",
+        "TimeoutStartSec=infinity",
         "ExecStart=/usr/local/bin/metanode -c /etc/metanode/metanode.toml",
         "Restart=on-failure",
         "RestartPreventExitStatus=2",
