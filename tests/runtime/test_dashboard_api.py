@@ -168,8 +168,45 @@ async def test_sampler_records_leader_and_membership_changes(autojump_clock: tri
         ("leader", "node 2 became leader at term 4", 2, 4),
         ("membership", "voters 1, 2, 3 \u2192 1, 2", 2, 4),
         ("membership", "learners none \u2192 4", 2, 4),
-        ("snapshot", "snapshot built or installed up to index 105", 2, 4),
     ]
+
+
+class Link:
+    def __init__(self) -> None:
+        self.connected = True
+
+
+async def test_sampler_reports_a_raft_link_that_stays_down_or_up(autojump_clock: trio.abc.Clock) -> None:
+    node = ScriptedNode()
+    node._links = {1: Link(), 3: Link(), 9: Link()}  # type: ignore[attr-defined]  # 9: not a member
+    wall = WallClock()
+    board = Dashboard(node, wall_ms=wall)
+
+    async def run(seconds: float) -> None:
+        for _ in range(int(seconds / 0.25)):
+            board.observe()
+            await trio.sleep(0.25)
+            wall.ms += 250
+
+    await run(1)
+    node._links[3].connected = False  # type: ignore[attr-defined]  # a reconnect: no event
+    node._links[9].connected = False  # type: ignore[attr-defined]
+    await run(0.5)
+    node._links[3].connected = True  # type: ignore[attr-defined]
+    await run(2)
+    assert [e["kind"] for e in board.events] == ["start"]
+    down_at = wall.ms
+    node._links[3].connected = False  # type: ignore[attr-defined]
+    await run(2)
+    node._links[3].connected = True  # type: ignore[attr-defined]
+    up_at = wall.ms
+    await run(2)
+    member = [(e["t"], e["text"], e["node"], e["up"]) for e in board.events if e["kind"] == "member"]
+    assert member == [
+        (down_at, "raft link to node 3 down: node 3 unreachable", 3, False),
+        (up_at, "raft link to node 3 up again", 3, True),
+    ]
+    assert board.view()["links"] == {"1": {"connected": True}, "3": {"connected": True}, "9": {"connected": False}}
 
 
 async def test_sampler_makes_one_point_a_second_from_the_applied_index(autojump_clock: trio.abc.Clock) -> None:

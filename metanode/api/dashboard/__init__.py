@@ -17,8 +17,8 @@ forbids it). Once a second the page asks the node that served it for
   per second (the cluster's write rate, as every member applies every entry), KV
   sequence numbers per second, and the client requests this node's client API served
   (`metanode.api.reqstats`) with their p50/p99 latency;
-* ``events``: leader changes, membership changes and snapshots this node observed
-  (sampled every `SAMPLE_S`) since its admin API started.
+* ``events``: leader changes, membership changes and its raft links to members going
+  down or up this node observed (sampled every `SAMPLE_S`) since its admin API started.
 
 Nothing is estimated: a number the node does not have is null and the page says so.
 """
@@ -47,6 +47,8 @@ POINT_S = 1.0
 HISTORY = 300
 #: Events kept.
 MAX_EVENTS = 100
+#: A raft link must stay up (or down) this long to make an event.
+LINK_STEADY_S = 1.0
 #: Peers are polled while a page asked for stats in the last this many seconds.
 PEER_IDLE_S = 30.0
 #: Seconds between two polls of one peer, and the timeout of one poll.
@@ -169,6 +171,8 @@ class Dashboard:
         self._point_base: _Observed | None = None
         self._viewed_at: float | None = None
         self._pollers: dict[tuple[int, str], trio.CancelScope] = {}
+        # peer -> (steady link state, (new state, since: trio clock, wall ms) | None)
+        self._link_state: dict[int, tuple[bool | None, tuple[bool, float, int] | None]] = {}
         self._nursery: trio.Nursery | None = None
         self.started_ms = wall_ms()
 
@@ -204,8 +208,7 @@ class Dashboard:
                 self._event("membership", f"voters {_ids(prev.voters)} \u2192 {_ids(obs.voters)}", obs)
             if obs.learners != prev.learners:
                 self._event("membership", f"learners {_ids(prev.learners)} \u2192 {_ids(obs.learners)}", obs)
-            if obs.snapshot is not None and obs.snapshot != prev.snapshot:
-                self._event("snapshot", f"snapshot built or installed up to index {obs.snapshot}", obs)
+        self._watch_links(obs)
         self._last = obs
         now = trio.current_time()
         if self._point_at is None:
@@ -236,6 +239,32 @@ class Dashboard:
             point[f"{kind}_p99_ms"] = r["p99_ms"] if r is not None else None
         self.series.append(point)
         self._point_at, self._point_base = now, obs
+
+    def _watch_links(self, obs: _Observed) -> None:
+        """A ``member`` event when this node's raft link to a member goes down or
+        comes back and stays so for `LINK_STEADY_S` (a reconnect is no event)."""
+        now = trio.current_time()
+        members = set(obs.voters) | set(obs.learners)
+        for key, info in self.links().items():
+            connected = info.get("connected")
+            peer = int(key)
+            if not isinstance(connected, bool) or peer not in members:
+                continue
+            steady, pending = self._link_state.get(peer, (None, None))
+            if steady is None:
+                self._link_state[peer] = (connected, None)
+            elif connected == steady:
+                self._link_state[peer] = (steady, None)
+            elif pending is None or pending[0] != connected:
+                self._link_state[peer] = (steady, (connected, now, self.wall_ms()))
+            elif now - pending[1] >= LINK_STEADY_S:
+                self._link_state[peer] = (connected, None)
+                text = (f"raft link to node {peer} up again" if connected
+                        else f"raft link to node {peer} down: node {peer} unreachable")
+                self.events.append(
+                    {"t": pending[2], "kind": "member", "text": text, "term": obs.term, "leader": obs.leader,
+                     "node": peer, "up": connected}
+                )
 
     # ----------------------------------------------------------------- the view
     def links(self) -> dict[str, dict]:

@@ -236,7 +236,7 @@
           m.role = ps.role;
         } else if (p && p.error && !(link && link.connected === true)) {
           m.role = 'down';
-          m.why = isNum(p.failing_since_ms) ? `not answering since ${fmtTime(p.failing_since_ms)}` : 'not answering';
+          m.why = isNum(p.failing_since_ms) ? `no answer since ${fmtTime(p.failing_since_ms)}` : 'no answer';
           m.detail = p.error;
         } else if (linkDown) {
           m.role = 'down';
@@ -651,8 +651,17 @@
       replace(list, h('li', { class: 'empty', text: 'nothing observed yet' }));
     } else {
       replace(list, recent.map((e) => {
-        const kind = e.kind === 'leader' ? (e.leader === null ? 'no leader' : 'leader') : (e.kind === 'start' ? 'started' : e.kind);
-        const cls = e.kind === 'leader' ? (e.leader === null ? 'noleader' : 'leader') : e.kind;
+        let kind = e.kind;
+        let cls = e.kind;
+        if (e.kind === 'leader') {
+          kind = e.leader === null ? 'no leader' : 'leader';
+          cls = e.leader === null ? 'noleader' : 'leader';
+        } else if (e.kind === 'member') {
+          kind = e.up ? 'link up' : 'link down';
+          cls = e.up ? 'linkup' : 'linkdown';
+        } else if (e.kind === 'start') {
+          kind = 'started';
+        }
         return h('li', { class: cls }, h('span', { class: 'when', text: fmtTime(e.t) }), h('span', { class: 'kind', text: kind }), h('span', { class: 'text', text: e.text }));
       }));
     }
