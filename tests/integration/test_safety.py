@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 
 from metanode.client import MetaError, SyncMetaClient
@@ -38,6 +39,7 @@ from metanode.raft.messages import (
     VoteResponse,
 )
 from metanode.raft.types import LogId
+from metanode.storage import records
 from metanode.transport.frames import Hello, frame_bytes
 from metanode.wire.codec import PROTOCOL_VERSION
 from tests.integration.harness import (
@@ -499,3 +501,114 @@ def test_unasked_responses_in_the_name_of_a_member_change_no_term_and_no_leader(
     # g itself, the real one, still follows and has everything.
     sts = wait_caught_up(c, [1, 2, 3], 20)
     assert all(st["current_term"] == term0 for st in sts.values()), sts
+
+
+# --------------------------------------------------------------------------------------
+# 3. A follower whose log comes back shorter than what it acknowledged
+# --------------------------------------------------------------------------------------
+
+CUT_BYTES = 200
+
+
+def warnings_with(log_file: Path, start: int, word: str) -> list[str]:
+    """The WARNING (or worse) lines of a node's log file after byte `start` that contain
+    `word` (the file is JSON lines by default; text lines are matched too)."""
+    if not log_file.exists():
+        return []
+    with log_file.open("rb") as fh:
+        fh.seek(start)
+        text = fh.read().decode(errors="replace")
+    found = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+            level, message = str(rec.get("level", "")), str(rec.get("message", ""))
+        except ValueError:
+            level, message = line, line
+        if any(lv in level for lv in ("WARN", "ERROR", "CRITICAL")) and word in message:
+            found.append(message)
+    return found
+
+
+def last_entry_index(segment: Path) -> int:
+    """The index of the last entry in the intact records of a WAL segment (layout in
+    metanode/storage/wal.py: ``[1, first_index, [item, ...]]`` is a batch of entries);
+    0 if it holds none. A torn last record is ignored, as the node does on open."""
+    bodies, _damage = records.split(segment.read_bytes())
+    last = 0
+    for _offset, body in bodies:
+        rec = msgpack.unpackb(bytes(body), raw=False, strict_map_key=False)
+        if rec[0] == 1 and rec[2]:
+            last = rec[1] + len(rec[2]) - 1  # a batch at or below the last replaces the suffix
+    return last
+
+
+def test_a_follower_whose_wal_lost_its_tail_catches_up_on_a_quiet_cluster(cluster: SafetyCluster) -> None:
+    c = cluster
+    c.start(3)
+    leader = wait_until(c.leader, 20, "a leader")
+    f = max(i for i in (1, 2, 3) if i != leader)
+    acked: dict[str, tuple[int, bytes]] = {}
+    write_keys([client_address(c, leader)], [f"q{n:04d}" for n in range(40)], acked)
+    sts = wait_caught_up(c, [1, 2, 3], 20)
+    f_last_before = sts[f]["last_log_index"]
+    believed = wait_until(lambda: matched(c.admin(leader).status(), f) >= f_last_before, 10,
+                          f"the leader to see {f} match {f_last_before}")
+    assert believed
+
+    # Power loss on F, and its disk loses the last writes it had acknowledged.
+    c.procs[f].kill()
+    segments = sorted((c.root / f"data{f}" / "wal").glob("*.wal"))
+    assert segments, f"no WAL segment in data{f}/wal"
+    newest = segments[-1]
+    size = newest.stat().st_size
+    assert size > CUT_BYTES + 1000, f"{newest} holds only {size} bytes"
+    with newest.open("r+b") as fh:
+        fh.truncate(size - CUT_BYTES)
+    f_last_after = last_entry_index(newest)
+    # The harness's own precondition: the cut did remove acknowledged entries.
+    assert 0 < f_last_after < f_last_before, f"the cut left entries up to {f_last_after} of {f_last_before}"
+    log_file = c.root / f"logs{f}" / f"metanode-{f}.log"
+    log_start = log_file.stat().st_size if log_file.exists() else 0
+    c.restart(f)
+    c.wait_healthy(f)
+    restarted = time.monotonic()
+
+    # A quiet cluster: one write a second, at most 25.
+    samples: list[dict] = []
+    caught_up_after: float | None = None
+    with SyncMetaClient([client_address(c, leader)], timeout=10) as cl:
+        for n in range(25):
+            tick = time.monotonic()
+            ch = cl.upsert(f"s{n:04d}", f"s{n:04d}".encode())
+            assert ch.result is not None
+            acked[f"s{n:04d}"] = (ch.result.seq, ch.result.data)
+            time.sleep(0.3)
+            st_l = c.admin(leader).status()  # the leader first: F's log only grows after
+            st_f = c.admin(f).status()
+            since = round(time.monotonic() - restarted, 2)
+            samples.append({"t": since, "leader applied": applied(st_l), "leader's view of F": matched(st_l, f),
+                            "F last_log_index": st_f["last_log_index"], "F applied": applied(st_f)})
+            if caught_up_after is None and applied(st_f) >= applied(st_l):
+                caught_up_after = since
+            if caught_up_after is not None and since > 8:
+                break
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+    probed = [s for s in samples if s["t"] >= 1.5]  # a few heartbeats after the restart
+    overshoot = [s for s in probed if s["leader's view of F"] > s["F last_log_index"]]
+    lost_warnings = warnings_with(log_file, log_start, "lost")
+    report = {
+        "leader": leader, "follower": f, "F last_log_index before the cut": f_last_before,
+        "F's WAL ends at (after the cut)": f_last_after, "caught up after (s)": caught_up_after,
+        "first samples": samples[:3], "last sample": samples[-1],
+        "samples where the leader's view of F exceeds F's log": len(overshoot), "of": len(probed),
+        "'lost' warnings": lost_warnings[:2],
+    }
+    print(json.dumps(report, indent=1))
+    assert caught_up_after is not None and caught_up_after <= 10, f"F did not catch up within 10 s: {report}"
+    assert not overshoot, f"the leader believes F matches past F's log: {report}"
+    assert lost_warnings, f"F logged no WARNING saying it lost acknowledged entries: {report}"
+    # And F holds exactly what the leader holds.
+    sts = wait_caught_up(c, [1, 2, 3], 20)
+    assert read_local(c, f, "") == read_local(c, leader, ""), "F diverges from the leader"
+    assert not lost_writes({k: _SeqV(*v) for k, v in read_local(c, f, "").items()}, acked)
