@@ -52,8 +52,13 @@ class ApplyLoop:
             snapshot, purge_to = self.driver.build_snapshot()
             await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
             self.driver.snapshot_saved(snapshot)
-            purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")
-            await trio.to_thread.run_sync(self.storage.purge, purged)
+            try:
+                purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")
+                await trio.to_thread.run_sync(self.storage.purge, purged)
+            except (ClientError, ValueError) as e:
+                # The snapshot is saved; the log is purged behind the next one.
+                log.warning("%d snapshot %s saved, log not purged: %s", self.id, snapshot.meta.last_log_id, e)
+                return
             log.info(
                 "%d built snapshot %s (%d bytes), log purged to %d",
                 self.id, snapshot.meta.last_log_id, len(snapshot.data), purged,

@@ -112,6 +112,11 @@ class NodeDriver:
                     except ClientError as e:
                         self._replies.append(Reply(req_id, error=e))
                     else:
+                        old = self._writes.get(log_id.index)
+                        if old is not None:  # a snapshot dropped the entry it waited for
+                            self._replies.append(
+                                Reply(old[1], error=Unavailable("leadership changed: the write was not applied"))
+                            )
                         self._writes[log_id.index] = (log_id.term, req_id)
             case ReadIndex(req_ids):
                 for req_id in req_ids:
@@ -127,8 +132,10 @@ class NodeDriver:
                 self._answer(req_id, lambda: self._compact(snapshot, purge_to))
             case TransferLeader(req_id, target):
                 self._answer(req_id, lambda: core.transfer_leadership(target))
-            case PeerConnected(peer):
+            case PeerConnected(peer, req_id):
                 core.peer_reconnected(peer)
+                if req_id:
+                    self._replies.append(Reply(req_id))
             case Trust(node_ids):
                 core.trust(node_ids)
             case _:
@@ -313,6 +320,34 @@ class NodeDriver:
             add_learner=node_id not in core.membership.node_ids,
             promote=promote and not learner and not core.membership.is_voter(node_id),
         )
+
+    def join_steps(self, has_cluster_id: bool) -> tuple[bool, ...]:
+        """The joiner's calls, as `promote` flags: a node without a cluster id, or
+        without a membership yet, first joins as a learner (the reply brings the cluster
+        id and whom to accept raft messages from); a voter-to-be then asks to be
+        promoted."""
+        steps = []
+        if not has_cluster_id or not self.core.membership.node_ids:
+            steps.append(False)
+        if not self.learner:
+            steps.append(True)
+        return tuple(steps)
+
+    def vouchers(self) -> list[int]:
+        """Whom to ask about senders we dropped: the members of our log."""
+        return sorted(self.member_ids() - {self.id})
+
+    def transfer_target(self, to: int | None) -> int:
+        """The voter to hand leadership to: `to`, or the most up-to-date other voter."""
+        core = self.core
+        if not core.is_leader:
+            raise NotLeader(f"node {self.id} is not the leader", leader=core.leader)
+        if to is not None:
+            return to
+        candidates = [p for p in sorted(core.membership.voter_ids) if p != self.id]
+        if not candidates:
+            raise BadRequest("no other voter to transfer leadership to")
+        return max(candidates, key=lambda p: core.progress[p].match if p in core.progress else 0)
 
     def caught_up(self, node_id: int) -> bool:
         """A learner may become a voter once it matched our commit index."""

@@ -68,9 +68,12 @@ class TransferLeader:
 
 @attrs.frozen
 class PeerConnected:
-    """A peer dialed us again (a new hello): it may have restarted."""
+    """A peer's raft stream started again (it may have restarted), or a node with an
+    empty disk joins under a member's id: count nothing of it until it acknowledges
+    again. With a `req_id` (the join's case) it is answered once done."""
 
     peer: int
+    req_id: int = 0
 
 
 @attrs.frozen

@@ -16,6 +16,7 @@ import trio
 from metanode.errors import BadRequest, ClientError, NotLeader, TransportError, Unavailable
 from metanode.node import rpc
 from metanode.node.events import (
+    PeerConnected,
     ChangeMembership,
     TransferLeader,
     Trust,
@@ -93,6 +94,10 @@ class MembershipOps:
             nid, req.record, fresh=req.cluster_id is None, learner=req.learner, promote=req.promote
         )
         log.info("%d handles join of node %d at %s: %s", self.id, nid, req.record.endpoint, plan)
+        if req.cluster_id is None and nid in self.core.membership.node_ids:
+            # An empty disk under a learner's id (a retry of our own first step, or a
+            # wiped learner): count nothing it acknowledged before.
+            await self.request(lambda req_id: PeerConnected(nid, req_id), what="join")
         if plan.set_record:
             await self._expect_applied(await self.propose(SetNode(nid, req.record)))
         async with self._membership_lock:  # one join or leave at a time
@@ -148,11 +153,8 @@ class MembershipOps:
         for address in rc.join:
             for attempt in range(JOIN_TRIES):
                 try:
-                    if self.meta is None or not self.core.membership.node_ids:
-                        # First as a learner: the cluster id and whom to accept from.
-                        await self._join_call(address, promote=False)
-                    if not rc.learner:
-                        await self._join_call(address, promote=True)
+                    for promote in self.driver.join_steps(self.meta is not None):
+                        await self._join_call(address, promote=promote)
                 except (ClientError, TransportError, DecodeError) as e:
                     errors.append(f"{address} (try {attempt + 1}): {e}")
                     log.warning("%d join via %s failed: %s", self.id, address, e)
@@ -204,13 +206,14 @@ class MembershipOps:
     async def _run_ask_about_strangers(self) -> None:
         """Our log may predate the current leader (we were down while members
         changed): its messages are dropped as coming from a stranger. Once an election
-        timeout, ask a member of our log which ids are members now, and trust those."""
+        timeout, ask the members of our log which ids are members now, and trust what
+        they name, until the strangers are known."""
         while True:
             await trio.sleep(self.tick_s * self.raft_config.election_ticks)
             strangers = set(self.core.strangers)
             if not strangers or self.meta is None:
                 continue
-            for peer in sorted(self.driver.member_ids() - {self.id}):
+            for peer in self.driver.vouchers():
                 address = self.address_of(peer)
                 if address is None:
                     continue
@@ -224,18 +227,12 @@ class MembershipOps:
                     continue
                 log.info("%d asked %d about senders %s: members are %s", self.id, peer, sorted(strangers), sorted(ids))
                 await self._inbox_send.send(Trust(ids))
-                break
+                strangers -= ids
+                if not strangers:
+                    break
 
     async def transfer_leader(self, to: int | None) -> dict:
-        core = self.core
-        if not core.is_leader:
-            raise NotLeader(f"node {self.id} is not the leader", leader=core.leader)
-        voters = sorted(core.membership.voter_ids)
-        if to is None:
-            candidates = [p for p in voters if p != self.id]
-            if not candidates:
-                raise BadRequest("no other voter to transfer leadership to")
-            to = max(candidates, key=lambda p: core.progress[p].match if p in core.progress else 0)
-        target = to
+        target = self.driver.transfer_target(to)
+        voters = sorted(self.core.membership.voter_ids)
         await self.request(lambda req_id: TransferLeader(req_id, target), what="leadership transfer")
         return {"from": self.id, "to": target, "voter_ids": voters}

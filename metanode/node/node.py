@@ -150,10 +150,8 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
             self.storage.save_meta(self.meta)
             log.info("%d joined cluster %s", self.id, cluster_id)
 
-    def _on_peer_hello(self, node_id: int, address: str) -> None:
-        """A member dialed us: it may have restarted (with a shorter log), and its
-        address is the freshest we know."""
-        self._learn_address(node_id, address)
+    def _on_peer_stream(self, node_id: int) -> None:
+        """A peer's raft stream to us started again: it may have restarted."""
         self._event_nowait(PeerConnected(node_id))
 
     def _learn_address(self, node_id: int, address: str | None) -> None:
@@ -267,6 +265,11 @@ async def open_node(config: Config, *, services: Sequence[Service] = ()) -> Asyn
         if fresh and rc.single:
             node.bootstrap()
         node._start_core()
+        if meta is not None and not node.core.membership.node_ids and not rc.join:
+            raise ConfigError(
+                f"raft_config.join: {rc.raft_dir} joined cluster {meta.cluster_id} but holds no log yet"
+                " (its join did not finish): set join = [...] to finish it"
+            )
         drains: list[trio.Event] = []  # set by servers once they answered what was in flight
         async with single_errors(), trio.open_nursery() as nursery:
             node._nursery = nursery
@@ -317,7 +320,8 @@ async def _serve_raft_port(node: Node, host: str, port: int, task_status: Any = 
             identity=node.identity,
             on_message=node.on_message,
             on_call=node.on_call,
-            on_peer=node._on_peer_hello,
+            on_peer=node._learn_address,
+            on_stream=node._on_peer_stream,
             leader_address=node.address_of,
             task_status=task_status,
         )

@@ -249,8 +249,8 @@ class RaftCore:
         """Members named by a member of the cluster: a join reply (a node being added
         holds no membership until the leader's first append), or the answer of a member
         we asked about the senders we dropped (`strangers`: our log may be too old to
-        know a newer leader). Replaces what was trusted before."""
-        self._trusted = frozenset(node_ids) - {self.id}
+        know a newer leader). Adds to what was trusted before."""
+        self._trusted = (self._trusted | frozenset(node_ids)) - {self.id}
         self.strangers.difference_update(self._trusted)
 
     def has_asked(self, peer: int) -> bool:
@@ -258,12 +258,17 @@ class RaftCore:
         return peer in self._asked
 
     def peer_reconnected(self, peer: int) -> None:
-        """The peer dialed us again (a new hello): it may have restarted with a log
-        shorter than it acknowledged, so probe it again from its match (§3.5)."""
+        """The peer's raft stream to us started again: it may have restarted with a
+        log shorter than it acknowledged (or lost its disk). Count nothing of it until
+        it acknowledges again, and probe it from its old match: a shortened log rejects
+        that probe and tells where it ends (§3.5)."""
         pr = self.progress.get(peer)
-        if self.role is Role.LEADER and pr is not None and pr.state is not ProgressState.SNAPSHOT:
-            pr.become_probe(pr.match + 1)
-            self._send_append(peer, pr)
+        if self.role is not Role.LEADER or pr is None or pr.state is ProgressState.SNAPSHOT:
+            return
+        old = pr.match
+        pr.match = 0
+        pr.become_probe(old + 1)
+        self._send_append(peer, pr)
 
     @property
     def is_leader(self) -> bool:
@@ -814,10 +819,14 @@ class RaftCore:
             self._send_append(peer, pr)
             return
         # Rejected: ignore answers to appends sent before the match was known, else
-        # back off (§3.5, by term).
-        if msg.index < pr.match or pr.state is ProgressState.SNAPSHOT:
+        # back off (§3.5, by term). A plain short-log hint at or below the match is
+        # never ignored: the follower's log ends before what it acknowledged.
+        if pr.state is ProgressState.SNAPSHOT:
             return
-        if pr.state is ProgressState.PROBE and msg.index != pr.next - 1:
+        lost = msg.hint_term == 0 and 0 < msg.hint_index <= pr.match
+        if msg.index < pr.match and not lost:
+            return
+        if pr.state is ProgressState.PROBE and msg.index != pr.next - 1 and not lost:
             return
         if msg.hint_term > 0:
             j = self.log.last_index_of_term(msg.hint_term, msg.index)

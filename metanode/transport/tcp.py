@@ -246,6 +246,7 @@ class _Server:
     on_message: Callable[[Message], None]
     on_call: Callable[[str, bytes, Hello], Awaitable[bytes]]
     on_peer: Callable[[int, str], None]
+    on_stream: Callable[[int], None]
     leader_address: Callable[[int], str | None] | None
     max_frame_size: int
 
@@ -369,6 +370,9 @@ class _ServerConnection:
             if ours != theirs:
                 raise _Refuse("unauthenticated", f"cluster_id {theirs!r} is not ours ({ours!r})")
             self.raft_checked = True
+            # A raft stream (a PeerLink) started: the peer may have restarted. Calls
+            # (forwarded requests, joins) do not count: they open connections freely.
+            self.server.on_stream(self.hello.from_id)
         if msg.src != self.hello.from_id or msg.dst != ident.node_id:
             raise _Refuse(
                 "bad_request",
@@ -432,6 +436,7 @@ async def serve_raft(
     on_message: Callable[[Message], None],
     on_call: Callable[[str, bytes, Hello], Awaitable[bytes]],
     on_peer: Callable[[int, str], None] = lambda node_id, address: None,
+    on_stream: Callable[[int], None] = lambda node_id: None,
     leader_address: Callable[[int], str | None] | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -457,7 +462,9 @@ async def serve_raft(
       with code ``internal``;
     * a hello of our cluster carrying the dialer's advertised address calls
       ``on_peer(node_id, addr)`` (how a node being added learns where the leader is
-      before it has the log); dialers without a cluster id are not trusted with it.
+      before it has the log); dialers without a cluster id are not trusted with it;
+    * the first raft message of a connection calls ``on_stream(node_id)``: the
+      dialer's raft stream (re)started, e.g. after it restarted.
 
     A frame over `max_frame_size` closes its connection as soon as its header is read
     (the body is never buffered); undecodable or truncated frames close their
@@ -468,6 +475,7 @@ async def serve_raft(
         on_message=on_message,
         on_call=on_call,
         on_peer=on_peer,
+        on_stream=on_stream,
         leader_address=leader_address,
         max_frame_size=max_frame_size,
     )

@@ -25,7 +25,7 @@ import attrs
 
 from metanode.errors import ClientError, Unavailable
 from metanode.node.driver import NodeDriver
-from metanode.node.events import Compact, Propose, ReadIndex, Receive, Tick, Trust
+from metanode.node.events import Compact, PeerConnected, Propose, ReadIndex, Receive, Tick, Trust
 from metanode.raft import (
     ZERO_LOG_ID,
     Entry,
@@ -142,7 +142,19 @@ class SimNode:
             c.raft_config(self.id), self.disk.persisted(), random.Random(c.rng.random()),
             snapshot_logs_since_last=c.snapshot_every, max_applied_log_to_keep=c.keep_after_snapshot,
         )
+        if not self.core.membership.node_ids:
+            # A node that holds no membership yet joins again on restart (the daemon
+            # refuses to start otherwise): the reply names the current members.
+            leader = c.leader()
+            if leader is not None:
+                self.trusted = leader.driver.member_ids() | {leader.id}
         self.driver.handle(Trust(self.trusted))
+        if self.life > 1:
+            # Its raft streams to the others start again: they count nothing of it
+            # until it acknowledges again (the daemon's `on_stream`).
+            for other in c.nodes.values():
+                if other.id != self.id:
+                    c.schedule(c.rng.randint(*c.delay), other._stream_started, self.id)
         if self.core.log_reset_to_snapshot:  # as the daemon does: the snapshot wins
             self.disk.write(Ready(snapshot=self.disk.snapshot))
         self.last_seq = self.sm.last_seq
@@ -179,8 +191,14 @@ class SimNode:
                  and (n.id, self.id) not in c.cut and (self.id, n.id) not in c.cut]
         if not known:
             return
-        voucher = c.rng.choice(known)
-        c.schedule(c.rng.randint(*c.delay), self._trust, self.life, voucher.driver.member_ids())
+        for voucher in known:  # the daemon asks the members of its log in turn
+            if voucher.id in self.driver.vouchers():
+                c.schedule(c.rng.randint(*c.delay), self._trust, self.life, voucher.driver.member_ids())
+
+    def _stream_started(self, peer: int) -> None:
+        if self.up and self.pending_ready is None and not self.cluster.manual:
+            self.driver.handle(PeerConnected(peer))
+            self.pump()
 
     def _trust(self, life: int, ids: frozenset[int]) -> None:
         if self.up and life == self.life:

@@ -385,7 +385,10 @@ def test_a_reconnected_follower_is_probed_from_its_match():
     c1 = n[1]
     c1.peer_reconnected(3)
     assert c1.progress[3].state is ProgressState.PROBE
+    assert c1.progress[3].match == 0  # counts nothing of it until it acknowledges again
     assert n.flush(1) == ["1->3 append t2 prev=2-2 [] c2"]
+    n.stabilize()
+    assert c1.progress[3].match == 2
     c1.peer_reconnected(99)  # unknown peers: nothing
     n[2].peer_reconnected(3)  # a follower: nothing
     assert not n[2].has_ready()
@@ -483,3 +486,19 @@ def test_a_second_leader_of_the_same_term_is_dropped():
     n.take_msgs()
     n[1].step(AppendRequest(n[1].term, 2, 1, LogId(1, 1), (), 1))
     assert n[1].role is Role.LEADER and not n[1].has_ready()
+
+
+def test_a_short_log_hint_below_the_match_lowers_it_even_for_an_older_index():
+    """A follower that acknowledged an uncommitted tail and lost it answers a heartbeat
+    (whose commit is below its match) with a rejection of that lower index: its
+    short-log hint at or below the match still lowers the match, so the leader never
+    counts the lost tail toward a commit."""
+    n = leader_net()
+    c1 = n[1]
+    c1.propose(b"a")
+    c1.propose(b"b")
+    n.stabilize()
+    pr = c1.progress[2]
+    assert pr.match == 4
+    c1.step(AppendResponse(2, 2, 1, False, 3, 0, 3))  # rejects 3 (< match 4): "my log ends at 2"
+    assert (pr.state, pr.match, pr.next) == (ProgressState.PROBE, 2, 3)
