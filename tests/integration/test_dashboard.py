@@ -246,6 +246,11 @@ async def test_the_dashboard_follows_a_leader_change(
             15, f"three members, each with its own numbers, and node {leader} leading",
         )
         assert view["leaderText"].startswith(f"node {leader}")
+        # The route behind the page: every peer asked over the client API, and this
+        # node's raft link to the leader seen (a renamed node attribute would hide it).
+        stats = cluster.admin(served_by).get("/v1/dashboard/stats").json()
+        assert sorted(stats["peers"]) == sorted(str(i) for i in (1, 2, 3) if i != served_by)
+        assert stats["links"].get(str(leader), {}).get("connected") is True
         assert sorted(r for i, r in roles(view).items() if i != leader) == ["follower", "follower"]
         assert view["alerts"] == []
 

@@ -531,23 +531,42 @@
   function axisLabel(v) {
     if (v >= 1000) return `${(v / 1000).toLocaleString('en-US', { maximumFractionDigits: 1 })}k`;
     if (v >= 10 || Number.isInteger(v)) return String(Math.round(v));
-    return v.toFixed(1);
+    if (v >= 0.1) return String(Number(v.toFixed(1)));
+    return String(Number(v.toPrecision(1)));
   }
 
-  function drawChart(fig, nowMs, lines, nowText) {
+  // A linear axis from 0 (rates), or a logarithmic one by decades (latencies: p50
+  // and p99 differ by orders of magnitude, and one slow second must not flatten the rest).
+  function yScale(values, log, top, bottom) {
+    if (!log) {
+      const ymax = niceMax(Math.max(0, ...values));
+      return { Y: (v) => top + (1 - v / ymax) * (bottom - top), ticks: [0, ymax / 2, ymax] };
+    }
+    const pos = values.filter((v) => v > 0);
+    let lo = pos.length ? Math.floor(Math.log10(Math.min(...pos))) : -1;
+    let hi = pos.length ? Math.ceil(Math.log10(Math.max(...pos))) : 1;
+    lo = Math.max(-2, Math.min(lo, hi - 1));
+    if (hi <= lo) hi = lo + 1;
+    const ticks = [];
+    const step = hi - lo > 4 ? 2 : 1;
+    for (let e = lo; e <= hi; e += step) ticks.push(Math.pow(10, e));
+    const Y = (v) => top + (1 - (Math.log10(Math.max(v, Math.pow(10, lo))) - lo) / (hi - lo)) * (bottom - top);
+    return { Y, ticks };
+  }
+
+  function drawChart(fig, nowMs, lines, nowText, log) {
     const W = 280, H = 118, L = 30, R = 6, T = 8, B = 18;
     const pts = state.series;
     const x0 = nowMs - WINDOW_MS;
     const X = (t) => L + ((t - x0) / WINDOW_MS) * (W - L - R);
-    let max = 0;
-    for (const ln of lines) for (const p of pts) if (isNum(p[ln.key]) && p[ln.key] > max) max = p[ln.key];
-    const ymax = niceMax(max);
-    const Y = (v) => T + (1 - v / ymax) * (H - T - B);
+    const values = [];
+    for (const ln of lines) for (const p of pts) if (isNum(p[ln.key]) && p.t >= x0) values.push(p[ln.key]);
+    const { Y, ticks } = yScale(values, !!log, T, H - B);
     const svg = s('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': fig.querySelector('figcaption span').textContent });
-    for (const f of [0, 0.5, 1]) {
-      const y = Y(ymax * f);
+    for (const v of ticks) {
+      const y = Y(v);
       svg.append(s('line', { class: 'grid', x1: L, x2: W - R, y1: y, y2: y }));
-      svg.append(s('text', { class: 'axis', x: L - 4, y: y + 3.5, 'text-anchor': 'end', text: axisLabel(ymax * f) }));
+      svg.append(s('text', { class: 'axis', x: L - 4, y: y + 3.5, 'text-anchor': 'end', text: axisLabel(v) }));
     }
     for (const [i, label] of [[0, '−5 min'], [2.5, '−2.5'], [5, 'now']]) {
       const x = X(x0 + i * 60000);
@@ -590,11 +609,11 @@
     drawChart($('chart-wlat'), now, [
       { key: 'write_p50_ms', cls: 's1', label: 'p50' },
       { key: 'write_p99_ms', cls: 's2 dash', label: 'p99 (writes at this node)' },
-    ], `${fmtMs(p.write_p50_ms)} / ${fmtMs(p.write_p99_ms)}`);
+    ], `${fmtMs(p.write_p50_ms)} / ${fmtMs(p.write_p99_ms)}`, true);
     drawChart($('chart-rlat'), now, [
       { key: 'read_p50_ms', cls: 's1', label: 'p50' },
       { key: 'read_p99_ms', cls: 's2 dash', label: 'p99 (reads at this node)' },
-    ], `${fmtMs(p.read_p50_ms)} / ${fmtMs(p.read_p99_ms)}`);
+    ], `${fmtMs(p.read_p50_ms)} / ${fmtMs(p.read_p99_ms)}`, true);
   }
 
   // ------------------------------------------------------------------- timeline
