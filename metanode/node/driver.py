@@ -297,6 +297,18 @@ class NodeDriver:
         the cluster id and the members); it asks to be promoted in a second call, once
         it accepts the leader's appends.
         """
+        self.refuse_join(node_id, record, fresh=fresh, promote=promote)
+        core = self.core
+        known = self.sm.node(node_id)
+        return JoinPlan(
+            set_record=known != record,
+            add_learner=node_id not in core.membership.node_ids,
+            promote=promote and not learner and not core.membership.is_voter(node_id),
+        )
+
+    def refuse_join(self, node_id: int, record: NodeRecord, *, fresh: bool, promote: bool) -> None:
+        """The refusals of `plan_join` (BadRequest), which any member can judge from
+        its own log: a follower refuses at once, without waiting for a leader."""
         core = self.core
         if node_id <= 0:
             raise BadRequest(f"node id must be positive, got {node_id}")
@@ -315,11 +327,6 @@ class NodeDriver:
             )
         if fresh and promote:
             raise BadRequest(f"node {node_id} must join as a learner before it is promoted")
-        return JoinPlan(
-            set_record=known != record,
-            add_learner=node_id not in core.membership.node_ids,
-            promote=promote and not learner and not core.membership.is_voter(node_id),
-        )
 
     def join_steps(self, has_cluster_id: bool) -> tuple[bool, ...]:
         """The joiner's calls, as `promote` flags: a node without a cluster id, or

@@ -78,6 +78,8 @@ class Forwarding:
             raise BadRequest(f"bad {method} request: {e}") from None
         if isinstance(req, rpc.MembersRequest):
             return rpc.encode(rpc.MembersReply(tuple(sorted(self.driver.member_ids()))))
+        if isinstance(req, rpc.JoinRequest):
+            self.driver.refuse_join(req.node_id, req.record, fresh=req.cluster_id is None, promote=req.promote)
         assert handler is not None
         with self.calls:
             return await self.call_leader(method, payload, lambda: handler(req))
