@@ -18,6 +18,7 @@
   const PEER_FRESH_MS = 3500;
   const LAG_FULL = 100000;  // entries behind at which the lag bar is full (log scale)
   const LAG_WARN = 1000;
+  const NO_ADDRESS = 'no client address';
 
   const state = {
     data: null,         // the last good answer
@@ -253,7 +254,8 @@
         } else if (p) {
           m.why = 'asking for its status…';
         } else {
-          m.why = rec && rec.grpc_api_advertise_address ? 'not asked yet' : 'publishes no client address';
+          m.why = rec && rec.grpc_api_advertise_address ? 'not asked yet' : NO_ADDRESS;
+          if (m.learner) m.why = `learner · ${m.why}`;
         }
       }
       if (leaderView && leaderView.replication) {
@@ -507,7 +509,7 @@
     if (others) view += polled === others ? ' · every member reports its own numbers' : ` · ${polled} of ${others} other members report their own numbers`;
     $('members-view').textContent = view;
     const notes = [];
-    if (model.members.some((m) => !m.self && !m.st && m.why === 'publishes no client address')) {
+    if (model.members.some((m) => !m.self && !m.st && m.why.endsWith(NO_ADDRESS))) {
       notes.push('A member that publishes no client address (grpc_api_advertise_host) is shown only as this node sees it: its own term and indexes are unknown here.');
     }
     if (!model.leaderView) {
@@ -608,11 +610,11 @@
     ], fmtRate(p.reads_per_s));
     drawChart($('chart-wlat'), now, [
       { key: 'write_p50_ms', cls: 's1', label: 'p50' },
-      { key: 'write_p99_ms', cls: 's2 dash', label: 'p99 (writes at this node)' },
+      { key: 'write_p99_ms', cls: 's2 dash', label: 'p99 · writes at this node, log scale' },
     ], `${fmtMs(p.write_p50_ms)} / ${fmtMs(p.write_p99_ms)}`, true);
     drawChart($('chart-rlat'), now, [
       { key: 'read_p50_ms', cls: 's1', label: 'p50' },
-      { key: 'read_p99_ms', cls: 's2 dash', label: 'p99 (reads at this node)' },
+      { key: 'read_p99_ms', cls: 's2 dash', label: 'p99 · reads at this node, log scale' },
     ], `${fmtMs(p.read_p50_ms)} / ${fmtMs(p.read_p99_ms)}`, true);
   }
 
