@@ -170,7 +170,8 @@ async def browser(binary: str, profile: Path) -> AsyncIterator[Page]:
 
 
 #: What the page shows, read from its DOM (the data-* attributes are for tests).
-SNAPSHOT_JS = """JSON.stringify({
+SNAPSHOT_JS = """!document.getElementById('leader') ? JSON.stringify({state: 'not loaded', rows: [], alerts: []}) :
+JSON.stringify({
   state: document.body.dataset.state,
   leader: document.getElementById('leader').dataset.leaderId,
   leaderText: document.getElementById('leader').textContent,
