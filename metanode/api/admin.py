@@ -13,7 +13,8 @@ Routes (all ``GET``; JSON bodies are ``application/json``, keys in the node's or
 * ``/v1/cluster/nodes`` -> ``[{"name":"1","endpoint":{"addr":..,"port":..},
   "grpc_api_advertise_address":..}, ...]`` as the tutorial shows
 * ``/v1/cluster/status`` -> the node's status dict as is
-* ``/v1/metrics`` and ``/metrics`` -> Prometheus exposition (format by ``Accept``)
+* ``/v1/metrics`` and ``/metrics`` -> Prometheus exposition (format by ``Accept``) of
+  databend-meta's metrics and metanode's own (metanode/metrics.py)
 * ``/v1/ctrl/trigger_snapshot`` -> ``null`` once the snapshot is built
 * ``/v1/ctrl/trigger_transfer_leader[?to=ID]`` -> ``{"from","to","voter_ids"}``
 * ``/`` -> the live cluster dashboard (HTML; its files under ``/dashboard/``) and
@@ -32,7 +33,7 @@ import hmac
 import json
 import logging
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from functools import wraps
 from typing import Any, Protocol, TypeVar
 
@@ -41,15 +42,13 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from metanode.api.dashboard import ASSETS, CONTENT_SECURITY_POLICY, Dashboard, load_assets, parse_since
 from metanode.config import format_address, parse_address
+from metanode.metrics import metrics_for
 from metanode.errors import (
     BadRequest,
     ClientError,
@@ -80,17 +79,6 @@ STATUS_OF_ERROR: dict[type[ClientError], int] = {
     Timeout: 504,
 }
 
-#: HELP text of the gauges the node is known to report; others get a generic one.
-METRIC_HELP: dict[str, str] = {
-    "metanode_raft_term": "Current raft term of this node.",
-    "metanode_raft_is_leader": "1 if this node is the leader, else 0.",
-    "metanode_raft_last_log_index": "Index of the last entry in this node's log.",
-    "metanode_raft_commit_index": "Highest log index known to be committed.",
-    "metanode_raft_applied_index": "Highest log index applied to the state machine.",
-    "metanode_raft_leader_id": "Id of the leader this node knows of, 0 if none.",
-}
-
-
 class AdminNode(Protocol):
     """What the admin app needs from a node."""
 
@@ -107,7 +95,8 @@ class AdminNode(Protocol):
         ...
 
     def metrics(self) -> dict[str, float]:
-        """Gauges: metric name -> value."""
+        """The ``metanode_*`` gauges: metric name -> value (the ``metasrv_*`` metrics
+        are read from the node by `metanode.metrics.NodeMetrics.update`)."""
         ...
 
     async def trigger_snapshot(self) -> None:
@@ -150,27 +139,13 @@ def client_error_response(exc: ClientError) -> Response:
 # ---------------------------------------------------------------------------- metrics
 
 
-class _GaugeCollector:
-    """One scrape of `node.metrics()` as gauge families (no `describe`: the registry is
-    built per request with ``auto_describe=False``, so nothing is collected early)."""
-
-    def __init__(self, values: dict[str, float]) -> None:
-        self.values = values
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        for name, value in self.values.items():
-            if value is None:
-                continue
-            help_text = METRIC_HELP.get(name, f"metanode gauge {name}.")
-            yield GaugeMetricFamily(name, help_text, value=float(value))
-
-
-def render_metrics(values: dict[str, float], accept: str | None) -> tuple[bytes, str]:
-    """The exposition body and its content type for an ``Accept`` header."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_GaugeCollector(values))  # type: ignore[arg-type]
-    encoder, content_type = choose_encoder(accept or "")
-    return encoder(registry), content_type
+async def render_metrics(node: AdminNode, accept: str | None, health: HealthCheck) -> tuple[bytes, str]:
+    """One scrape: the node's `NodeMetrics` (metanode/metrics.py) updated from its
+    state now, as Prometheus text (or OpenMetrics when `accept` asks), and its
+    content type."""
+    metrics = metrics_for(node)
+    metrics.update(node, healthy=(await health()) is None)
+    return metrics.render(accept)
 
 
 # -------------------------------------------------------------------------------- app
@@ -279,7 +254,7 @@ def create_app(
     @app.get("/v1/metrics")
     @app.get("/metrics")
     async def metrics() -> Response:
-        body, content_type = render_metrics(node.metrics(), request.headers.get("Accept"))
+        body, content_type = await render_metrics(node, request.headers.get("Accept"), check_health)
         return Response(body, status=200, content_type=content_type)
 
     def asset(name: str) -> Response:

@@ -29,6 +29,7 @@ from metanode import __version__
 from metanode.config import parse_address
 from metanode.api.reqstats import KIND_OF_OP, stats_for
 from metanode.errors import BadRequest, ClientError, TooLarge, Unauthenticated
+from metanode.metrics import metrics_for
 from metanode.trio_util import InFlight, single_errors
 from metanode.node.watch import WatchHub
 from metanode.sm import (
@@ -199,6 +200,7 @@ class ClientSession:
         self.token = token
         self.authenticated = token is None
         self.stats = stats_for(node)  # counts and latencies for the dashboard
+        self.metrics = metrics_for(node)  # Prometheus counters (metanode/metrics.py)
         self.ops: dict[str, Callable[[dict], Any]] = {
             "handshake": self.op_handshake,
             "upsert": self.op_upsert,
@@ -229,7 +231,12 @@ class ClientSession:
     async def serve(self, message: bytes | str) -> None:
         try:
             with self.counter:
-                await self._serve(message)
+                self.metrics.received(len(message))
+                self.metrics.req_inflights.inc()
+                try:
+                    await self._serve(message)
+                finally:
+                    self.metrics.req_inflights.dec()
         finally:
             self.in_flight.release()
 
@@ -277,6 +284,7 @@ class ClientSession:
                     ok = True
                 finally:
                     self.stats.record(KIND_OF_OP[name], time.perf_counter() - started, ok)
+                    self.metrics.request_done(name, time.perf_counter() - started, ok)
             else:
                 result = await op(req)
             reply = {"id": rid, "ok": result}
@@ -292,7 +300,9 @@ class ClientSession:
             log.exception("client request failed")
             reply = {"id": rid, "error": {"code": "internal", "message": "internal error", "leader": None}}
         try:
-            await self.ws.send_message(msgpack.packb(reply, use_bin_type=True))
+            data = msgpack.packb(reply, use_bin_type=True)
+            await self.ws.send_message(data)
+            self.metrics.sent([reply], len(data))
         except ConnectionClosed:
             pass
 
@@ -316,7 +326,9 @@ class ClientSession:
         scope.cancel()
 
     async def _send(self, message: dict) -> None:
-        await self.ws.send_message(msgpack.packb(message, use_bin_type=True))
+        data = msgpack.packb(message, use_bin_type=True)
+        await self.ws.send_message(data)
+        self.metrics.sent([message], len(data))
 
     async def _watch(self, rid: int, req: dict) -> None:
         """Stream the changes of a key or range (see the protocol reference); returns
@@ -414,11 +426,13 @@ class ClientSession:
     async def op_get(self, req: dict) -> dict | None:
         key = _arg(req, "key", str)
         await self._read(req)
+        self.metrics.stream_items("get", 1)
         return seqv_out(self.node.sm.get(key))
 
     async def op_mget(self, req: dict) -> list:
         keys = _strings(req.get("keys"), "keys")
         await self._read(req)
+        self.metrics.stream_items("mget", len(keys))
         return [seqv_out(v) for v in self.node.sm.mget(keys)]
 
     async def op_list(self, req: dict) -> list:
@@ -427,7 +441,9 @@ class ClientSession:
         if limit is not None and limit < 0:
             raise BadRequest("list: limit must be >= 0")
         await self._read(req)
-        return [[k, seqv_out(v)] for k, v in self.node.sm.list(prefix, limit)]
+        items = [[k, seqv_out(v)] for k, v in self.node.sm.list(prefix, limit)]
+        self.metrics.stream_items("list", len(items))
+        return items
 
     async def op_member_list(self, req: dict) -> list[str]:
         return self.node.client_addresses()

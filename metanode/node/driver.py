@@ -91,6 +91,11 @@ class NodeDriver:
         self._reads: set[int] = set()  # req_ids of reads waiting for their read index
         self._reads_ready: list[tuple[int, int]] = []  # (read index, req_id)
         self._replies: list[Reply] = []
+        # Plain counters for the metrics (metanode/metrics.py reads them at a scrape).
+        self.stats_leader_changes = 0  # a new leader became known
+        self.stats_proposals_failed = 0  # writes proposed here that were not applied
+        self.stats_snapshot_entries = 0  # keys written to snapshots built here
+        self._stats_leader: int | None = None
         # Hooks of the runtime (the watch hub): changes of each applied entry, and a
         # state machine replaced by a snapshot (its revision).
         self.on_changes: Callable[[tuple[KeyChange, ...]], None] = lambda changes: None
@@ -110,10 +115,12 @@ class NodeDriver:
                     try:
                         log_id = core.propose(data)
                     except ClientError as e:
+                        self.stats_proposals_failed += 1
                         self._replies.append(Reply(req_id, error=e))
                     else:
                         old = self._writes.get(log_id.index)
                         if old is not None:  # a snapshot dropped the entry it waited for
+                            self.stats_proposals_failed += 1
                             self._replies.append(
                                 Reply(old[1], error=Unavailable("leadership changed: the write was not applied"))
                             )
@@ -140,6 +147,9 @@ class NodeDriver:
                 core.trust(node_ids)
             case _:
                 assert_never(event)
+        if core.leader != self._stats_leader:
+            self._stats_leader = core.leader
+            self.stats_leader_changes += core.leader is not None
 
     def _answer(self, req_id: int, fn: Callable[[], Any]) -> None:
         try:
@@ -199,6 +209,7 @@ class NodeDriver:
         last = snapshot.meta.last_log_id.index
         for index in [i for i in self._writes if i <= last]:
             _, req_id = self._writes.pop(index)
+            self.stats_proposals_failed += 1
             self._replies.append(
                 Reply(req_id, error=Timeout("the write's outcome is unknown: a snapshot replaced the log"))
             )
@@ -230,6 +241,7 @@ class NodeDriver:
             if term == entry.term:
                 self._replies.append(Reply(req_id, value=result))
             else:
+                self.stats_proposals_failed += 1
                 self._replies.append(Reply(req_id, error=Unavailable("leadership changed: the write was not applied")))
 
     def _check_removed(self) -> None:
@@ -264,6 +276,7 @@ class NodeDriver:
         `max_applied_log_to_keep` entries behind it for slow followers)."""
         meta = SnapshotMeta(self.applied, self.applied_membership)
         snapshot = Snapshot(meta, self.sm.snapshot())
+        self.stats_snapshot_entries += len(self.sm)
         return snapshot, self.applied.index - self.max_applied_log_to_keep
 
     def snapshot_saved(self, snapshot: Snapshot) -> None:

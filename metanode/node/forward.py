@@ -11,13 +11,27 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from metanode.errors import BadRequest, NotLeader, Timeout, TransportError, Unavailable
+from metanode.errors import BadRequest, ClientError, NotLeader, Timeout, TransportError, Unavailable
 from metanode.node import rpc
 from metanode.sm import ApplyError, Change, Command, TxnReply
 from metanode.sm.codec import DecodeError
-from metanode.transport import ConnectFailed
+from metanode.transport import ConnectFailed, error_from_info
 
 log = logging.getLogger("metanode.node")
+
+
+def _write_reply(outcome: Any) -> rpc.WriteReply:
+    if isinstance(outcome, ApplyError):
+        return rpc.WriteReply(False, outcome.message, code=BadRequest.code)
+    if isinstance(outcome, ClientError):
+        return rpc.WriteReply(False, str(outcome), code=outcome.code)
+    if isinstance(outcome, BaseException):
+        return rpc.WriteReply(False, f"internal error: {type(outcome).__name__}", code="internal")
+    return rpc.WriteReply(
+        True,
+        change=outcome if isinstance(outcome, Change) else None,
+        txn=outcome if isinstance(outcome, TxnReply) else None,
+    )
 
 if TYPE_CHECKING:
     from metanode.node.node import Node  # noqa: F401
@@ -66,6 +80,7 @@ class Forwarding:
             rpc.JOIN: (rpc.JoinRequest, self._join_local),
             rpc.LEAVE: (rpc.LeaveRequest, self._leave_local),
             rpc.WRITE: (rpc.WriteRequest, self._write_local),
+            rpc.WRITE_BATCH: (rpc.WriteBatchRequest, self._write_batch_local),
             rpc.READ: (rpc.ReadRequest, self._read_local),
             rpc.MEMBERS: (rpc.MembersRequest, None),
         }
@@ -96,6 +111,12 @@ class Forwarding:
             )
         )
 
+    async def _write_batch_local(self, req: rpc.WriteBatchRequest) -> bytes:
+        """A follower's forwarded batch, proposed here as one batch; each reply says
+        its outcome (a `code` for errors: not_leader and unavailable were not applied)."""
+        outcomes = await self.propose_many(list(req.cmds))
+        return rpc.encode(rpc.WriteBatchReply(tuple(_write_reply(o) for o in outcomes)))
+
     async def _read_local(self, req: rpc.ReadRequest) -> bytes:
         await self._expire_due()  # a read after a key's expiry must not see it
         return rpc.encode(rpc.ReadReply(await self.read_barrier()))
@@ -104,13 +125,66 @@ class Forwarding:
     async def client_write(self, cmd: Command) -> Any:
         """A client's write: proposed here when leading, else forwarded to the leader.
         Returns the apply result; a command the state machine refuses is BadRequest."""
-        request = rpc.WriteRequest(cmd)
+        [outcome] = await self.client_write_batch([cmd])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def client_write_batch(self, cmds: list[Command]) -> list[Any]:
+        """Clients' writes as one batch: proposed here as one log append when leading,
+        else forwarded to the leader as one call. Each outcome is the apply result or
+        a ClientError (BadRequest for a command the state machine refuses; Timeout
+        when the outcome is unknown). Writes that were certainly not applied (not
+        proposed, or overwritten by another term) are tried again until
+        `wait_leader_timeout`."""
+        outcomes: list[Any] = [None] * len(cmds)
+        pending = list(range(len(cmds)))
+        deadline = trio.current_time() + self.wait_s()
+        last: Exception | None = None
         with self.calls:
-            body = await self.call_leader(rpc.WRITE, rpc.encode(request), lambda: self._write_local(request))
-        reply = rpc.decode(body, rpc.WriteReply)
-        if not reply.ok:
-            raise BadRequest(reply.message)
-        return reply.txn if reply.txn is not None else reply.change
+            while pending and trio.current_time() < deadline:
+                retry: list[int] = []
+                if self.core.is_leader:
+                    got = await self.propose_many([cmds[i] for i in pending], max(0.1, deadline - trio.current_time()))
+                    for i, outcome in zip(pending, got):
+                        if isinstance(outcome, (NotLeader, Unavailable)):
+                            retry.append(i)
+                            last = outcome
+                        elif isinstance(outcome, ApplyError):
+                            outcomes[i] = BadRequest(outcome.message)
+                        else:
+                            outcomes[i] = outcome
+                else:
+                    address = self.leader_address()
+                    if address is None:
+                        retry = pending
+                    else:
+                        payload = rpc.encode(rpc.WriteBatchRequest(tuple(cmds[i] for i in pending)))
+                        try:
+                            body = await self.calls_to_leader.call(
+                                address, rpc.WRITE_BATCH, payload, timeout=max(0.1, deadline - trio.current_time())
+                            )
+                        except (NotLeader, Unavailable, ConnectFailed) as e:
+                            retry, last = pending, e  # not applied there: safe to try again
+                        except TransportError as e:  # it may have been applied: never resend
+                            for i in pending:
+                                outcomes[i] = Timeout(f"write forwarded to {address}: outcome unknown ({e})")
+                        else:
+                            replies = rpc.decode(body, rpc.WriteBatchReply).replies
+                            for i, reply in zip(pending, replies):
+                                if reply.ok:
+                                    outcomes[i] = reply.txn if reply.txn is not None else reply.change
+                                elif reply.code in (NotLeader.code, Unavailable.code):
+                                    retry.append(i)
+                                    last = error_from_info(reply.code, reply.message)
+                                else:
+                                    outcomes[i] = error_from_info(reply.code or BadRequest.code, reply.message)
+                pending = retry
+                if pending:
+                    await trio.sleep(self.tick_s * 2)
+        for i in pending:
+            outcomes[i] = Unavailable(f"no leader answered the write within {self.wait_s():.0f} s: {last}")
+        return outcomes
 
     async def client_read_barrier(self) -> None:
         """Make a following local read linearizable (§6.4): get a read index from the

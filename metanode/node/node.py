@@ -55,7 +55,7 @@ from metanode.raft import (
 )
 from metanode.sm import Endpoint, KVStateMachine, NodeRecord
 from metanode.storage import NodeMeta, RaftStorage
-from metanode.transport import CallPool, Identity, PeerLink, serve_raft
+from metanode.transport import CallPool, Identity, PeerLink, RaftPortStats, serve_raft
 
 log = logging.getLogger("metanode.node")
 
@@ -104,6 +104,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[Event](INBOX_SIZE)
         self._apply_send, self._apply_recv = trio.open_memory_channel[_Applied](APPLY_QUEUE)
         self._links: dict[int, PeerLink] = {}
+        self.raft_port_stats = RaftPortStats()  # bytes received on the raft port (metrics)
         self._addresses: dict[int, str] = {}  # raft addresses of peers we learned of
         self._nursery: trio.Nursery | None = None
         self._req_ids = itertools.count(1)
@@ -323,6 +324,7 @@ async def _serve_raft_port(node: Node, host: str, port: int, task_status: Any = 
             on_peer=node._learn_address,
             on_stream=node._on_peer_stream,
             leader_address=node.address_of,
+            stats=node.raft_port_stats,
             task_status=task_status,
         )
     except OSError as e:

@@ -7,6 +7,7 @@ tasks are typed events answered by `Reply`s with their `req_id`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -30,32 +31,18 @@ if TYPE_CHECKING:
     from metanode.node.node import Node  # noqa: F401
 
 
-@attrs.define
-class _Waiter:
-    """One request waiting for the raft or apply loop."""
+_MISSING = object()
 
-    event: trio.Event = attrs.Factory(trio.Event)
-    value: Any = None
-    error: BaseException | None = None
 
-    def set(self, value: Any) -> None:
-        if not self.event.is_set():
-            self.value = value
-            self.event.set()
+class _Batch:
+    """The requests of one event, waited for together (one trio.Event for them all)."""
 
-    def fail(self, error: BaseException) -> None:
-        if not self.event.is_set():
-            self.error = error
-            self.event.set()
+    __slots__ = ("event", "outcomes", "left")
 
-    async def wait(self, timeout: float, what: str) -> Any:
-        with trio.move_on_after(timeout):
-            await self.event.wait()
-        if not self.event.is_set():
-            raise Timeout(f"{what}: no answer within {timeout:.1f} s")
-        if self.error is not None:
-            raise self.error
-        return self.value
+    def __init__(self, n: int) -> None:
+        self.event = trio.Event()
+        self.outcomes: list[Any] = [_MISSING] * n
+        self.left = n
 
 
 @attrs.frozen
@@ -90,23 +77,42 @@ class RaftLoop:
 
     async def request(self, make: Callable[[int], Event], timeout: float | None = None, what: str = "request") -> Any:
         """Send the event `make(req_id)` to the raft loop and wait for its Reply."""
-        req_id = next(self._req_ids)
-        waiter = self._pending[req_id] = _Waiter()
+        [outcome] = await self.request_many(1, lambda ids: make(ids[0]), timeout, what)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def request_many(
+        self, n: int, make: Callable[[list[int]], Event], timeout: float | None = None, what: str = "request"
+    ) -> list[Any]:
+        """Send one event carrying `n` requests (`make(req_ids)`) and wait for their
+        Replies: each outcome is a value or the error (a Timeout when none came)."""
+        ids = list(itertools.islice(self._req_ids, n))
+        batch = _Batch(n)
+        for pos, req_id in enumerate(ids):
+            self._pending[req_id] = (batch, pos)
         try:
-            await self._inbox_send.send(make(req_id))
-            return await waiter.wait(timeout if timeout is not None else self.wait_s(), what)
+            await self._inbox_send.send(make(ids))
+            with trio.move_on_after(timeout if timeout is not None else self.wait_s()):
+                await batch.event.wait()
+            if batch.left:
+                late = Timeout(f"{what}: no answer within {timeout if timeout is not None else self.wait_s():.1f} s")
+                batch.outcomes = [late if o is _MISSING else o for o in batch.outcomes]
+            return batch.outcomes
         finally:
-            self._pending.pop(req_id, None)
+            for req_id in ids:
+                self._pending.pop(req_id, None)
 
     def _dispatch(self, replies: list[Reply]) -> None:
         for reply in replies:
-            waiter = self._pending.pop(reply.req_id, None)
-            if waiter is None:
+            waiting = self._pending.pop(reply.req_id, None)
+            if waiting is None:
                 continue  # its caller gave up (timeout, cancel)
-            if reply.error is not None:
-                waiter.fail(reply.error)
-            else:
-                waiter.set(reply.value)
+            batch, pos = waiting
+            batch.outcomes[pos] = reply.error if reply.error is not None else reply.value
+            batch.left -= 1
+            if not batch.left:
+                batch.event.set()
 
     async def _run_raft_loop(self) -> None:
         recv = self._inbox_recv

@@ -17,6 +17,7 @@ JOIN = "join"
 LEAVE = "leave"
 WRITE = "write"
 READ = "read"
+WRITE_BATCH = "write_batch"
 MEMBERS = "members"
 
 
@@ -83,6 +84,19 @@ class WriteReply:
     message: str = ""
     change: Change | None = None
     txn: TxnReply | None = None
+    code: str = ""  # the error's code when not ok (bad_request for an ApplyError)
+
+
+@attrs.frozen
+class WriteBatchRequest:
+    """Commands proposed as one batch on the leader (one log append)."""
+
+    cmds: tuple[Command, ...]
+
+
+@attrs.frozen
+class WriteBatchReply:
+    replies: tuple[WriteReply, ...]
 
 
 @attrs.frozen
@@ -96,7 +110,10 @@ class ReadReply:
 
 
 register_tagged_union(TxnResponse, name="txn response")
-for _cls in (JoinRequest, NodeAddress, JoinReply, MembersRequest, MembersReply, LeaveRequest, LeaveReply, WriteRequest, WriteReply, ReadRequest, ReadReply):
+for _cls in (
+    JoinRequest, NodeAddress, JoinReply, MembersRequest, MembersReply, LeaveRequest, LeaveReply,
+    WriteRequest, WriteReply, WriteBatchRequest, WriteBatchReply, ReadRequest, ReadReply,
+):
     register_class(_cls)
 del _sm_codec
 
@@ -106,6 +123,7 @@ __all__ = [
     "MEMBERS",
     "READ",
     "WRITE",
+    "WRITE_BATCH",
     "JoinReply",
     "JoinRequest",
     "LeaveReply",
@@ -115,6 +133,8 @@ __all__ = [
     "NodeAddress",
     "ReadReply",
     "ReadRequest",
+    "WriteBatchReply",
+    "WriteBatchRequest",
     "WriteReply",
     "WriteRequest",
     "decode",

@@ -56,6 +56,9 @@ log = logging.getLogger("metanode.raft")
 
 _REQUESTS = (VoteRequest, AppendRequest, Heartbeat, SnapshotRequest, TimeoutNow)
 _RESPONSES = (VoteResponse, AppendResponse, HeartbeatResponse, SnapshotResponse)
+# The request a response answers (a VoteResponse answers a VoteRequest, ...).
+_ASKED_BY = {VoteResponse: VoteRequest, AppendResponse: AppendRequest, HeartbeatResponse: Heartbeat,
+             SnapshotResponse: SnapshotRequest}
 
 # How long a leader keeps informing a removed peer that has not confirmed it knows.
 RETIRE_TIMEOUT_ELECTIONS = 100
@@ -188,7 +191,7 @@ class RaftCore:
         self._trusted: frozenset[int] = frozenset()
         # Peers we sent a request to in the current term: only their answers may raise
         # our term (a response nobody asked for is somebody's forgery or garbage).
-        self._asked: set[int] = set()
+        self._asked: set[tuple[int, type]] = set()  # (peer, request type)
         self.dropped_messages = 0  # from non-members, or unasked responses (a counter)
         self.strangers: set[int] = set()  # senders dropped as non-members, to ask about
         self._loss_warned_at = -1  # the leader's count past our log we warned about
@@ -253,9 +256,10 @@ class RaftCore:
         self._trusted = (self._trusted | frozenset(node_ids)) - {self.id}
         self.strangers.difference_update(self._trusted)
 
-    def has_asked(self, peer: int) -> bool:
-        """Did we send `peer` a request in the current term (may its answer raise our term)?"""
-        return peer in self._asked
+    def has_asked(self, peer: int, response: type) -> bool:
+        """Did we send `peer`, in the current term, the request a `response` answers
+        (may such an answer raise our term)?"""
+        return (peer, _ASKED_BY[response]) in self._asked
 
     def peer_reconnected(self, peer: int) -> None:
         """The peer's raft stream to us started again: it may have restarted with a
@@ -267,6 +271,7 @@ class RaftCore:
             return
         old = pr.match
         pr.match = 0
+        pr.acked_before = max(pr.acked_before, old)
         pr.become_probe(old + 1)
         self._send_append(peer, pr)
 
@@ -370,6 +375,8 @@ class RaftCore:
 
     def _become_leader(self) -> None:
         self._reset(self.term)
+        # The election is over: no vote answer can be for us any more.
+        self._asked = {(p, kind) for p, kind in self._asked if kind is not VoteRequest}
         self.role = Role.LEADER
         self.leader = self.id
         log.info("%d became leader at term %d", self.id, self.term)
@@ -573,7 +580,9 @@ class RaftCore:
         if problem is None and not self.is_known_peer(msg.src):
             problem = f"{msg.src} is not a member"
             self.strangers.add(msg.src)
-        if problem is None and msg.term > self.term and isinstance(msg, _RESPONSES) and msg.src not in self._asked:
+        if problem is None and msg.term > self.term and isinstance(msg, _RESPONSES) and (
+            (msg.src, _ASKED_BY[type(msg)]) not in self._asked
+        ):
             problem = f"a response from a newer term to nothing we asked {msg.src} in term {self.term}"
         if problem is not None:
             self.dropped_messages += 1
@@ -698,6 +707,12 @@ class RaftCore:
     def _handle_append(self, msg: AppendRequest) -> None:
         prev, entries = msg.prev_log_id, list(msg.entries)
         lg = self.log
+        if msg.acked > lg.last_index:
+            log.warning(
+                "%d lost acknowledged entries: leader %d says we acknowledged up to %d but our log ends at %d"
+                " (the disk did not keep what it acknowledged); catching up from the leader",
+                self.id, msg.src, msg.acked, lg.last_index,
+            )
         if prev.index < lg.commit:
             # Entries up to our commit are known to match (§3.5 log matching); skip them.
             entries = [e for e in entries if e.index > lg.commit]
@@ -823,7 +838,7 @@ class RaftCore:
         # never ignored: the follower's log ends before what it acknowledged.
         if pr.state is ProgressState.SNAPSHOT:
             return
-        lost = msg.hint_term == 0 and 0 < msg.hint_index <= pr.match
+        lost = msg.hint_term == 0 and 0 < msg.hint_index <= max(pr.match, pr.acked_before)
         if msg.index < pr.match and not lost:
             return
         if pr.state is ProgressState.PROBE and msg.index != pr.next - 1 and not lost:
@@ -844,6 +859,13 @@ class RaftCore:
                 " hint %d-%d): probing it again", self.id, peer, pr.match, msg.index, msg.hint_term, msg.hint_index,
             )
             pr.match = nxt - 1 if msg.hint_term == 0 else 0
+        if lost and msg.hint_index <= pr.acked_before:
+            log.warning(
+                "%d: follower %d came back without entries it acknowledged (up to %d; its log ends at %d)",
+                self.id, peer, pr.acked_before, msg.hint_index - 1,
+            )
+            pr.tell_lost = pr.acked_before  # the next append tells it so
+            pr.acked_before = 0
         pr.become_probe(nxt)
         self._send_append(peer, pr)
 
@@ -901,8 +923,11 @@ class RaftCore:
             pr.next, lg.last_index + 1, self.config.max_entries_per_msg, self.config.max_bytes_per_msg
         )
         self._send(
-            AppendRequest(self.term, self.id, peer, LogId(prev_term, prev_index), tuple(entries), lg.commit)
+            AppendRequest(
+                self.term, self.id, peer, LogId(prev_term, prev_index), tuple(entries), lg.commit, pr.tell_lost
+            )
         )
+        pr.tell_lost = 0
         if pr.state is ProgressState.PROBE:
             pr.probe_sent = True
         elif entries:
@@ -1004,7 +1029,7 @@ class RaftCore:
 
     def _send(self, msg: Message) -> None:
         if isinstance(msg, _REQUESTS):
-            self._asked.add(msg.dst)
+            self._asked.add((msg.dst, type(msg)))
         self._msgs.append(msg)
 
     # ------------------------------------------------------------------ Ready

@@ -53,7 +53,9 @@ class VoteResponse:
 
 @attrs.frozen
 class AppendRequest:
-    """AppendEntries (§3.5). `commit` is the leader's commit index."""
+    """AppendEntries (§3.5). `commit` is the leader's commit index; `acked`, when not 0,
+    tells a follower that came back with a shorter log how far it had acknowledged
+    (so it can say it lost acknowledged entries; Raft assumes disks keep them)."""
 
     TAG: ClassVar[str] = "append"
     term: int
@@ -62,6 +64,7 @@ class AppendRequest:
     prev_log_id: LogId
     entries: tuple[Entry, ...]
     commit: int
+    acked: int = 0
 
     def __str__(self) -> str:
         if self.entries:

@@ -27,6 +27,8 @@ class Progress:
         "snap_offset",
         "snap_idle_ticks",
         "stalled_heartbeats",
+        "acked_before",
+        "tell_lost",
     )
 
     def __init__(self, next_index: int) -> None:
@@ -41,6 +43,8 @@ class Progress:
         self.snap_offset = 0
         self.snap_idle_ticks = 0
         self.stalled_heartbeats = 0
+        self.acked_before = 0  # its match before its raft stream restarted (it may have lost entries)
+        self.tell_lost = 0  # tell it, in the next append, that it acknowledged up to here
 
     def become_probe(self, next_index: int) -> None:
         self.state = ProgressState.PROBE

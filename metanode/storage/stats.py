@@ -22,3 +22,4 @@ class StorageStats:
     wal_bytes: int = 0  # current size of the WAL on disk
     torn_bytes_cut: int = 0  # at open: the torn tail cut off the last segment
     recovery_seconds: float = 0.0  # how long open() took to replay the data dir
+    write_failures: dict[str, int] = attrs.Factory(dict)  # failed writes, by the function

@@ -405,6 +405,8 @@ class RaftStorage:
         try:
             return fn(*args, **kwargs)
         except FatalError as exc:
+            name = getattr(fn, "__name__", "write")
+            self._stats.write_failures[name] = self._stats.write_failures.get(name, 0) + 1
             self._broken = str(exc)
             log.error("%s", exc)
             raise

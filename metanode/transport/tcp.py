@@ -34,7 +34,7 @@ from metanode.errors import (
     Unauthenticated,
     Unavailable,
 )
-from metanode.raft.messages import MESSAGE_TYPES, Message
+from metanode.raft.messages import MESSAGE_TYPES, AppendRequest, Message
 from metanode.transport.frames import (
     Call,
     CallResult,
@@ -59,6 +59,7 @@ __all__ = [
     "Identity",
     "PeerLink",
     "PeerLinkStats",
+    "RaftPortStats",
     "call",
     "error_from_info",
     "parse_address",
@@ -249,6 +250,7 @@ class _Server:
     on_stream: Callable[[int], None]
     leader_address: Callable[[int], str | None] | None
     max_frame_size: int
+    stats: RaftPortStats = attrs.Factory(lambda: RaftPortStats())
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """The task of one accepted connection; never raises (but `Cancelled`)."""
@@ -303,6 +305,10 @@ class _ServerConnection:
                 bodies = await self.conn.receive_frames()
             if bodies is None:
                 return
+            # By the dialer's id once its hello is accepted (a stranger's claim is no label).
+            src = str(self.hello.from_id) if self.hello is not None else "0"
+            recv = self.server.stats.recv_bytes
+            recv[src] = recv.get(src, 0) + sum(len(body) + 4 for body in bodies)  # 4: the length
             for body in bodies:
                 await self._on_frame(decode_frame(body), nursery)
 
@@ -439,6 +445,7 @@ async def serve_raft(
     on_stream: Callable[[int], None] = lambda node_id: None,
     leader_address: Callable[[int], str | None] | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    stats: RaftPortStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Listen on the raft port; never returns (cancel it to stop).
@@ -448,7 +455,8 @@ async def serve_raft(
 
     Each connection is its own task. Its first frame must be a `Hello` whose version
     and cluster name equal ours and whose cluster id, when both sides have one, equals
-    ours; otherwise an `ErrorFrame` answers and the connection closes. Then:
+    ours; otherwise an `ErrorFrame` answers and the connection closes. The bytes of
+    the frames received are counted in `stats`, by the dialer's node id. Then:
 
     * raft messages go to `on_message` (sync and non-blocking: the node puts them in
       a bounded inbox). They need a cluster id in the hello, and must come from the
@@ -478,6 +486,7 @@ async def serve_raft(
         on_stream=on_stream,
         leader_address=leader_address,
         max_frame_size=max_frame_size,
+        stats=stats if stats is not None else RaftPortStats(),
     )
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     bound_port: int = listeners[0].socket.getsockname()[1]
@@ -639,6 +648,23 @@ class PeerLinkStats:
     dropped: int = 0  #: messages refused (queue full, disconnected) or lost with a connection
     reconnects: int = 0  #: connections established after the first one
     batches: int = 0  #: writes (each carries one or more messages)
+    sent_bytes: int = 0  #: bytes written
+    send_failures: int = 0  #: writes that failed (their messages are dropped)
+    connect_failures: int = 0  #: connection attempts that failed
+    #: seconds each write carrying an append took, until the metrics take them (bounded)
+    append_seconds: list[float] = attrs.Factory(list)
+
+
+#: `PeerLinkStats.append_seconds` kept at most (the metrics drain it at each scrape).
+MAX_APPEND_SAMPLES = 4096
+
+
+@attrs.define
+class RaftPortStats:
+    """Counters of one `serve_raft` (the metrics read them)."""
+
+    #: bytes of the frames received, by the dialer's node id ("0" before a hello)
+    recv_bytes: dict[str, int] = attrs.Factory(dict)
 
 
 class PeerLink:
@@ -782,6 +808,7 @@ class PeerLink:
             try:
                 stream = await _connect(address, self._connect_timeout)
             except TransportError as exc:
+                self.stats.connect_failures += 1
                 return str(exc)
             try:
                 conn = _Conn(stream, address, self._max_frame_size)
@@ -844,7 +871,9 @@ class PeerLink:
             msg = await receive.receive()
             parts: list[bytes] = []
             size = 0
+            appends = False
             while True:
+                appends = appends or isinstance(msg, AppendRequest)
                 frame = self._encode(msg)
                 if frame is not None:
                     parts.append(frame)
@@ -857,13 +886,19 @@ class PeerLink:
                     break
             if not parts:
                 continue
+            data = b"".join(parts)
+            started = trio.current_time()
             try:
-                await conn.send(b"".join(parts))
+                await conn.send(data)
             except TransportError:
                 self.stats.dropped += len(parts)
+                self.stats.send_failures += 1
                 raise
             self.stats.sent += len(parts)
             self.stats.batches += 1
+            self.stats.sent_bytes += len(data)
+            if appends and len(self.stats.append_seconds) < MAX_APPEND_SAMPLES:
+                self.stats.append_seconds.append(trio.current_time() - started)
 
     def _encode(self, msg: Message) -> bytes | None:
         """The frame of `msg`, or None (dropped and logged: a bug of ours)."""

@@ -269,24 +269,29 @@ class Run:
                 return
             dst = rng.choice(targets)
             term = dst.core.term + FORGED_TERM
-            # Members' responses are forged only where that member was not asked in
-            # this term: an answer to a request we did send cannot be told from a
-            # forgery without peer authentication.
-            unasked = sorted(p for p in dst.driver.member_ids() - {dst.id} if not dst.core.has_asked(p))
-            member = rng.choice(unasked) if unasked else 99
+            # A member's response is forged only where that member was not asked, in
+            # this term, the request it answers: an answer to a request we did send
+            # cannot be told from a forgery without peer authentication.
             last = LogId(term, 10**6)
-            msg = rng.choice((
+            members = sorted(dst.driver.member_ids() - {dst.id}) or [99]
+            member = rng.choice(members)
+            choices = [
                 HeartbeatResponse(term, 99, dst.id, 0, 0),
                 AppendResponse(term, 99, dst.id, False, 5),
                 VoteRequest(term, 99, dst.id, last),
                 AppendRequest(term, 99, dst.id, LogId(0, 0), (), 0),
                 Heartbeat(term, 99, dst.id, 10**6),
                 VoteResponse(term, 99, dst.id, True),
-                HeartbeatResponse(term, member, dst.id, 0, 0),
-                VoteResponse(term, member, dst.id, False),
-                SnapshotResponse(term, member, dst.id, LogId(1, 1), 0),
-                AppendResponse(term, member, dst.id, False, 1),
-            ))
+            ] + [
+                m for m in (
+                    HeartbeatResponse(term, member, dst.id, 0, 0),
+                    VoteResponse(term, member, dst.id, False),
+                    SnapshotResponse(term, member, dst.id, LogId(1, 1), 0),
+                    AppendResponse(term, member, dst.id, False, 1),
+                )
+                if not dst.core.has_asked(member, type(m))
+            ]
+            msg = rng.choice(choices)
             self.stats.forged_frames += 1
             c.log(f"forged {msg}")
             dst.deliver(msg)

@@ -123,3 +123,36 @@ def test_a_node_whose_log_predates_the_leader_trusts_it_once_a_member_vouches():
     assert stale.strangers == set()
     stale.step(hb)
     assert (stale.term, stale.leader) == (5, 6)
+
+
+def test_a_newer_term_in_a_member_response_of_another_kind_than_asked_is_dropped():
+    """A leader asks its followers for appends and heartbeats, never votes in its
+    term: a vote response from a member with a far term answers nothing it asked."""
+    n = leader_net()
+    c1 = n[1]
+    c1.tick()
+    drain(c1)
+    c1.step(VoteResponse(2 + FAR, 2, 1, False))
+    c1.step(SnapshotResponse(2 + FAR, 3, 1, LogId(1, 1), 0))
+    assert (c1.term, c1.role) == (2, Role.LEADER)
+    assert c1.dropped_messages == 2
+
+
+def test_a_follower_back_with_a_shorter_log_is_told_it_lost_acknowledged_entries(caplog):
+    """After a follower's raft stream restarts, the leader probes its old match; the
+    short-log rejection shows the loss, and the next append tells the follower how
+    far it had acknowledged, so it can say it lost acknowledged entries."""
+    from tests.unit.raft_helpers import state_with
+
+    n = leader_net()
+    c1 = n[1]
+    for data in (b"a", b"b", b"c"):
+        c1.propose(data)
+    n.stabilize()
+    kept = [n[3].log.entry(i) for i in (2, 3)]
+    n.add(3, new_core(3, state=state_with(kept, term=2, commit=3)))
+    drain(n[3])
+    c1.peer_reconnected(3)
+    n.stabilize()
+    assert "3 lost acknowledged entries: leader 1 says we acknowledged up to 5 but our log ends at 3" in caplog.text
+    assert n[3].log.last_log_id == c1.log.last_log_id and c1.progress[3].match == 5

@@ -6,8 +6,8 @@ import random
 
 from metanode.raft import PersistedState, Role
 from metanode.raft.messages import (
+    AppendResponse,
     AppendRequest,
-    HeartbeatResponse,
     TimeoutNow,
     VoteRequest,
     VoteResponse,
@@ -150,7 +150,7 @@ def test_a_server_seeing_a_higher_term_adopts_it_and_becomes_follower():
     leader or candidate reverts to follower."""
     n = Net()
     c1 = n.elect(1)
-    c1.step(HeartbeatResponse(5, 2, 1))
+    c1.step(AppendResponse(5, 2, 1, False, 0))  # answering the append 1 sent 2
     assert c1.role is Role.FOLLOWER
     assert (c1.term, c1.vote, c1.leader) == (5, None, None)
     assert view(take(c1)) == {"hs": (5, None, 2)}

@@ -6,7 +6,7 @@ import pytest
 
 from metanode.errors import BadRequest, NotLeader, Unavailable
 from metanode.raft import Role
-from metanode.raft.messages import HeartbeatResponse
+from metanode.raft.messages import AppendResponse, HeartbeatResponse
 from tests.unit.raft_helpers import (
     ELECTION,
     Net,
@@ -239,5 +239,5 @@ def test_stepping_down_drops_reads_waiting_for_the_noop():
     c1 = n.campaign(1)
     c1.read_index("r")
     n.flush(1)
-    c1.step(HeartbeatResponse(3, 2, 1))
+    c1.step(AppendResponse(3, 2, 1, False, 0))  # answering the append of its no-op
     assert view(take(c1)) == {"hs": (3, None, 1), "dropped": ["r"]}
