@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import logging
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -63,6 +64,29 @@ MAX_REDIRECTS = 5
 # Replies are not bounded by the server's request limit (a `list` may be large).
 MAX_REPLY_SIZE = 1 << 30
 MESSAGE_QUEUE_SIZE = 256
+SEND_BATCH_BYTES = 1 << 20  # one message carries queued requests up to this size
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of `n` items (the items are packed already)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _fit(outbox: list[tuple[bytes, Any]], room: int) -> int:
+    """How many queued requests from the front fit in `room` bytes (at least one)."""
+    n, size = 0, 0
+    for packed, _ in outbox:
+        if n and size + len(packed) > room:
+            break
+        n += 1
+        size += len(packed)
+    return n
+
+
 CONSISTENCIES = ("linearizable", "local")
 WATCH_FILTERS = ("all", "update", "delete")
 # Live events a watch buffers for a caller that does not read; past it the watch stops
@@ -227,6 +251,20 @@ def _describe_connect_error(e: BaseException | None, timeout: float) -> str:
     return str(e) or type(e).__name__
 
 
+class _TLSFailed(OSError):
+    """The TLS handshake failed (its text says why); the stream is closed."""
+
+
+async def _start_tls(stream: trio.SocketStream, context: ssl.SSLContext, host: str) -> trio.SSLStream[Any]:
+    tls = trio.SSLStream(stream, context, server_hostname=host, https_compatible=True)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as e:
+        await trio.aclose_forcefully(tls)
+        raise _TLSFailed(f"TLS handshake failed: {e.__cause__ or e}") from None
+    return tls
+
+
 async def _wait_any(*events: trio.Event) -> None:
     async with trio.open_nursery() as nursery:
         for event in events:
@@ -240,12 +278,13 @@ async def _wait_any(*events: trio.Event) -> None:
 
 # ---------------------------------------------------------------------- one socket
 class _Waiter:
-    __slots__ = ("done", "lost", "reply")
+    __slots__ = ("done", "lost", "reply", "unsent")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.reply: dict | None = None
         self.lost: str | None = None  # why the socket ended before the reply
+        self.unsent = False  # the socket ended before the request went out: retry it
 
 
 class _Conn:
@@ -262,6 +301,14 @@ class _Conn:
         self.ended = trio.Event()
         self.reader_done = trio.Event()  # trio-websocket's reader task ended
         self.reader_error: BaseException | None = None
+        # Requests queued since the last send: the sender task sends them all as one
+        # message (an array), so many concurrent callers cost one message each way.
+        self.outbox: list[tuple[bytes, _Waiter]] = []
+        self.outbox_ready = trio.Event()
+
+    def send_nowait(self, packed: bytes, waiter: _Waiter) -> None:
+        self.outbox.append((packed, waiter))
+        self.outbox_ready.set()
 
     @property
     def usable(self) -> bool:
@@ -285,9 +332,12 @@ class _Backoff:
 
 # ---------------------------------------------------------------------- the client
 class MetaClient:
-    """Use `MetaClient.connect(addresses, token=None, timeout=10)`."""
+    """Use `MetaClient.connect(addresses, token=None, timeout=10, tls=None)`."""
 
-    def __init__(self, nursery: trio.Nursery, addresses: Iterable[str], token: str | None, timeout: float) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, addresses: Iterable[str], token: str | None, timeout: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         if isinstance(addresses, str):
             raise TypeError(f"addresses must be a list of host:port, got the str {addresses!r}")
         self._addresses = builtins.list(dict.fromkeys(addresses))
@@ -299,6 +349,7 @@ class MetaClient:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self._nursery = nursery
         self._token = token
+        self._tls = tls  # wss:// (docs/guide/client.md#tls)
         self._timeout = float(timeout)
         self._ids = itertools.count(1)
         self._conn: _Conn | None = None
@@ -312,13 +363,16 @@ class MetaClient:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, addresses: Iterable[str], token: str | None = None, timeout: float = 10.0
+        cls, addresses: Iterable[str], token: str | None = None, timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
     ) -> AsyncIterator[MetaClient]:
         """Connect to the first of `addresses` that answers (each `host:port` of a
-        node's `grpc_api_address`); `timeout` bounds the connect and every request."""
+        node's `grpc_api_address`); `timeout` bounds the connect and every request.
+        With `tls` every socket is ``wss://``: TLS with that context, the server's
+        certificate checked as the context says (by default its CA and host name)."""
         # The background tasks never raise: a group holds the body's own error.
         async with single_errors(), trio.open_nursery() as nursery:
-            client = cls(nursery, addresses, token, timeout)
+            client = cls(nursery, addresses, token, timeout, tls=tls)
             try:
                 await client._connect_first()
                 yield client
@@ -479,28 +533,21 @@ class MetaClient:
                 message = msgpack.packb(request, use_bin_type=True)
                 waiter = _Waiter()
                 conn.waiters[rid] = waiter
-                stage = "send"
+                stage = "reply"
                 try:
-                    assert conn.ws is not None
-                    try:
-                        await conn.ws.send_message(message)
-                    except ConnectionClosed as e:
-                        # A frame is written whole or not at all (a failed write breaks
-                        # the socket before its end): the server never saw it.
-                        errors[conn.address] = conn.lost or _describe_close(e.reason)
-                        conn.close_requested.set()
-                        stage = "connect"
-                        continue
-                    stage = "reply"
+                    conn.send_nowait(message, waiter)
                     await waiter.done.wait()
                 finally:
                     conn.waiters.pop(rid, None)
-                    if stage == "send":
-                        # Cancelled while sending: part of the frame may be on the wire,
-                        # and the next frame would follow it. This socket is done.
+                    if conn.retiring and not conn.waiters:
                         conn.close_requested.set()
-                    elif conn.retiring and not conn.waiters:
-                        conn.close_requested.set()
+                if waiter.unsent:
+                    # The socket ended before our message went out: the server never
+                    # saw it, so even a write may be sent again.
+                    assert waiter.lost is not None
+                    errors[conn.address] = waiter.lost
+                    stage = "connect"
+                    continue
                 if waiter.lost is not None:
                     if write:
                         raise Timeout(
@@ -658,7 +705,7 @@ class MetaClient:
         Not `open_websocket`: it leaks the TCP socket when the connect is cancelled or
         the server drops it during the handshake (and then waits for its timeout)."""
         host, port = split_address(conn.address)
-        stream: trio.SocketStream | None = None
+        stream: trio.abc.Stream | None = None
         failure: str | None = None  # why it failed before `started`
         reason = "closed by the client"
         self._conns.add(conn)
@@ -668,6 +715,8 @@ class MetaClient:
                 try:
                     with trio.fail_after(connect_timeout):
                         stream = await trio.open_tcp_stream(host, port)
+                        if self._tls is not None:
+                            stream = await _start_tls(stream, self._tls, host)
                         ws = WebSocketConnection(
                             stream, WSConnection(ConnectionType.CLIENT), host=conn.address, path=PATH,
                             message_queue_size=MESSAGE_QUEUE_SIZE, max_message_size=MAX_REPLY_SIZE,
@@ -687,6 +736,7 @@ class MetaClient:
                     conn.ws = ws
                     task_status.started()
                     nursery.start_soon(self._closer, conn, ws, nursery.cancel_scope)
+                    nursery.start_soon(self._sender, conn, ws)
                     try:
                         while True:
                             self._dispatch(conn, await ws.get_message())
@@ -701,7 +751,8 @@ class MetaClient:
         finally:
             self._end_conn(conn, failure or reason)
             if stream is not None:
-                with trio.CancelScope(shield=True):
+                # (bounded: a TLS stream sends its close_notify; cancelled, it just closes)
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await stream.aclose()
         if failure is not None:
             raise _ConnectFailed(failure)
@@ -716,6 +767,31 @@ class MetaClient:
         finally:
             conn.reader_done.set()
 
+    async def _sender(self, conn: _Conn, ws: WebSocketConnection) -> None:
+        """Send what callers queued, everything since the last send as one message (a
+        msgpack array of the requests, each packed once), up to SEND_BATCH_BYTES."""
+        while True:
+            await conn.outbox_ready.wait()
+            conn.outbox_ready = trio.Event()
+            while conn.outbox:
+                take = _fit(conn.outbox, SEND_BATCH_BYTES)
+                batch = conn.outbox[:take]
+                del conn.outbox[:take]
+                data = batch[0][0] if len(batch) == 1 else _array_header(len(batch)) + b"".join(p for p, _ in batch)
+                try:
+                    await ws.send_message(data)
+                except ConnectionClosed as e:
+                    # A message is written whole or not at all (a failed write breaks
+                    # the socket before its end): the server never saw these.
+                    reason = conn.lost or _describe_close(e.reason)
+                    for _, waiter in batch + conn.outbox:
+                        waiter.unsent = True
+                        waiter.lost = reason
+                        waiter.done.set()
+                    conn.outbox.clear()
+                    conn.close_requested.set()
+                    return
+
     async def _closer(self, conn: _Conn, ws: WebSocketConnection, reader: trio.CancelScope) -> None:
         await conn.close_requested.wait()
         with trio.move_on_after(1):
@@ -727,6 +803,13 @@ class MetaClient:
             msg = msgpack.unpackb(raw, raw=False, strict_map_key=False) if isinstance(raw, bytes) else None
         except (ValueError, msgpack.UnpackException):
             msg = None
+        if isinstance(msg, list):  # replies sent together
+            for one in msg:
+                self._dispatch_one(conn, one, raw)
+        else:
+            self._dispatch_one(conn, msg, raw)
+
+    def _dispatch_one(self, conn: _Conn, msg: Any, raw: bytes | str) -> None:
         rid = msg.get("id") if isinstance(msg, dict) else None
         stream = conn.streams.get(rid) if _is_int(rid) else None
         if stream is not None:
@@ -748,6 +831,9 @@ class MetaClient:
     def _end_conn(self, conn: _Conn, reason: str) -> None:
         if conn.lost is None:
             conn.lost = reason
+        for _, waiter in conn.outbox:  # never sent: the server never saw them
+            waiter.unsent = True
+        conn.outbox.clear()
         waiters, conn.waiters = conn.waiters, {}
         for waiter in waiters.values():
             waiter.lost = reason
