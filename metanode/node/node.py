@@ -43,7 +43,7 @@ from metanode.node.events import (
 from metanode.node.apply_loop import ApplyLoop
 from metanode.node.forward import Forwarding
 from metanode.node.membership import JoinFailed, MembershipOps
-from metanode.node.raft_loop import RaftLoop, _Applied, _Waiter
+from metanode.node.raft_loop import RaftLoop, _Applied, _Batch
 from metanode.node.views import Views
 from metanode.node.watch import WatchHub
 from metanode.raft import (
@@ -108,7 +108,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         self._addresses: dict[int, str] = {}  # raft addresses of peers we learned of
         self._nursery: trio.Nursery | None = None
         self._req_ids = itertools.count(1)
-        self._pending: dict[int, _Waiter] = {}  # req_id -> the task waiting for its Reply
+        self._pending: dict[int, tuple[_Batch, int]] = {}  # req_id -> who waits for its Reply
         self._watchers: list[tuple[Callable[[], bool], trio.Event]] = []
         self.removed = trio.Event()
         self.stopping = trio.Event()
