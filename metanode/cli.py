@@ -62,8 +62,24 @@ USAGE = """metanode [-c FILE] [--KEY VALUE ...]
 CMDS = ("ver", "show-config")
 
 
+#: The oldest metanode client (`metanode.client`) this build's client API serves.
+MIN_COMPATIBLE_CLIENT_VERSION = "0.1.0"
+
+
 def version_line() -> str:
     return f"metanode {__version__}"
+
+
+def ver_lines() -> str:
+    """`--cmd ver`, as databend-meta prints it: the version, the oldest compatible
+    client, and the on-disk data version (as /v1/cluster/status names it)."""
+    from metanode.storage.wal import FORMAT_VERSION
+
+    return (
+        f"version: {__version__}\n"
+        f"min-compatible-client-version: {MIN_COMPATIBLE_CLIENT_VERSION}\n"
+        f"data-version: V{FORMAT_VERSION:03d}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_argument(
         "--cmd",
         choices=CMDS,
-        help="one-shot command instead of a node: 'ver' prints the version, "
+        help="one-shot command instead of a node: 'ver' prints the version (and the "
+        "oldest compatible client and the data version, as databend-meta does), "
         "'show-config' prints the effective config as JSON, secrets redacted "
         "(default: none, run a node)",
     )
@@ -169,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "ver":
         if args.leave_id is not None or args.leave_via is not None:
             return _usage_error(parser, "--cmd cannot be combined with --leave-id/--leave-via")
-        return _output(version_line())
+        return _output(ver_lines())
 
     leaving = args.leave_id is not None or args.leave_via is not None
     if leaving:

@@ -68,39 +68,66 @@ def _print(obj: Any, fmt: str) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_client_options(p: argparse.ArgumentParser, *, leaf: bool) -> None:
+    """The client API connection options of `kv`: on `kv` itself and again on each
+    `kv` subcommand, so they may come after its positional arguments (``kv get k
+    --addr A``; the subcommand's values are kept in ``*_after`` and merged)."""
+    suffix = "_after" if leaf else ""
+    p.add_argument("--addr", action="append", metavar="HOST:PORT", dest="addr" + suffix,
+                   default=argparse.SUPPRESS if leaf else None,
+                   help="client API address (grpc_api_address); repeatable; default 127.0.0.1:9191")
+    p.add_argument("--timeout", type=float, dest="timeout" + suffix, metavar="SECONDS",
+                   default=argparse.SUPPRESS if leaf else 10.0, help="seconds per request (default 10)")
+    p.add_argument("--format", choices=("json", "table"), default=argparse.SUPPRESS,
+                   help="output: JSON (default) or a table for people")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metanode", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", choices=("json", "table"), default="json")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    kv = sub.add_parser("kv", help="read and write keys through the client API")
-    kv.add_argument("--addr", action="append", metavar="HOST:PORT",
-                    help="client API address (grpc_api_address); repeatable; default 127.0.0.1:9191")
-    kv.add_argument("--timeout", type=float, default=10.0)
-    kv.add_argument("--format", choices=("json", "table"), default=argparse.SUPPRESS)
+    kv = sub.add_parser("kv", help="read and write keys through the client API", allow_abbrev=False)
+    add_client_options(kv, leaf=False)
     kvs = kv.add_subparsers(dest="op", required=True)
-    get = kvs.add_parser("get")
+
+    def leaf(name: str, **kw: Any) -> argparse.ArgumentParser:
+        p = kvs.add_parser(name, allow_abbrev=False, **kw)
+        add_client_options(p, leaf=True)
+        return p
+
+    get = leaf("get")
     get.add_argument("key")
     get.add_argument("--consistency", choices=("linearizable", "local"), default="linearizable")
-    put = kvs.add_parser("put")
+    put = leaf("put", help="write a value; exit 1 when --match-seq did not match (nothing written)")
     put.add_argument("key")
     put.add_argument("value")
-    put.add_argument("--match-seq", type=int)
-    put.add_argument("--ttl-ms", type=int)
-    delete = kvs.add_parser("delete")
+    put.add_argument("--match-seq", type=_nonneg_int, help="write only if the key's seq is this (0: absent)")
+    put.add_argument("--ttl-ms", type=_nonneg_int)
+    delete = leaf("delete")
     delete.add_argument("key")
-    delete.add_argument("--match-seq", type=int)
-    watch = kvs.add_parser("watch", help="print changes as JSON lines until interrupted or --count")
+    delete.add_argument("--match-seq", type=_nonneg_int, help="delete only if the key's seq is this")
+    watch = leaf("watch", help="print changes as JSON lines until interrupted (Ctrl-C) or --count")
     watch.add_argument("key")
     watch.add_argument("--key-end", help="watch the range [key, key-end) instead of one key")
     watch.add_argument("--filter", choices=("all", "update", "delete"), default="all")
     watch.add_argument("--initial-flush", action="store_true", help="print the current values first")
-    watch.add_argument("--from-seq", type=int, help="resume after this revision")
-    watch.add_argument("--count", type=int, help="stop after this many events")
-    lst = kvs.add_parser("list")
+    watch.add_argument("--from-seq", type=_nonneg_int, help="resume after this revision")
+    watch.add_argument("--count", type=_nonneg_int, help="stop after this many events")
+    lst = leaf("list")
     lst.add_argument("prefix", nargs="?", default="")
-    lst.add_argument("--limit", type=int)
+    lst.add_argument("--limit", type=_nonneg_int)
     lst.add_argument("--consistency", choices=("linearizable", "local"), default="linearizable")
 
     for name, help_ in (
@@ -134,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
+    """Run one operator subcommand; the exit code (0 ok, 1 failed, 2 bad usage,
+    130 interrupted by Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C (ends `kv watch`): no traceback; 130 as a shell reports SIGINT.
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end the line the terminal echoed ^C on
+        return 130
+    except BrokenPipeError:
+        # `| head` closed our stdout: point it at devnull so the exit flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -141,6 +186,9 @@ def main(argv: Sequence[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.command in ("export", "import"):
         return _offline(args)
+    if args.command == "kv":
+        args.addr = (args.addr or []) + getattr(args, "addr_after", [])
+        args.timeout = getattr(args, "timeout_after", args.timeout)
     try:
         result = _kv(args) if args.command == "kv" else _admin(args)
     except _Failed as e:
@@ -155,7 +203,30 @@ def main(argv: Sequence[str]) -> int:
         print("\n".join(status_table(result)))
     else:
         _print(result, args.format)
+    if isinstance(result, _NotApplied):
+        print(f"metanode: error: {result.why}", file=sys.stderr)
+        return 1
     return 0
+
+
+class _NotApplied(dict):
+    """A change that a --match-seq kept from being applied: printed, then exit 1."""
+
+    def __init__(self, change: dict, why: str) -> None:
+        super().__init__(change)
+        self.why = why
+
+
+def _checked(change: dict, key: str, op: str, match_seq: int | None) -> dict:
+    """`change` (``{"prev", "result"}``) as is, or `_NotApplied` when a --match-seq
+    did not match: then nothing changed and ``prev == result``."""
+    if match_seq is None or change["prev"] != change["result"]:
+        return change
+    if op == "delete" and change["prev"] is None and match_seq == 0:
+        return change  # deleting an absent key "if absent": nothing to do, as asked
+    seq = change["prev"]["seq"] if change["prev"] else 0
+    return _NotApplied(change, f"kv {op} {key!r}: not applied: --match-seq {match_seq}, but the key's seq is {seq}"
+                       + (" (absent)" if seq == 0 else ""))
 
 
 def _log_id(lid: Any) -> str:
@@ -224,9 +295,12 @@ def _kv(args: argparse.Namespace) -> Any:
                 return _seqv(c.get(args.key, consistency=args.consistency))
             if args.op == "put":
                 # os.fsencode: the value's bytes as given, even when they are not UTF-8
-                return _change(c.upsert(args.key, os.fsencode(args.value), match_seq=args.match_seq, ttl_ms=args.ttl_ms))
+                change = _change(c.upsert(args.key, os.fsencode(args.value), match_seq=args.match_seq,
+                                          ttl_ms=args.ttl_ms))
+                return _checked(change, args.key, "put", args.match_seq)
             if args.op == "delete":
-                return _change(c.delete(args.key, match_seq=args.match_seq))
+                return _checked(_change(c.delete(args.key, match_seq=args.match_seq)), args.key, "delete",
+                                args.match_seq)
             if args.op == "watch":
                 _watch(c, args)
                 return _NOTHING
@@ -272,10 +346,22 @@ def _admin(args: argparse.Namespace) -> Any:
     except (urllib.error.URLError, OSError) as e:
         raise _Failed(f"cannot reach the admin API at {args.admin}: {e}") from None
     text = raw.decode("utf-8", "replace")
-    body = json.loads(text) if ctype.startswith("application/json") else text
+    try:
+        body = json.loads(text) if ctype.startswith("application/json") else text
+    except ValueError:
+        body = text
     if status != 200:
-        raise _Failed(f"{args.admin}{path} answered {status}: {body}")
+        raise _Failed(f"{args.admin}{path} answered {status}: {_error_text(body)}")
     return body
+
+
+def _error_text(body: Any) -> str:
+    """An admin API error body (``{"error": message, ...}``) as one human line."""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        extra = ", ".join(f"{k}: {v}" for k, v in body.items() if k != "error" and v is not None)
+        return body["error"] + (f" ({extra})" if extra else "")
+    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+    return " ".join(text.split())[:500] or "(empty answer)"
 
 
 # ---------------------------------------------------------------- export / import

@@ -58,15 +58,26 @@ def test_help_lists_every_flag_with_its_default(capsys: pytest.CaptureFixture[st
     assert flat.count("(default:") == len(KEYS) + 4  # -c, --cmd, --leave-id, --leave-via
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["--cmd", "ver"], ["--cmd=ver"]])
-def test_version_is_printed(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(argv) == 0
+VER = f"version: {__version__}\nmin-compatible-client-version: 0.1.0\ndata-version: V001\n"
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"metanode {__version__}\n"
+
+
+@pytest.mark.parametrize("argv", [["--cmd", "ver"], ["--cmd=ver"]])
+def test_cmd_ver_prints_what_databend_meta_prints(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # databend's scripts read it with `grep min-compatible-client-version | awk '{print $2}'`.
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out == VER
+    assert [line.split()[1] for line in out.splitlines() if "min-compatible-client-version" in line] == ["0.1.0"]
 
 
 def test_ver_loads_no_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--cmd", "ver", "-c", "/no/such/file.toml"]) == 0
-    assert capsys.readouterr().out == f"metanode {__version__}\n"
+    assert capsys.readouterr().out == VER
 
 
 @pytest.mark.parametrize(
@@ -350,7 +361,7 @@ def run_metanode(*argv: str, cwd: Path | None = None) -> subprocess.CompletedPro
 
 def test_python_dash_m() -> None:
     proc = run_metanode("--cmd", "ver")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"metanode {__version__}\n", "")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, VER, "")
     proc = run_metanode("--bogus")
     assert proc.returncode == 2
     assert "unrecognized arguments: --bogus" in proc.stderr
