@@ -210,6 +210,8 @@ class NodeMetrics:
         for message in messages:
             if "event" in message:
                 (self.watch_initialization if message.get("init") else self.watch_change).inc()
+            elif "chunk" in message:  # a part of an export stream: its reply counts
+                continue
             elif "error" in message:
                 self.req_failed.inc()
             else:

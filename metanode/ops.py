@@ -5,13 +5,17 @@
     metanode kv delete KEY [--match-seq N]         metanode transfer-leader [--to ID]
     metanode kv list [PREFIX] [--limit N]          metanode trigger-snapshot
     metanode kv watch KEY [--key-end E] [--filter F] [--initial-flush] [--from-seq N] [--count N]
-    metanode export --raft-dir D [-o FILE]
-    metanode import --raft-dir D --id N --initial-cluster ID=HOST:PORT ... [-i FILE]
+    metanode export --addr HOST:PORT [-o FILE]      (a running cluster)
+    metanode export --raft-dir D [-o FILE]          (a stopped node)
+    metanode import --raft-dir D --id N --initial-cluster ID=HOST:PORT ... [-i FILE] [--format databend]
 
 `kv` talks to the client API (`--addr`, repeatable, default 127.0.0.1:9191) through
 `SyncMetaClient`; the others to a node's admin API (`--admin`, default
-127.0.0.1:28002, `--token` for the ctrl routes). `export` and `import` work offline on a
-stopped node's data dir (`metanode.backup`, format in `metanode.exportfmt`). Output is JSON by default (values as
+127.0.0.1:28002, `--token` for the ctrl routes). `export --addr` backs up a running
+cluster through a member's client API (`metanode.online_export`); `export --raft-dir`
+and `import` work offline on a data dir (`metanode.backup`, format in
+`metanode.exportfmt`; `import --format databend` reads `databend-metactl export` files,
+`metanode.databend_import`). Output is JSON by default (values as
 UTF-8 text, or `{"base64": ...}` when they are not text); `--format table` prints
 aligned columns for people. Exit codes: 0 ok, 1 the operation failed, 2 bad usage.
 """
@@ -142,15 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "transfer-leader":
             p.add_argument("--to", type=int, help="the voter to hand over to (default: the most up-to-date)")
 
-    exp = sub.add_parser("export", help="write a stopped node's applied state as JSON lines (offline)")
-    exp.add_argument("--raft-dir", required=True, metavar="DIR", help="the data dir of a stopped node")
+    exp = sub.add_parser("export", allow_abbrev=False,
+                         help="back up a running cluster (--addr) or a stopped node's data dir (--raft-dir)")
+    source = exp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--addr", metavar="HOST:PORT",
+                        help="a member's client API (grpc_api_address): an online, consistent backup")
+    source.add_argument("--raft-dir", metavar="DIR", help="the data dir of a stopped node (offline)")
     exp.add_argument("-o", "--output", metavar="FILE", help="write here (replaced atomically) instead of stdout")
+    exp.add_argument("--token", help="grpc_api_token of the cluster, with --addr")
+    exp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="with --addr: for the connection and for each part of the stream (default 30)")
     imp = sub.add_parser("import", help="build a new data dir from an export (offline)")
     imp.add_argument("--raft-dir", required=True, metavar="DIR", help="a new or empty dir")
     imp.add_argument("--id", required=True, type=int, help="this node's id; must be in --initial-cluster")
     imp.add_argument("--initial-cluster", required=True, nargs="+", action="extend", metavar="ID=HOST:PORT",
                      help="every voter of the new cluster with its raft address; the same list on every member")
     imp.add_argument("-i", "--input", metavar="FILE", help="read the export from here instead of stdin")
+    imp.add_argument("--format", dest="input_format", choices=("metanode", "databend"), default="metanode",
+                     help="the export's format: metanode's (default), or a `databend-metactl export` file")
     ids = imp.add_mutually_exclusive_group()
     ids.add_argument("--new-cluster-id", action="store_true",
                      help="give the cluster a new random id instead of the export's (one-node clusters;"
@@ -406,6 +419,9 @@ def _offline(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"metanode {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except _Failed as e:
+        print(f"metanode {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (FatalError, ValueError, OSError) as e:
         print(f"metanode {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -413,7 +429,13 @@ def _offline(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    import os
+    if args.addr is not None:
+        _export_online(args)
+        return
+    if args.token is not None:
+        from metanode.errors import ConfigError
+
+        raise ConfigError("--token: only with --addr (an offline export reads the data dir)")
 
     from metanode import backup, exportfmt
 
@@ -442,6 +464,38 @@ def _export(args: argparse.Namespace) -> None:
           + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
 
 
+def _export_online(args: argparse.Namespace) -> None:
+    from metanode.config import parse_address
+    from metanode.errors import ConfigError
+    from metanode.online_export import ExportFailed, export_to_file, export_to_stream
+
+    try:
+        parse_address(args.addr)
+    except ValueError as e:
+        raise ConfigError(f"--addr: {e}") from None
+    progress = None
+    if sys.stderr.isatty():
+        def progress(keys: int, total: int, nbytes: int) -> None:
+            print(f"\rmetanode export: {keys}/{total} keys, {nbytes / (1 << 20):.1f} MiB", end="",
+                  file=sys.stderr, flush=True)
+    try:
+        if args.output is None:
+            summary = export_to_stream(args.addr, sys.stdout.buffer, token=args.token, timeout=args.timeout,
+                                       progress=progress)
+        else:
+            summary = export_to_file(args.addr, args.output, token=args.token, timeout=args.timeout,
+                                     progress=progress)
+    except ExportFailed as e:
+        raise _Failed(str(e)) from None
+    finally:
+        if progress is not None:
+            print(file=sys.stderr)
+    la = summary.get("last_applied") or {}
+    print(f"metanode export: {summary.get('keys')} keys, seq {summary.get('seq')}, applied"
+          f" {la.get('term')}-{la.get('index')} from {args.addr}"
+          + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
+
+
 def _import(args: argparse.Namespace) -> None:
     import uuid
     from pathlib import Path
@@ -455,14 +509,23 @@ def _import(args: argparse.Namespace) -> None:
     if not backup.is_empty_dir(Path(args.raft_dir)):
         raise ConfigError(f"--raft-dir: {args.raft_dir!r} is not empty: import only into a new or empty dir")
     source = args.input or "stdin"
+    if args.input_format == "databend":
+        from metanode.databend_import import load_databend_lines as load
+    else:
+        load = exportfmt.load_lines
     try:
         if args.input is None:
-            exported = exportfmt.load_lines(sys.stdin, _progress("read"))
+            exported = load(sys.stdin, _progress("read"))
         else:
             with open(args.input, encoding="utf-8") as f:
-                exported = exportfmt.load_lines(f, _progress("read"))
+                exported = load(f, _progress("read"))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+    if exported.cluster_id is None and args.cluster_id is None and not args.new_cluster_id and len(cluster) > 1:
+        raise ConfigError(
+            "--cluster-id: the export names no cluster id (a databend-metactl export, or a dir never"
+            " initialized): give every member the same --cluster-id ID"
+        )
     sm = backup.write_state(
         args.raft_dir, exported, node_id=args.id, initial_cluster=cluster,
         cluster_id=uuid.uuid4().hex if args.new_cluster_id else args.cluster_id,
