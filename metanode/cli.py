@@ -1,4 +1,4 @@
-"""The `metanode` command line (SPEC §1).
+"""The `metanode` command line (contract §1).
 
 Three modes, chosen by the flags:
 

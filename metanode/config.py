@@ -1,4 +1,4 @@
-"""Configuration: frozen attrs classes and the loader (SPEC §1-§2).
+"""Configuration: frozen attrs classes and the loader (contract §1-§2).
 
 The configuration is a TOML file (``-c/--config-file FILE`` or ``METASRV_CONFIG_FILE``)
 with the key names of databend-meta, overridden by command-line flags: every key has a
@@ -41,7 +41,7 @@ What the loader checks (everything that can be decided from the configuration al
   those are given as flags too (``--log-file-level`` and the like);
 - TLS certificates and keys come in pairs.
 
-Left to the node layer, because they depend on the data dir (SPEC §2): "an empty data
+Left to the node layer, because they depend on the data dir (contract §2): "an empty data
 dir needs ``single = true`` or a ``join`` list; an initialized one needs neither", and
 "the stored node id wins on restart, a differing config ``id`` is an error". Ports in
 use and unreadable or uncreatable directories are found when they are opened.

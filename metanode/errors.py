@@ -1,4 +1,4 @@
-"""The error hierarchy (DESIGN §6). Pure: importable from raft/, wire/ and sm/."""
+"""The error hierarchy (design §6). Pure: importable from raft/, wire/ and sm/."""
 
 
 class MetanodeError(Exception):

@@ -1,4 +1,4 @@
-"""The `metanode export` format: JSON lines, one object per line (SPEC §8). Pure.
+"""The `metanode export` format: JSON lines, one object per line (contract §8). Pure.
 
 Lines, in this order (every line is one JSON object with a ``type``)::
 

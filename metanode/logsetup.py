@@ -1,4 +1,4 @@
-"""Logging setup from ``[log.file]`` and ``[log.stderr]`` (SPEC §2, DESIGN §6).
+"""Logging setup from ``[log.file]`` and ``[log.stderr]`` (contract §2, design §6).
 
 Handlers go on the ``metanode`` logger, the parent of ``metanode.raft``,
 ``metanode.transport``, ``metanode.node``, ``metanode.api`` and ``metanode.storage``;

@@ -1,4 +1,4 @@
-"""Operator subcommands (SPEC §1, beyond databend-meta): `metanode kv|status|...`.
+"""Operator subcommands (contract §1, beyond databend-meta): `metanode kv|status|...`.
 
     metanode kv get KEY [--consistency local]      metanode status
     metanode kv put KEY VALUE [--match-seq N] [--ttl-ms MS]

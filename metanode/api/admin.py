@@ -1,4 +1,4 @@
-"""The admin HTTP API (SPEC §4): Quart-Trio on Hypercorn.
+"""The admin HTTP API (contract §4): Quart-Trio on Hypercorn.
 
 `create_app(node, token=...)` builds the app; `serve_admin(node, address, ...)` binds
 ``admin_api_address`` and serves it until its `shutdown` event is set. The app sees the
@@ -71,7 +71,7 @@ KEEP_ALIVE_TIMEOUT = 5.0
 
 #: HTTP status of each `ClientError` class (the most specific class wins).
 STATUS_OF_ERROR: dict[type[ClientError], int] = {
-    NotLeader: 404,  # SPEC §4: "not leader: 404 with the current leader"
+    NotLeader: 404,  # contract §4: "not leader: 404 with the current leader"
     BadRequest: 400,
     Unauthenticated: 401,
     TooLarge: 413,
@@ -91,7 +91,7 @@ class AdminNode(Protocol):
         ...
 
     def cluster_status(self) -> dict:
-        """SPEC §4 ``/v1/cluster/status``, already shaped."""
+        """contract §4 ``/v1/cluster/status``, already shaped."""
         ...
 
     def metrics(self) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The client API (SPEC §5): WebSocket at `/v1` on `grpc_api_address`, msgpack messages.
+"""The client API (contract §5): WebSocket at `/v1` on `grpc_api_address`, msgpack messages.
 
 Each binary message is one request map `{"id": n, "op": NAME, ...}`; each reply is
 `{"id": n, "ok": RESULT}` or `{"id": n, "error": {code, message, leader}}`. Requests on
@@ -129,7 +129,7 @@ def _event(rid: int, change: KeyChange) -> dict:
 
 def txn_op_in(value: Any, where: str) -> TxnOp:
     """`{"put": {...}}`, `{"get": {key}}`, `{"delete": {key, match_seq?}}` or
-    `{"delete_by_prefix": {prefix}}` (SPEC §5)."""
+    `{"delete_by_prefix": {prefix}}` (contract §5)."""
     if not isinstance(value, dict) or len(value) != 1:
         raise BadRequest(f"txn {where}: an op is a map with one key: put, get, delete or delete_by_prefix")
     (kind, args), = value.items()
@@ -289,7 +289,7 @@ class ClientSession:
                 result = await op(req)
             reply = {"id": rid, "ok": result}
         except Unauthenticated as e:
-            # SPEC §5: anything but a valid handshake first gets this and the socket closes.
+            # contract §5: anything but a valid handshake first gets this and the socket closes.
             with contextlib.suppress(ConnectionClosed):
                 await self._send({"id": rid, "error": self._error(e)})
                 await self.ws.aclose(1008, "unauthenticated")
@@ -495,7 +495,7 @@ async def serve_client_api(
             log.info("client API listening on ws://%s:%d%s", host, bound, PATH)
             task_status.started(f"{host}:{bound}")
             await shutdown.wait()
-            # SPEC §1: finish in-flight replies (bounded), then close every socket (1001).
+            # contract §1: finish in-flight replies (bounded), then close every socket (1001).
             with trio.move_on_after(SHUTDOWN_GRACE_S):
                 await counter.wait_idle()
             await _close_all(sockets)

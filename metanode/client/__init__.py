@@ -1,4 +1,4 @@
-"""The Python client of metanode (SPEC §6; docs/guide/client.md).
+"""The Python client of metanode (contract §6; docs/guide/client.md).
 
 ```python
 async with MetaClient.connect(["127.0.0.1:9191"]) as c:

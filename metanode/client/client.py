@@ -1,4 +1,4 @@
-"""The async client (SPEC §6) of the client protocol (docs/reference/client-protocol.md).
+"""The async client (contract §6) of the client protocol (docs/reference/client-protocol.md).
 
 One WebSocket at a time to `ws://ADDRESS/v1`; a reader task hands each reply to the
 request waiting for its `id`, so any number of requests share the socket.
@@ -444,7 +444,7 @@ class MetaClient:
         if_then: Iterable[Mapping[str, Any]] = (),
         else_then: Iterable[Mapping[str, Any]] = (),
     ) -> TxnReply:
-        """One atomic transaction; the conditions and ops are sent as given (SPEC §5)."""
+        """One atomic transaction; the conditions and ops are sent as given (contract §5)."""
         args = {
             "conditions": [dict(c) for c in conditions],
             "if_then": [dict(op) for op in if_then],

@@ -83,7 +83,7 @@ class ApplyLoop:
 
     async def _expire_due(self) -> None:
         """On the leader: when keys are due by our clock, log a Tick so every replica
-        expires them at the same log position (SPEC §5). One Tick at a time: readers
+        expires them at the same log position (contract §5). One Tick at a time: readers
         arriving meanwhile wait for it (it is stamped after their keys were due)."""
         if self._tick_done is not None:
             await self._tick_done.wait()

@@ -196,7 +196,7 @@ class Forwarding:
         await self.wait_for(lambda: self.applied.index >= index, self.wait_s(), "catching up for a read")
 
     def client_addresses(self) -> list[str]:
-        """The client API addresses the members publish (SPEC §5 `member_list`)."""
+        """The client API addresses the members publish (contract §5 `member_list`)."""
         members = self.applied_membership.node_ids
         return [
             r.grpc_api_advertise_address

@@ -1,4 +1,4 @@
-"""`metanode --leave-id N --leave-via ADDR [ADDR ...]` (SPEC §1, the tutorial §2).
+"""`metanode --leave-id N --leave-via ADDR [ADDR ...]` (contract §1, the tutorial §2).
 
 Opens no data dir and starts no server: sends `leave(N)` to the first address that
 answers (a follower forwards it to the leader), which replies once the new membership

@@ -179,7 +179,7 @@ class MembershipOps:
         await self._inbox_send.send(Trust(frozenset(reply.member_ids)))
 
     async def publish_record(self) -> None:
-        """(Re)publish this node's record when it is missing or stale (SPEC §3)."""
+        """(Re)publish this node's record when it is missing or stale (contract §3)."""
         while True:
             # Wait for a leader and for our state machine to have caught up with it.
             await self.wait_for(

@@ -1,4 +1,4 @@
-"""One metanode node: the Trio runtime around the pure raft core (DESIGN §4).
+"""One metanode node: the Trio runtime around the pure raft core (design §4).
 
 `open_node(config)` opens the data dir and owns one nursery with:
 - `serve_raft` (the raft port), one `PeerLink` per peer it talks to;
@@ -11,7 +11,7 @@
 - `serve_admin` (Quart-Trio on Hypercorn);
 - at start: bootstrap (`single`), join (`join`), and (re)publishing this node's record.
 
-Reference: the Raft thesis (Ongaro 2014) for the core's rules; SPEC §3 for join/leave.
+Reference: the Raft thesis (Ongaro 2014) for the core's rules; contract §3 for join/leave.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         self.raft_config = RaftConfig(
             self.id,
             heartbeat_ticks=HEARTBEAT_TICKS,
-            election_ticks=2 * HEARTBEAT_TICKS,  # SPEC §2: random in [2x, 3x) heartbeats
+            election_ticks=2 * HEARTBEAT_TICKS,  # contract §2: random in [2x, 3x) heartbeats
             election_ticks_max=3 * HEARTBEAT_TICKS,
             snapshot_chunk_size=rc.snapshot_chunk_size,
             snapshot_timeout_ticks=max(1, math.ceil(rc.install_snapshot_timeout / 1000 / self.tick_s)),
@@ -119,7 +119,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         # leave thousands in TIME_WAIT under load).
         self.calls_to_leader = CallPool(self.identity, max_frame_size=FORWARDED_REPLY_LIMIT)
         self._tick_done: trio.Event | None = None
-        # The leader's clock stamps every entry (SPEC §5: TTL by log time); a test
+        # The leader's clock stamps every entry (contract §5: TTL by log time); a test
         # hook may replace it to skew one node's clock.
         self.clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
 
@@ -208,7 +208,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
 
 
 def _check_data_dir(config: Config, meta: NodeMeta | None) -> None:
-    """SPEC §2: the stored id wins (a different config id is an error); an empty dir
+    """contract §2: the stored id wins (a different config id is an error); an empty dir
     needs `single` or `join`; an initialized one needs neither."""
     rc = config.raft_config
     for key in ("raft_secret", "raft_tls_server_cert", "raft_tls_server_key"):
@@ -288,7 +288,7 @@ async def open_node(config: Config, *, services: Sequence[Service] = ()) -> Asyn
                     if drained is not None:
                         drains.append(drained)
                 # Replay the local log first: the committed membership decides whether
-                # to join, and a node removed earlier must not join again (SPEC §3).
+                # to join, and a node removed earlier must not join again (contract §3).
                 await node.wait_for(
                     lambda: node.driver.replayed, node.wait_s(), "replaying the log"
                 )
@@ -299,7 +299,7 @@ async def open_node(config: Config, *, services: Sequence[Service] = ()) -> Asyn
                 nursery.start_soon(node.publish_record)
                 yield node
             finally:
-                # Graceful stop (SPEC §1): stop the admin server, let in-flight calls
+                # Graceful stop (contract §1): stop the admin server, let in-flight calls
                 # answer for a bounded time, then cancel everything.
                 node.stopping.set()
                 with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE_S + 1):

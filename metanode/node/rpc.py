@@ -1,4 +1,4 @@
-"""Payloads of the calls nodes (and the leave CLI) make on the raft port (SPEC §3, §7).
+"""Payloads of the calls nodes (and the leave CLI) make on the raft port (contract §3, §7).
 
 A `Call` carries a method name and an opaque payload; these are the payloads, put on
 the wire by the one codec. `join` and `leave` are answered by the leader (a follower

@@ -2,7 +2,7 @@
 
 `RaftCore` never awaits, reads a clock or uses global randomness. Time is `tick()`;
 randomness comes from the injected `rng`. The runtime drives it like etcd's `Ready`
-contract (DESIGN §3):
+contract (design §3):
 
     core.step(msg) / core.tick() / core.propose(data) / core.read_index(ctx) ...
     while core.has_ready():

@@ -1,4 +1,4 @@
-"""The KV state machine (SPEC §5): pure, deterministic, no trio, no clock, no I/O.
+"""The KV state machine (contract §5): pure, deterministic, no trio, no clock, no I/O.
 
 ``KVStateMachine.apply(cmd, log_time_ms)`` applies committed commands (``Upsert``, ``Txn``,
 ``SetNode``, ``RemoveNode``) in log order;

@@ -2,7 +2,7 @@
 
 An entry's `data` is `encode_command(cmd, time_ms)`: a `LogCommand` through the one
 wire codec. The leader stamps `time_ms` when it proposes; every replica applies the
-command at that log time (SPEC §5: TTL is decided by the leader's clock on the entry).
+command at that log time (contract §5: TTL is decided by the leader's clock on the entry).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def validate_key(key: object, what: str = "key") -> None:
 
 @attrs.frozen
 class Upsert:
-    """Insert, update or delete one key (SPEC §5 ``upsert``).
+    """Insert, update or delete one key (contract §5 ``upsert``).
 
     - ``value``: the new bytes, or ``None`` to delete the key.
     - ``match_seq``: ``None`` (any) or a ``MatchSeq``; on a mismatch nothing changes.
@@ -246,7 +246,7 @@ TXN_OP_TYPES: tuple[type, ...] = (TxnPut, TxnGet, TxnDelete, TxnDeleteByPrefix)
 
 @attrs.frozen
 class Txn:
-    """A conditional multi-key transaction (SPEC §5 ``txn``; databend-meta ``TxnRequest``).
+    """A conditional multi-key transaction (contract §5 ``txn``; databend-meta ``TxnRequest``).
 
     When every condition holds (an empty ``conditions`` always holds) ``if_then`` runs,
     otherwise ``else_then``. Ops run in order, each seeing the effects of the earlier
@@ -309,7 +309,7 @@ class Txn:
 class Tick:
     """Advance the log time only: the leader proposes one when keys are due to expire,
     so expiry happens at a log position on every replica without a client write
-    (SPEC §5: TTL by the leader's clock)."""
+    (contract §5: TTL by the leader's clock)."""
 
     TAG: ClassVar[str] = "tick"
 

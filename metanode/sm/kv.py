@@ -1,4 +1,4 @@
-"""The KV state machine: databend-meta's KV model (SPEC §5), pure and deterministic.
+"""The KV state machine: databend-meta's KV model (contract §5), pure and deterministic.
 
 ``KVStateMachine`` is fed committed log entries in order through
 ``apply(cmd, log_time_ms)`` and answers local reads. It does no I/O, reads no clock and
@@ -7,7 +7,7 @@ same snapshot bytes (Reference: Raft thesis §3.5 and §5, replicated state mach
 
 Time. Each entry carries the *log time* stamped by the leader. The state machine keeps
 ``log_time_ms = max(previous, given)``, so time never goes backwards, and expiry is
-decided by that time only (SPEC §5: every replica expires the same keys at the same log
+decided by that time only (contract §5: every replica expires the same keys at the same log
 position).
 
 Invariant. Between two calls to ``apply`` (and after ``restore``), the map holds no key
@@ -95,7 +95,7 @@ class KVStateMachine:
         self._kv: dict[str, SeqV] = {}
         self._keys: SortedList = SortedList()
         self._expiry: SortedList = SortedList()  # (expire_at_ms, key), only keys with a TTL
-        self._nodes: dict[int, NodeRecord] = {}  # cluster node records (SPEC §3)
+        self._nodes: dict[int, NodeRecord] = {}  # cluster node records (contract §3)
         self._seq = 0
         self._rev = 0  # key changes so far (watch revisions)
         self._log_time_ms = 0

@@ -1,4 +1,4 @@
-"""Value types of the KV state machine (SPEC §5, the databend-meta KV model).
+"""Value types of the KV state machine (contract §5, the databend-meta KV model).
 
 Pure: no I/O, no clock, no randomness. Every type is a frozen ``attrs`` class, so
 values compare by content and are safe to share between the state machine, the
@@ -144,7 +144,7 @@ class Endpoint:
 
 @attrs.frozen
 class NodeRecord:
-    """What the cluster knows of a node (SPEC §3), as `/v1/cluster/nodes` lists it."""
+    """What the cluster knows of a node (contract §3), as `/v1/cluster/nodes` lists it."""
 
     name: str
     endpoint: Endpoint

@@ -1,4 +1,4 @@
-"""The durable store of one node (SPEC §8, DESIGN §5): WAL, snapshots, node meta.
+"""The durable store of one node (contract §8, design §5): WAL, snapshots, node meta.
 
 Blocking code, no trio: the runtime calls it through `trio.to_thread.run_sync`.
 

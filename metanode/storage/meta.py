@@ -33,7 +33,7 @@ def _check(meta: NodeMeta) -> None:
 class NodeMeta:
     """The identity of the node owning a data dir; None until the node is initialized.
 
-    SPEC §2: the stored node id wins on restart, and a configured id that differs is
+    contract §2: the stored node id wins on restart, and a configured id that differs is
     an error.
     """
 

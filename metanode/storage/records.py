@@ -1,4 +1,4 @@
-"""Checksummed records, the framing of every file in `raft_dir` (SPEC §8, DESIGN §5).
+"""Checksummed records, the framing of every file in `raft_dir` (contract §8, design §5).
 
 A record is ``[u32 length][u32 crc32][body]``: both integers little-endian, `length`
 the size of `body` in bytes (never 0), `crc32` the `zlib.crc32` of `body` (there is no

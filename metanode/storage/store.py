@@ -5,7 +5,7 @@ Blocking code, no trio: the runtime calls every method through
 another thread cannot interleave with an append (the snapshot file itself is written
 outside the lock).
 
-The runtime persists each `Ready` with one call (DESIGN §3, SPEC §8):
+The runtime persists each `Ready` with one call (design §3, contract §8):
 
     storage.append(entries=ready.entries, hard_state=ready.hard_state,
                    snapshot=ready.snapshot)        # one WAL write + one fdatasync

@@ -27,7 +27,7 @@ restates what the older ones established, and older segments can be deleted once
 all their entries are purged (`WalWriter.delete_through`). A segment is sealed (a new
 one started) by the first write that finds it holding `segment_bytes` or more.
 
-Replay and recovery (SPEC §8)
+Replay and recovery (contract §8)
 -----------------------------
 `replay` reads the segments in order and applies each record to a `WalState`. The
 last segment may end in a torn write: a record cut short, or failing its checksum,

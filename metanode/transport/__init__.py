@@ -1,4 +1,4 @@
-"""Transport of the raft port (SPEC §7, DESIGN §4): frames and TCP.
+"""Transport of the raft port (contract §7, design §4): frames and TCP.
 
 `serve_raft` listens, `PeerLink` carries raft messages to one peer, `call` makes one
 request (join, leave, forwarded writes and reads) and waits for its answer.

@@ -1,11 +1,11 @@
-"""Frames of the raft port (SPEC §7). Pure: no trio, no I/O.
+"""Frames of the raft port (contract §7). Pure: no trio, no I/O.
 
 Every frame is one msgpack map, tagged under ``"t"`` and encoded by the one converter
 of `metanode.wire.codec`. The frame union holds:
 
 * ``hello``  -- `Hello`, the dialer's first frame: ``{"t": "hello", "v", "cluster_id",
   "cluster_name", "from", "addr"?}`` (``addr``, the dialer's advertised raft address,
-  goes beyond SPEC §7: a node being added learns where the leader is from it);
+  goes beyond contract §7: a node being added learns where the leader is from it);
 * ``call``   -- `Call`, a request answered on the same connection;
 * ``result`` -- `CallResult`, the answer to the `Call` with the same ``id``: a payload or
   an `ErrorInfo`;

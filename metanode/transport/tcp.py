@@ -1,4 +1,4 @@
-"""The raft port over TCP (SPEC §7, DESIGN §4): `serve_raft`, `PeerLink`, `call`.
+"""The raft port over TCP (contract §7, design §4): `serve_raft`, `PeerLink`, `call`.
 
 Every connection starts with the dialer's `Hello`. Then the dialer either streams raft
 messages one way (a `PeerLink`, one per peer, fire and forget: Raft tolerates loss), or
@@ -339,7 +339,7 @@ class _ServerConnection:
             raise _Refuse("bad_request", f"unexpected {type(frame).__name__} frame")
 
     def _check_hello(self, hello: Hello) -> None:
-        """Version, cluster name and cluster id must match ours (SPEC §3, §7)."""
+        """Version, cluster name and cluster id must match ours (contract §3, §7)."""
         ident = self.server.identity()
         if hello.v != PROTOCOL_VERSION:
             raise _Refuse(

@@ -1,4 +1,4 @@
-"""The wire format (DESIGN §5, SPEC §7). Pure: no trio, no I/O, no clocks.
+"""The wire format (design §5, contract §7). Pure: no trio, no I/O, no clocks.
 
 `codec` turns attrs objects into msgpack and back, strictly; `framing` cuts a byte
 stream into length-prefixed frames.

@@ -1,4 +1,4 @@
-"""The one msgpack codec of metanode (DESIGN §5, SPEC §7). Pure: no I/O, no clocks.
+"""The one msgpack codec of metanode (design §5, contract §7). Pure: no I/O, no clocks.
 
 Every object that crosses a process boundary (raft messages, and later the hello
 frame, forwarded requests, state machine commands, snapshots) is an ``attrs`` class
@@ -85,7 +85,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: Version of the raft-port protocol, carried by the hello frame (SPEC §7).
+#: Version of the raft-port protocol, carried by the hello frame (contract §7).
 PROTOCOL_VERSION = 1
 
 #: The map key holding the tag of a tagged-union member.

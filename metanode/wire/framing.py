@@ -1,4 +1,4 @@
-"""Length-prefixed frames (SPEC §7): a 4-byte big-endian body length, then the body.
+"""Length-prefixed frames (contract §7): a 4-byte big-endian body length, then the body.
 
 Sans-I/O (the h11 way): the transport reads whatever the socket gives and calls
 `FrameDecoder.feed`, which returns every complete frame body. A header announcing

@@ -174,7 +174,7 @@ def test_an_unwritable_data_dir_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_a_node_that_is_still_joining(tmp_path: Path) -> None:
-    """SPEC §1: SIGTERM shuts down gracefully (exit 0), also while the node is still
+    """contract §1: SIGTERM shuts down gracefully (exit 0), also while the node is still
     trying its join addresses."""
     import signal
 

@@ -95,7 +95,7 @@ def test_a_history_across_a_leader_crash_is_linearizable(cluster: LocalCluster) 
 
 
 def test_every_acknowledged_write_survives_power_loss_of_the_whole_cluster(cluster: LocalCluster) -> None:
-    """SPEC §8: appends are fsynced before they are acknowledged; SIGKILL of every node
+    """contract §8: appends are fsynced before they are acknowledged; SIGKILL of every node
     in the middle of a stream of writes loses none that a client saw acknowledged."""
     cluster.start(3)
     addresses = cluster.client_addresses()

@@ -1,4 +1,4 @@
-"""The admin HTTP API (SPEC §4) over real HTTP on 127.0.0.1, against a fake node.
+"""The admin HTTP API (contract §4) over real HTTP on 127.0.0.1, against a fake node.
 
 Every test is bounded by `trio.fail_after`; slow node calls are driven by events,
 never by sleeps.

@@ -51,7 +51,7 @@ class Cluster:
             f"ws://127.0.0.1:{self.grpc[i]}/v1", max_message_size=64 << 20, receive_buffer_size=None
         ) as ws:
             yield ws
-        await ws._stream.aclose()  # STACK.md: the client leaks its socket otherwise
+        await ws._stream.aclose()  # docs/architecture/stack.md: the client leaks its socket otherwise
 
 
 async def ask(ws: WebSocketConnection, **req: Any) -> dict:
@@ -195,7 +195,7 @@ async def test_txn_runs_one_branch_atomically(tmp_path: Path) -> None:
 
 
 async def test_ttl_follows_the_leaders_clock_on_every_replica(tmp_path: Path) -> None:
-    """SPEC §5: the leader stamps entries with its clock and expiry happens at log
+    """contract §5: the leader stamps entries with its clock and expiry happens at log
     positions: a follower whose clock is an hour ahead still sees the key until the
     leader's clock says it expired, and then no replica returns it."""
     c = Cluster(tmp_path)

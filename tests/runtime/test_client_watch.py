@@ -319,7 +319,7 @@ def test_the_sync_watch_blocks_for_each_event(tmp_path: Path) -> None:
 
 
 async def test_a_watch_on_the_leader_resumes_across_a_leader_change(tmp_path: Path) -> None:
-    """SPEC §5: a watch survives losing the leader it was on: the client resumes on
+    """contract §5: a watch survives losing the leader it was on: the client resumes on
     another node with from_seq and sees every write exactly once, in order."""
     with trio.fail_after(30):
         async with cluster(tmp_path) as c:

@@ -1,7 +1,7 @@
 """`open_node` in-process on loopback TCP: bootstrap, join, leave, restart, failures.
 
 Faster and more precise than the multi-process tests: the test reads the nodes'
-state directly. Real sockets, so the real clock (STACK.md: no autojump with I/O).
+state directly. Real sockets, so the real clock (docs/architecture/stack.md: no autojump with I/O).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ async def test_concurrent_joins_are_serialized_and_nobody_is_dropped(tmp_path: P
 
 
 async def test_a_removed_node_restarted_with_join_stays_out(tmp_path: Path) -> None:
-    """SPEC §3: a node whose committed membership no longer has it exits; restarted
+    """contract §3: a node whose committed membership no longer has it exits; restarted
     with its old `join` list it must not join again (it used to rejoin as a voter and
     then exit, leaving a dead voter behind)."""
     ports = Ports()
@@ -196,7 +196,7 @@ async def test_a_fresh_node_cannot_take_over_a_members_id(tmp_path: Path) -> Non
 
 
 async def test_a_member_restarted_on_a_new_port_is_found_and_republishes(tmp_path: Path) -> None:
-    """SPEC §3: a node re-publishes its record when its address changes; the leader
+    """contract §3: a node re-publishes its record when its address changes; the leader
     learns the new address from the node's own hello before the record is applied."""
     ports = Ports()
     async with node(tmp_path, ports, 1, "--single") as n1:

@@ -1,4 +1,4 @@
-"""The raft port over real TCP sockets on 127.0.0.1 (SPEC §3, §7): `serve_raft`,
+"""The raft port over real TCP sockets on 127.0.0.1 (contract §3, §7): `serve_raft`,
 `PeerLink` and `call`, with hello checks and hostile input.
 
 Every test is bounded by `trio.fail_after` and synchronizes on events and channels,

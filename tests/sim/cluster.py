@@ -1,4 +1,4 @@
-"""A deterministic simulated cluster of pure raft cores (DESIGN §7.2).
+"""A deterministic simulated cluster of pure raft cores (design §7.2).
 
 Everything runs on one seeded `random.Random` and a discrete-event queue of
 simulated milliseconds: ticks, message deliveries, disk writes, client requests,

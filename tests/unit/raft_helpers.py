@@ -3,7 +3,7 @@
 Nothing here is clever on purpose. A `Net` holds a few `RaftCore`s and one list of
 messages in flight; a test decides what is delivered, dropped or reordered, and
 asserts the exact `Ready` each step produces. The runtime contract is the core's
-own (DESIGN §3): take a `Ready`, "persist" it (the core keeps its log in memory, so
+own (design §3): take a `Ready`, "persist" it (the core keeps its log in memory, so
 only the applied entries are recorded here), queue its messages, then `advance`.
 """
 

@@ -1,4 +1,4 @@
-"""The `metanode` command line (SPEC §1): modes, flags, exit codes, messages."""
+"""The `metanode` command line (contract §1): modes, flags, exit codes, messages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The configuration loader (SPEC §1-§2): defaults, file and flags, checks, redaction."""
+"""The configuration loader (contract §1-§2): defaults, file and flags, checks, redaction."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Guard (DESIGN §1, §7): the pure packages import no I/O framework.
+"""Guard (design §1, §7): the pure packages import no I/O framework.
 
 `metanode.raft`, `metanode.wire` and `metanode.sm` must run the same in the daemon,
 the simulator and unit tests, so importing them must not pull in trio (nor the

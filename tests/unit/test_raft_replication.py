@@ -471,7 +471,7 @@ def test_replication_reaches_every_follower():
     ids=str,
 )
 def test_impossible_messages_from_peers_are_dropped_not_raised(msg):
-    """DESIGN §3: a remote peer's nonsense is logged and dropped, never raised; nothing
+    """design §3: a remote peer's nonsense is logged and dropped, never raised; nothing
     changes and nothing is answered."""
     core = follower(entry(2, 2), commit=1, term=2)
     before = core.status()

@@ -1,4 +1,4 @@
-"""Unit tests of the pure KV state machine (metanode.sm; SPEC §5)."""
+"""Unit tests of the pure KV state machine (metanode.sm; contract §5)."""
 
 from __future__ import annotations
 
@@ -456,7 +456,7 @@ def test_restore_drops_keys_already_expired_at_its_log_time():
 
 
 class Model:
-    """A tiny dict model of SPEC §5, written independently of the state machine."""
+    """A tiny dict model of contract §5, written independently of the state machine."""
 
     def __init__(self) -> None:
         self.kv: dict[str, SeqV] = {}
@@ -542,7 +542,7 @@ def test_random_commands_agree_with_a_dict_model_and_survive_snapshot(steps, cut
 
 
 def test_node_records_are_set_replaced_removed_and_snapshotted():
-    """SPEC §3: each node's record is replicated; re-publishing replaces it; a removed
+    """contract §3: each node's record is replicated; re-publishing replaces it; a removed
     node's record goes; records survive a snapshot round trip (version 2)."""
     sm = KVStateMachine()
     rec = NodeRecord("1", Endpoint("localhost", 28004), None)
@@ -571,7 +571,7 @@ def test_version_1_snapshots_without_nodes_are_still_read():
 
 
 def test_a_tick_only_advances_log_time_and_expires_due_keys():
-    """SPEC §5: expiry happens at a log position; a Tick proposed by the leader moves
+    """contract §5: expiry happens at a log position; a Tick proposed by the leader moves
     the log time so due keys go without any client write."""
     from metanode.sm import Tick
 

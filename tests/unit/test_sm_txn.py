@@ -1,4 +1,4 @@
-"""Unit tests of transactions in the pure KV state machine (metanode.sm; SPEC §5 ``txn``,
+"""Unit tests of transactions in the pure KV state machine (metanode.sm; contract §5 ``txn``,
 databend-meta's TxnRequest): conditions, branches, ops seeing earlier ops, atomicity,
 seq and TTL as separate upserts would have them, and the watch hook."""
 
@@ -79,7 +79,7 @@ def test_seq_condition_compares_the_key_seq(op, operand):
 @pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("operand", [0, 1, 5])
 def test_seq_condition_on_an_absent_key_compares_seq_0(op, operand):
-    """An absent key has seq 0 (SPEC §5), so ``seq == 0`` tests for absence."""
+    """An absent key has seq 0 (contract §5), so ``seq == 0`` tests for absence."""
     sm = KVStateMachine()
     put(sm, "other", b"")
     assert holds(sm, TxnCondition("k", "seq", op, operand)) == PY_OPS[op](0, operand)

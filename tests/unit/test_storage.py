@@ -1,4 +1,4 @@
-"""Contract tests of the durable store (`metanode.storage`, SPEC §8, DESIGN §5).
+"""Contract tests of the durable store (`metanode.storage`, contract §8, design §5).
 
 Every test works on a real directory under `tmp_path` with real fsyncs. What is
 checked is what a node relies on after a restart: what `append`, `save_snapshot`,
@@ -425,7 +425,7 @@ def _write_log_for_tail_tests(path: Path) -> Path:
 
 
 def test_torn_tail_at_every_byte_offset_of_the_last_record(tmp_path: Path) -> None:
-    """SPEC §8: a write torn at any byte of the last record (short header, short
+    """contract §8: a write torn at any byte of the last record (short header, short
     body) is cut off at open; the records before it survive and appending works."""
     base = tmp_path / "base"
     last_seg = _write_log_for_tail_tests(base)

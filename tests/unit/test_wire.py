@@ -1,4 +1,4 @@
-"""The wire codec and framing (DESIGN §5, SPEC §7): round trips, strict decoding, frames."""
+"""The wire codec and framing (design §5, contract §7): round trips, strict decoding, frames."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The live cluster dashboard on the admin port (SPEC §4 ``GET /``, beyond databend-meta).
+"""The live cluster dashboard on the admin port (contract §4 ``GET /``, beyond databend-meta).
 
 ``GET /`` is one static page (``index.html``, ``app.js``, ``style.css`` in this
 package: no build step, nothing fetched from elsewhere, a Content-Security-Policy that
