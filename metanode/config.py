@@ -143,6 +143,7 @@ class RaftConfigSection:
     snapshot_logs_since_last: int = 1024
     max_applied_log_to_keep: int = 1000
     snapshot_chunk_size: int = 4 * MiB
+    wal_segment_size: int = 64 * MiB
     wait_leader_timeout: int = 70000
     raft_tls_server_cert: str | None = None
     raft_tls_server_key: str | None = None
@@ -323,6 +324,10 @@ def _v_positive(value: object) -> int:
 
 def _v_nonnegative(value: object) -> int:
     return _int(value, low=0)
+
+
+def _v_segment_size(value: object) -> int:
+    return _int(value, low=64 * 1024, what=" bytes (64 KiB at least)")
 
 
 def _v_bool(value: object) -> bool:
@@ -614,6 +619,13 @@ KEYS: Final[tuple[Key, ...]] = (
         _v_positive,
         str(4 * MiB),
         "bytes per snapshot chunk sent to a follower (4 MiB)",
+        flag_kind="int",
+    ),
+    _k(
+        "raft_config.wal_segment_size",
+        _v_segment_size,
+        str(64 * MiB),
+        "bytes after which the WAL starts a new segment file (64 MiB; 64 KiB at least)",
         flag_kind="int",
     ),
     _k(

@@ -54,5 +54,10 @@ class FatalError(MetanodeError):
     """Corrupt storage, failed fsync: the node stops loudly."""
 
 
+class SnapshotFailed(MetanodeError):
+    """A snapshot built here could not be written (a full disk): nothing else was
+    touched (the WAL, the current snapshot), so the node keeps serving and tries again."""
+
+
 class RaftInvariantError(AssertionError):
     """A bug of ours inside raft/: an invariant of the algorithm was broken."""

@@ -7,6 +7,8 @@ before the node replays its log and joins, so operators can watch a joining node
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -16,6 +18,21 @@ import trio
 from metanode.config import Config
 from metanode.errors import ConfigError
 from metanode.node.node import Node, Service, open_node
+
+log = logging.getLogger("metanode.node")
+
+#: TEST ONLY (tests/robustness, TTL under clock skew): milliseconds added to this node's
+#: clock, the one that stamps the log time of the entries it proposes as leader and
+#: decides when keys are due to expire. Read here and nowhere else; never set it in
+#: production.
+TEST_CLOCK_OFFSET_ENV = "METANODE_TEST_CLOCK_OFFSET_MS"
+
+
+async def _skew_clock_for_tests(node: Node, nursery: trio.Nursery) -> None:
+    offset = int(os.environ[TEST_CLOCK_OFFSET_ENV])
+    real = node.clock_ms
+    node.clock_ms = lambda: real() + offset
+    log.warning("%d: TEST ONLY: clock skewed by %+d ms (%s)", node.id, offset, TEST_CLOCK_OFFSET_ENV)
 
 
 async def _serve_admin(node: Node, nursery: trio.Nursery) -> None:
@@ -56,6 +73,8 @@ async def _serve_client_api(node: Node, nursery: trio.Nursery) -> trio.Event:
 async def open_server(config: Config, *, admin: bool = True, client_api: bool = True) -> AsyncIterator[Node]:
     """`open_node` with the admin API and the client API (either can be left out)."""
     services: list[Service] = []
+    if os.environ.get(TEST_CLOCK_OFFSET_ENV):
+        services.append(_skew_clock_for_tests)
     if admin:
         services.append(_serve_admin)
     if client_api:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from metanode.errors import ClientError
+from metanode.errors import ClientError, SnapshotFailed, Unavailable
 from metanode.node.events import (
     Compact,
     Propose,
@@ -22,6 +22,8 @@ from metanode.sm.codec import encode_command
 
 log = logging.getLogger("metanode.node")
 
+SNAPSHOT_RETRY_S = 5.0  # after a snapshot whose file could not be written (ENOSPC)
+
 if TYPE_CHECKING:
     from metanode.node.node import Node  # noqa: F401
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 class ApplyLoop:
     """A part of `Node` (metanode/node/node.py), by concern."""
+
+    _snapshot_retry_at: float = 0.0  # after a snapshot that could not be written
 
     # ------------------------------------------------------------------ apply loop
     async def _run_apply_loop(self) -> None:
@@ -39,7 +43,8 @@ class ApplyLoop:
             if driver.removed and not self.removed.is_set():
                 self.removed.set()
             self._check_watchers()
-            if driver.snapshot_due() and not self._snapshot_lock.locked():
+            if (driver.snapshot_due() and not self._snapshot_lock.locked()
+                    and trio.current_time() >= self._snapshot_retry_at):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._build_snapshot)
 
@@ -50,7 +55,17 @@ class ApplyLoop:
             if not self.driver.snapshot_due(force):
                 return
             snapshot, purge_to = self.driver.build_snapshot()
-            await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
+            try:
+                await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
+            except SnapshotFailed as e:
+                # Only the snapshot's file failed (a full disk): the WAL is fine, so keep
+                # serving and try again later.
+                self._snapshot_retry_at = trio.current_time() + SNAPSHOT_RETRY_S
+                log.warning("%d snapshot %s not saved (next try in %g s): %s",
+                            self.id, snapshot.meta.last_log_id, SNAPSHOT_RETRY_S, e)
+                if force:
+                    raise Unavailable(f"snapshot not saved: {e}") from None
+                return
             self.driver.snapshot_saved(snapshot)
             try:
                 purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")

@@ -254,7 +254,9 @@ async def open_node(config: Config, *, services: Sequence[Service] = ()) -> Asyn
     fails. Leaving the block cancels everything and closes storage.
     """
     rc = config.raft_config
-    storage = await trio.to_thread.run_sync(RaftStorage.open, rc.raft_dir)
+    storage = await trio.to_thread.run_sync(
+        lambda: RaftStorage.open(rc.raft_dir, segment_bytes=rc.wal_segment_size)
+    )
     node: Node | None = None
     try:
         meta = storage.meta

@@ -18,6 +18,8 @@ only local state (no raft round trip) and never blocks:
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from typing import Any
 
 from metanode import __version__
@@ -92,7 +94,31 @@ def cluster_status(node: Any) -> dict[str, Any]:
         "non_voters": [member(i) for i in sorted(membership.learners)],
         "last_seq": node.sm.last_seq,
         "cluster_id": node.meta.cluster_id if node.meta is not None else None,
+        "state_digest": state_digest(node),
     }
+
+
+def state_digest(node: Any) -> str:
+    """A hash of the KV state at `last_applied` (every key with its seq, value and
+    expiry, then `last_seq`), the same on every replica that applied the same log:
+    replicas converged when their `last_applied` and `state_digest` are equal. Cached
+    per applied log id (a status poll during a stream of writes costs one pass)."""
+    applied = node.applied
+    cached = getattr(node, "_state_digest_cache", None)
+    if cached is not None and cached[0] == applied:
+        return cached[1]  # type: ignore[no-any-return]
+    h = hashlib.blake2b(digest_size=16)
+    pack = struct.Struct("<QQq").pack
+    for key, v in node.sm.items():
+        k = key.encode()
+        h.update(pack(len(k), v.seq, -1 if v.expire_at_ms is None else v.expire_at_ms))
+        h.update(k)
+        h.update(len(v.data).to_bytes(8, "little"))
+        h.update(v.data)
+    h.update(node.sm.last_seq.to_bytes(8, "little"))
+    digest = h.hexdigest()
+    node._state_digest_cache = (applied, digest)
+    return digest
 
 
 def replication(node: Any, log_id: Any) -> dict[str, Any]:
@@ -135,4 +161,4 @@ def raft_log(node: Any) -> dict[str, Any]:
     }
 
 
-__all__ = ["DATA_VERSION", "cluster_status", "node_json", "raft_log", "replication"]
+__all__ = ["DATA_VERSION", "cluster_status", "node_json", "raft_log", "replication", "state_digest"]

@@ -32,7 +32,7 @@ from typing import ParamSpec, TypeVar
 
 import attrs
 
-from metanode.errors import ConfigError, FatalError
+from metanode.errors import ConfigError, FatalError, SnapshotFailed
 from metanode.raft.types import Entry, HardState, LogId, PersistedState, Snapshot
 from metanode.storage import meta as meta_file
 from metanode.storage import snapshots, wal
@@ -297,6 +297,9 @@ class RaftStorage:
         SNAPSHOT record makes it current (one WAL fdatasync), then older snapshot
         files are removed. A snapshot not newer than the current one is ignored.
         The log is not changed: call `purge` for that.
+
+        Raises `SnapshotFailed` when the file cannot be written (a full disk): the store
+        stays usable, try again later; `FatalError` when the WAL record fails.
         """
         sid = snapshot.meta.last_log_id
         with self._mutex:
@@ -304,7 +307,13 @@ class RaftStorage:
             if self._is_old(sid):
                 log.debug("ignoring snapshot %s: %s is newer", sid, self._snapshot_id)
                 return
-        self._guard(self._write_snapshot_file, snapshot)  # outside the lock: may be big
+        try:
+            self._write_snapshot_file(snapshot)  # outside the lock: may be big
+        except FatalError as exc:
+            # Only the new file failed (ENOSPC...): its temporary file is gone, the WAL and
+            # the current snapshot are untouched, so the store stays usable.
+            log.warning("%s", exc)
+            raise SnapshotFailed(str(exc)) from exc
         with self._mutex:
             self._check_usable()
             if self._is_old(sid):  # a newer one was installed meanwhile

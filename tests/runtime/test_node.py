@@ -211,7 +211,7 @@ async def test_a_member_restarted_on_a_new_port_is_found_and_republishes(tmp_pat
 STATUS_KEYS = [
     "id", "binary_version", "data_version", "endpoint", "raft_log", "snapshot_key_count", "state",
     "is_leader", "current_term", "last_log_index", "last_applied", "snapshot_last_log_id", "purged",
-    "leader", "replication", "voters", "non_voters", "last_seq", "cluster_id",
+    "leader", "replication", "voters", "non_voters", "last_seq", "cluster_id", "state_digest",
 ]
 RAFT_LOG_KEYS = [
     "cache_items", "cache_used_size", "wal_total_size", "wal_open_chunk_size", "wal_offset",

@@ -183,6 +183,7 @@ FLAG_EXAMPLES: dict[str, tuple[list[str], object]] = {
     "raft_config.snapshot_logs_since_last": (["7"], 7),
     "raft_config.max_applied_log_to_keep": (["0"], 0),
     "raft_config.snapshot_chunk_size": (["65536"], 65536),
+    "raft_config.wal_segment_size": (["1048576"], 1048576),
     "raft_config.wait_leader_timeout": (["1"], 1),
     "raft_config.raft_tls_server_cert": (["r.crt"], "r.crt"),
     "raft_config.raft_tls_server_key": (["r.key"], "r.key"),
