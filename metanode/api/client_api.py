@@ -1,8 +1,11 @@
 """The client API (contract §5): WebSocket at `/v1` on `grpc_api_address`, msgpack messages.
 
-Each binary message is one request map `{"id": n, "op": NAME, ...}`; each reply is
-`{"id": n, "ok": RESULT}` or `{"id": n, "error": {code, message, leader}}`. Requests on
-one socket run concurrently (each in its own task); replies go out as they finish.
+Each binary message is one request map `{"id": n, "op": NAME, ...}` or an array of
+them (a batch); each reply is `{"id": n, "ok": RESULT}` or `{"id": n, "error": {code,
+message, leader}}`, sent as one map or an array of replies. A batch's writes reach the
+node as one batch (one log append), its linearizable reads share one read barrier,
+and each group's replies leave as one message; messages on one socket run
+concurrently.
 The wire shapes are documented in docs/reference/client-protocol.md.
 
 Errors are translated once, here: a `ClientError` becomes its code; a malformed
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -30,6 +34,7 @@ from metanode.config import parse_address
 from metanode.api.reqstats import KIND_OF_OP, stats_for
 from metanode.errors import BadRequest, ClientError, TooLarge, Unauthenticated
 from metanode.metrics import metrics_for
+from metanode.api.export_stream import stream_export
 from metanode.trio_util import InFlight, single_errors
 from metanode.node.watch import WatchHub
 from metanode.sm import (
@@ -60,6 +65,7 @@ log = logging.getLogger("metanode.api")
 PATH = "/v1"
 MAX_IN_FLIGHT = 256  # requests served at once per socket
 MAX_CONTAINER_LEN = 1_000_000  # msgpack arrays/maps in one request: bounds decoding
+INTERNAL = {"code": "internal", "message": "internal error", "leader": None}
 SHUTDOWN_GRACE_S = 2.0
 
 
@@ -69,6 +75,7 @@ class ClientNode(Protocol):
     sm: KVStateMachine
 
     async def client_write(self, cmd: Command) -> Any: ...
+    async def client_write_batch(self, cmds: list[Command]) -> list[Any]: ...
     async def client_read_barrier(self) -> None: ...
     def client_addresses(self) -> list[str]: ...
     def cluster_status(self) -> dict: ...
@@ -177,6 +184,56 @@ def txn_response_out(r: TxnResponse) -> dict:
     raise TypeError(f"unknown txn response {r!r}")
 
 
+def upsert_in(req: dict) -> Upsert:
+    cmd = Upsert(
+        _arg(req, "key", str),
+        _arg(req, "value", (bytes, type(None))),
+        match_seq_in(req.get("match_seq")),
+        _arg(req, "ttl_ms", int, optional=True),
+        _arg(req, "expire_at_ms", int, optional=True),
+    )
+    try:
+        cmd.validate()
+    except ValueError as e:
+        raise BadRequest(f"upsert: {e}") from None
+    return cmd
+
+
+def txn_in(req: dict) -> Txn:
+    def items(name: str) -> list:
+        value = req.get(name, [])
+        if not isinstance(value, list):
+            raise BadRequest(f"txn: {name} must be a list")
+        return value
+
+    cmd = Txn(
+        tuple(txn_condition_in(c, f"conditions[{i}]") for i, c in enumerate(items("conditions"))),
+        tuple(txn_op_in(o, f"if_then[{i}]") for i, o in enumerate(items("if_then"))),
+        tuple(txn_op_in(o, f"else_then[{i}]") for i, o in enumerate(items("else_then"))),
+    )
+    try:
+        cmd.validate()
+    except ValueError as e:
+        raise BadRequest(f"txn: {e}") from None
+    return cmd
+
+
+WRITE_OPS: dict[str, Callable[[dict], Command]] = {"upsert": upsert_in, "txn": txn_in}
+READ_OPS = frozenset(("get", "mget", "list"))
+
+
+def _consistency(req: dict) -> Any:
+    return req.get("consistency", "linearizable")
+
+
+class _AllTooLarge(TooLarge):
+    """A message over the limit: each of its requests is answered too_large."""
+
+    def __init__(self, reqs: list[Any], error: TooLarge) -> None:
+        super().__init__(str(error))
+        self.reqs = reqs
+
+
 def _strings(values: Any, name: str) -> list[str]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise BadRequest(f"{name} must be a list of strings")
@@ -194,7 +251,9 @@ class ClientSession:
         self.node = node
         self.ws = ws
         self.max_message_size = max_message_size
-        self.in_flight = trio.Semaphore(MAX_IN_FLIGHT)
+        self.in_flight = 0  # requests received and not yet answered
+        self._room = trio.Event()
+        self._nursery: trio.Nursery
         self.counter = counter
         self.watches: dict[int, trio.CancelScope] = {}
         self.token = token
@@ -203,8 +262,6 @@ class ClientSession:
         self.metrics = metrics_for(node)  # Prometheus counters (metanode/metrics.py)
         self.ops: dict[str, Callable[[dict], Any]] = {
             "handshake": self.op_handshake,
-            "upsert": self.op_upsert,
-            "txn": self.op_txn,
             "get": self.op_get,
             "mget": self.op_mget,
             "list": self.op_list,
@@ -215,94 +272,206 @@ class ClientSession:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             while True:
-                # Backpressure: at most MAX_IN_FLIGHT requests per socket; beyond that
+                # Backpressure: beyond MAX_IN_FLIGHT requests in flight on this socket
                 # we stop reading and the client's sends block (trio-websocket's
-                # queue, then TCP), instead of holding unbounded tasks and replies.
-                await self.in_flight.acquire()
+                # queue, then TCP), instead of holding unbounded work and replies.
+                while self.in_flight >= MAX_IN_FLIGHT:
+                    self._room = trio.Event()
+                    await self._room.wait()
                 try:
                     message = await self.ws.get_message()
                 except ConnectionClosed:
-                    self.in_flight.release()
                     break
                 nursery.start_soon(self.serve, message)
             nursery.cancel_scope.cancel()
 
-    async def serve(self, message: bytes | str) -> None:
-        try:
-            with self.counter:
-                self.metrics.received(len(message))
-                self.metrics.req_inflights.inc()
-                try:
-                    await self._serve(message)
-                finally:
-                    self.metrics.req_inflights.dec()
-        finally:
-            self.in_flight.release()
+    def _done(self, n: int) -> None:
+        self.in_flight -= n
+        self.metrics.req_inflights.dec(n)
+        if self.in_flight < MAX_IN_FLIGHT:
+            self._room.set()
 
-    async def _serve(self, message: bytes | str) -> None:
-        rid: Any = None
-        try:
-            if isinstance(message, str):
-                raise BadRequest("messages must be binary msgpack, not text")
+    async def serve(self, message: bytes | str) -> None:
+        """One message: a request map, or an array of them (a batch). Its writes go
+        to the node as one batch (one log append), its linearizable reads share one
+        read barrier, and each group's replies leave as one message."""
+        with self.counter:
+            self.metrics.received(len(message))
             try:
-                req = msgpack.unpackb(
-                    message, raw=False, strict_map_key=False,
-                    max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN,
-                )
-            except (ValueError, TypeError, msgpack.UnpackException) as e:
-                raise BadRequest(f"malformed msgpack: {type(e).__name__} {e}".rstrip()) from None
-            if isinstance(req, dict):
-                rid = req.get("id")
-            if len(message) > self.max_message_size:
-                raise TooLarge(f"message of {len(message)} bytes is over the limit of {self.max_message_size}")
-            if not isinstance(req, dict):
-                raise BadRequest("a request must be a msgpack map")
-            if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
-                raise BadRequest("a request needs a non-negative integer 'id'")
-            name = req.get("op")
-            if not self.authenticated:
-                self._authenticate(name, req)
-                if name == "handshake":
-                    result = await self.op_handshake(req)
-                    reply: dict = {"id": rid, "ok": result}
-                    await self._send(reply)
-                    return
-            if name == "cancel":
-                self._cancel(rid)
-                return  # the watch's stream ends with its own reply
-            op = self.ops.get(name) if isinstance(name, str) else None
-            if op is None:
-                raise BadRequest(f"unknown op {req.get('op')!r}")
-            if name == "watch":
-                result = await self._watch(rid, req)
-            elif self.stats is not None and name in KIND_OF_OP:
-                started = time.perf_counter()
-                ok = False
-                try:
+                reqs = self._parse(message)
+            except _AllTooLarge as e:
+                ids = [r.get("id") if isinstance(r, dict) else None for r in e.reqs] or [None]
+                await self._send_replies([{"id": rid, "error": self._error(e)} for rid in ids])
+                return
+            except ClientError as e:
+                await self._send_replies([{"id": None, "error": self._error(e)}])
+                return
+            self.in_flight += len(reqs)
+            self.metrics.req_inflights.inc(len(reqs))
+            try:
+                await self._serve_batch(reqs)
+            finally:
+                self._done(len(reqs))
+
+    def _parse(self, message: bytes | str) -> list[Any]:
+        if isinstance(message, str):
+            raise BadRequest("messages must be binary msgpack, not text")
+        try:
+            msg = msgpack.unpackb(
+                message, raw=False, strict_map_key=False,
+                max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN,
+            )
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise BadRequest(f"malformed msgpack: {type(e).__name__} {e}".rstrip()) from None
+        reqs = msg if isinstance(msg, list) else [msg]
+        if len(message) > self.max_message_size:
+            # Every request of it gets too_large (with its id, when it has one).
+            raise _AllTooLarge(reqs, TooLarge(
+                f"message of {len(message)} bytes is over the limit of {self.max_message_size}"
+            ))
+        if isinstance(msg, list) and not msg:
+            raise BadRequest("an empty batch")
+        return reqs
+
+    async def _serve_batch(self, reqs: list[Any]) -> None:
+        immediate: list[dict] = []
+        writes: list[tuple[int, str, Command]] = []
+        reads: list[tuple[int, str, dict]] = []
+        for req in reqs:
+            rid = req.get("id") if isinstance(req, dict) else None
+            try:
+                if not isinstance(req, dict):
+                    raise BadRequest("a request must be a msgpack map")
+                if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
+                    raise BadRequest("a request needs a non-negative integer 'id'")
+                name = req.get("op")
+                if not self.authenticated:
+                    self._authenticate(name, req)
+                if not isinstance(name, str):
+                    raise BadRequest(f"unknown op {name!r}")
+                if name == "cancel":
+                    self._cancel(rid)
+                    continue  # the watch's stream ends with its own reply
+                if name == "watch":
+                    self._nursery.start_soon(self._serve_watch, rid, req)
+                    continue
+                if name == "export":  # an online backup, streamed (metanode/api/export_stream.py)
+                    self._nursery.start_soon(self._serve_export, rid, req)
+                    continue
+                if name in WRITE_OPS:
+                    writes.append((rid, name, WRITE_OPS[name](req)))
+                elif name in READ_OPS and _consistency(req) == "linearizable":
+                    reads.append((rid, name, req))
+                else:
+                    op = self.ops.get(name) if isinstance(name, str) else None
+                    if op is None:
+                        raise BadRequest(f"unknown op {req.get('op')!r}")
+                    started = time.perf_counter()
                     result = await op(req)
-                    ok = True
-                finally:
-                    self.stats.record(KIND_OF_OP[name], time.perf_counter() - started, ok)
-                    self.metrics.request_done(name, time.perf_counter() - started, ok)
-            else:
-                result = await op(req)
-            reply = {"id": rid, "ok": result}
-        except Unauthenticated as e:
-            # contract §5: anything but a valid handshake first gets this and the socket closes.
-            with contextlib.suppress(ConnectionClosed):
-                await self._send({"id": rid, "error": self._error(e)})
-                await self.ws.aclose(1008, "unauthenticated")
+                    self._record(name, started, True)
+                    immediate.append({"id": rid, "ok": result})
+            except Unauthenticated as e:
+                # The first request must be a valid handshake: anything else gets
+                # this, and the socket closes.
+                with contextlib.suppress(ConnectionClosed):
+                    await self._send_replies(immediate + [{"id": rid, "error": self._error(e)}])
+                    await self.ws.aclose(1008, "unauthenticated")
+                return
+            except ClientError as e:
+                immediate.append({"id": rid, "error": self._error(e)})
+            except Exception:
+                log.exception("client request failed")
+                immediate.append({"id": rid, "error": INTERNAL})
+        if immediate:
+            await self._send_replies(immediate)
+        if writes and reads:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_writes, writes)
+                nursery.start_soon(self._serve_reads, reads)
+        elif writes:
+            await self._serve_writes(writes)
+        elif reads:
+            await self._serve_reads(reads)
+
+    async def _serve_writes(self, writes: list[tuple[int, str, Command]]) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = await self.node.client_write_batch([cmd for _, _, cmd in writes])
+        except ClientError as e:
+            outcomes = [e] * len(writes)
+        except Exception:
+            log.exception("client writes failed")
+            await self._send_replies([{"id": rid, "error": INTERNAL} for rid, _, _ in writes])
             return
+        replies = []
+        for (rid, name, _), outcome in zip(writes, outcomes):
+            ok = not isinstance(outcome, BaseException)
+            self._record(name, started, ok)
+            if not ok:
+                replies.append({"id": rid, "error": self._error(outcome)})
+            elif name == "txn":
+                assert isinstance(outcome, TxnReply)
+                replies.append({"id": rid, "ok": {
+                    "success": outcome.success, "responses": [txn_response_out(r) for r in outcome.responses],
+                }})
+            else:
+                replies.append({"id": rid, "ok": change_out(outcome)})
+        await self._send_replies(replies)
+
+    async def _serve_reads(self, reads: list[tuple[int, str, dict]]) -> None:
+        started = time.perf_counter()
+        barrier: ClientError | None = None
+        try:
+            await self.node.client_read_barrier()  # one ReadIndex round for all of them
+        except ClientError as e:
+            barrier = e
+        replies = []
+        for rid, name, req in reads:
+            try:
+                if barrier is not None:
+                    raise barrier
+                replies.append({"id": rid, "ok": await self.ops[name](dict(req, consistency="local"))})
+                self._record(name, started, True)
+            except ClientError as e:
+                self._record(name, started, False)
+                replies.append({"id": rid, "error": self._error(e)})
+        await self._send_replies(replies)
+
+    async def _serve_watch(self, rid: int, req: dict) -> None:
+        try:
+            await self._watch(rid, req)
+            reply: dict = {"id": rid, "ok": None}
         except ClientError as e:
             reply = {"id": rid, "error": self._error(e)}
         except Exception:
-            log.exception("client request failed")
-            reply = {"id": rid, "error": {"code": "internal", "message": "internal error", "leader": None}}
+            log.exception("client watch failed")
+            reply = {"id": rid, "error": INTERNAL}
+        await self._send_replies([reply])
+
+    async def _serve_export(self, rid: int, req: dict) -> None:
         try:
-            data = msgpack.packb(reply, use_bin_type=True)
+            await self._read(req)
+            reply: dict = {"id": rid, "ok": await stream_export(self.node, rid, self._send)}
+        except ClientError as e:
+            reply = {"id": rid, "error": self._error(e)}
+        except Exception:
+            log.exception("client export failed")
+            reply = {"id": rid, "error": INTERNAL}
+        await self._send_replies([reply])
+
+    def _record(self, name: str, started: float, ok: bool) -> None:
+        if self.stats is not None and name in KIND_OF_OP:
+            self.stats.record(KIND_OF_OP[name], time.perf_counter() - started, ok)
+        self.metrics.request_done(name, time.perf_counter() - started, ok)
+
+    async def _send_replies(self, replies: list[dict]) -> None:
+        """Replies ready together leave as one message (one map, or an array)."""
+        try:
+            data = msgpack.packb(replies[0] if len(replies) == 1 else replies, use_bin_type=True)
             await self.ws.send_message(data)
-            self.metrics.sent([reply], len(data))
+            self.metrics.sent(replies, len(data))
         except ConnectionClosed:
             pass
 
@@ -389,40 +558,6 @@ class ClientSession:
     async def op_handshake(self, req: dict) -> dict:
         return {"server": "metanode", "version": __version__}
 
-    async def op_upsert(self, req: dict) -> dict:
-        cmd = Upsert(
-            _arg(req, "key", str),
-            _arg(req, "value", (bytes, type(None))),
-            match_seq_in(req.get("match_seq")),
-            _arg(req, "ttl_ms", int, optional=True),
-            _arg(req, "expire_at_ms", int, optional=True),
-        )
-        try:
-            cmd.validate()
-        except ValueError as e:
-            raise BadRequest(f"upsert: {e}") from None
-        return change_out(await self.node.client_write(cmd))
-
-    async def op_txn(self, req: dict) -> dict:
-        def items(name: str) -> list:
-            value = req.get(name, [])
-            if not isinstance(value, list):
-                raise BadRequest(f"txn: {name} must be a list")
-            return value
-
-        cmd = Txn(
-            tuple(txn_condition_in(c, f"conditions[{i}]") for i, c in enumerate(items("conditions"))),
-            tuple(txn_op_in(o, f"if_then[{i}]") for i, o in enumerate(items("if_then"))),
-            tuple(txn_op_in(o, f"else_then[{i}]") for i, o in enumerate(items("else_then"))),
-        )
-        try:
-            cmd.validate()
-        except ValueError as e:
-            raise BadRequest(f"txn: {e}") from None
-        reply = await self.node.client_write(cmd)
-        assert isinstance(reply, TxnReply)
-        return {"success": reply.success, "responses": [txn_response_out(r) for r in reply.responses]}
-
     async def op_get(self, req: dict) -> dict | None:
         key = _arg(req, "key", str)
         await self._read(req)
@@ -460,13 +595,16 @@ async def serve_client_api(
     shutdown: trio.Event,
     closed: trio.Event | None = None,
     token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the client API on `address` until `shutdown` is set; then let requests in
     flight answer (up to SHUTDOWN_GRACE_S), close every socket with 1001, set `closed`
     and return. `task_status.started("host:port")` once listening; a port in use
     raises OSError (itself, not in an exception group). `closed` is set on the way out
-    however it ends, cancelled too, so a shutdown never waits for it in vain."""
+    however it ends, cancelled too, so a shutdown never waits for it in vain. With
+    `ssl_context` the port speaks TLS only (``wss://``): a plaintext client fails its
+    handshake and is dropped, harming no other."""
     host, port = parse_address(address)
     sockets: set[WebSocketConnection] = set()
     counter = InFlight()
@@ -486,13 +624,14 @@ async def serve_client_api(
         async with single_errors(), trio.open_nursery() as nursery:
             server = await nursery.start(
                 partial(
-                    serve_websocket, handler, host, port, None, handler_nursery=nursery,
+                    serve_websocket, handler, host, port, ssl_context, handler_nursery=nursery,
                     max_message_size=2 * max_message_size + (1 << 20), message_queue_size=64,
                     receive_buffer_size=None,
                 )
             )
             bound = server.port
-            log.info("client API listening on ws://%s:%d%s", host, bound, PATH)
+            scheme = "ws" if ssl_context is None else "wss"  # wss: TLS only (docs/operations/security.md)
+            log.info("client API listening on %s://%s:%d%s", scheme, host, bound, PATH)
             task_status.started(f"{host}:{bound}")
             await shutdown.wait()
             # contract §1: finish in-flight replies (bounded), then close every socket (1001).

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from metanode.errors import ClientError, SnapshotFailed, Unavailable
+from metanode.errors import ClientError
 from metanode.node.events import (
     Compact,
     Propose,
@@ -22,8 +22,6 @@ from metanode.sm.codec import encode_command
 
 log = logging.getLogger("metanode.node")
 
-SNAPSHOT_RETRY_S = 5.0  # after a snapshot whose file could not be written (ENOSPC)
-
 if TYPE_CHECKING:
     from metanode.node.node import Node  # noqa: F401
 
@@ -31,8 +29,6 @@ if TYPE_CHECKING:
 
 class ApplyLoop:
     """A part of `Node` (metanode/node/node.py), by concern."""
-
-    _snapshot_retry_at: float = 0.0  # after a snapshot that could not be written
 
     # ------------------------------------------------------------------ apply loop
     async def _run_apply_loop(self) -> None:
@@ -43,8 +39,7 @@ class ApplyLoop:
             if driver.removed and not self.removed.is_set():
                 self.removed.set()
             self._check_watchers()
-            if (driver.snapshot_due() and not self._snapshot_lock.locked()
-                    and trio.current_time() >= self._snapshot_retry_at):
+            if driver.snapshot_due() and not self._snapshot_lock.locked():
                 assert self._nursery is not None
                 self._nursery.start_soon(self._build_snapshot)
 
@@ -55,17 +50,7 @@ class ApplyLoop:
             if not self.driver.snapshot_due(force):
                 return
             snapshot, purge_to = self.driver.build_snapshot()
-            try:
-                await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
-            except SnapshotFailed as e:
-                # Only the snapshot's file failed (a full disk): the WAL is fine, so keep
-                # serving and try again later.
-                self._snapshot_retry_at = trio.current_time() + SNAPSHOT_RETRY_S
-                log.warning("%d snapshot %s not saved (next try in %g s): %s",
-                            self.id, snapshot.meta.last_log_id, SNAPSHOT_RETRY_S, e)
-                if force:
-                    raise Unavailable(f"snapshot not saved: {e}") from None
-                return
+            await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
             self.driver.snapshot_saved(snapshot)
             try:
                 purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")
@@ -87,6 +72,15 @@ class ApplyLoop:
         """Propose on this node (the leader); wait until applied; the apply result."""
         data = encode_command(cmd, self.clock_ms())
         return await self.request(lambda req_id: Propose(((req_id, data),)), timeout, "write")
+
+    async def propose_many(self, cmds: list[Command], timeout: float | None = None) -> list[Any]:
+        """Propose commands as one batch (one Ready: one WAL append and fsync, one
+        AppendEntries per peer); each outcome is its apply result or its error."""
+        now = self.clock_ms()
+        datas = [encode_command(cmd, now) for cmd in cmds]
+        return await self.request_many(
+            len(cmds), lambda ids: Propose(tuple(zip(ids, datas))), timeout, "write"
+        )
 
     async def read_barrier(self, timeout: float | None = None) -> int:
         """ReadIndex (§6.4) on this node (the leader): returns once it is safe to read."""
