@@ -39,8 +39,11 @@ from metanode.node.events import (
     TransferLeader,
     Trust,
 )
+from metanode.raft.messages import AppendRequest, Heartbeat, SnapshotRequest
 from metanode.raft import (
     Entry,
+    Message,
+    Ready,
     EntryKind,
     LogId,
     Membership,
@@ -55,6 +58,8 @@ from metanode.sm import ApplyError, KeyChange, KVStateMachine, NodeRecord
 from metanode.sm.codec import DecodeError, decode_command
 
 log = logging.getLogger("metanode.node")
+
+_LEADER_REQUESTS = (AppendRequest, Heartbeat, SnapshotRequest)
 
 
 class NodeDriver:
@@ -73,6 +78,7 @@ class NodeDriver:
         self.snapshot_logs_since_last = snapshot_logs_since_last
         self.max_applied_log_to_keep = max_applied_log_to_keep
         self.core = RaftCore(raft_config, state, rng)
+        self.synced_term_vote = (state.hard_state.term, state.hard_state.vote)  # on disk, fsynced
         self.sm = KVStateMachine()
         self.applied = LogId(0, 0)
         self.applied_membership = Membership(())
@@ -162,6 +168,34 @@ class NodeDriver:
         # The core may have purged further for a snapshot just installed from the
         # leader (persisted by its own Ready): storage purges only behind ours.
         return min(self.core.log.purged.index, snapshot.meta.last_log_id.index)
+
+    # ------------------------------------------------------------------ persisting
+    def must_sync(self, ready: Ready) -> bool:
+        """§3.8: entries, snapshots, term and vote must be on disk (fsynced) before the
+        messages that depend on them; a commit index alone need not be (etcd's
+        MustSync): it is written without an fsync, and without a thread hop."""
+        hs = ready.hard_state
+        return bool(ready.entries) or ready.snapshot is not None or (
+            hs is not None and (hs.term, hs.vote) != self.synced_term_vote
+        )
+
+    def split_messages(self, ready: Ready) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
+        """(sent before persisting, sent after). A leader sends its AppendEntries,
+        heartbeats and snapshot chunks while its own append is being fsynced (§10.2.1):
+        it counts itself toward a commit only once its disk has the entries (the core
+        counts its `stable` index). Everything else (answers, votes) waits for the disk,
+        and so does everything when the term or vote is not yet durable."""
+        hs = ready.hard_state
+        if not self.core.is_leader or (hs is not None and (hs.term, hs.vote) != self.synced_term_vote):
+            return (), ready.messages
+        early = tuple(m for m in ready.messages if isinstance(m, _LEADER_REQUESTS))
+        if len(early) == len(ready.messages):
+            return early, ()
+        return early, tuple(m for m in ready.messages if not isinstance(m, _LEADER_REQUESTS))
+
+    def persisted(self, ready: Ready) -> None:
+        if ready.hard_state is not None:
+            self.synced_term_vote = (ready.hard_state.term, ready.hard_state.vote)
 
     def take_replies(self) -> list[Reply]:
         replies, self._replies = self._replies, []

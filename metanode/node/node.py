@@ -187,7 +187,6 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
             log.warning("%d: the log does not reach snapshot %s: reset the log to it",
                         self.id, state.snapshot.meta.last_log_id)
             self.storage.append(snapshot=state.snapshot)
-        self._synced_term_vote = (state.hard_state.term, state.hard_state.vote)
         self.watch_hub = WatchHub(self.sm.rev)
         self.driver.on_changes = self.watch_hub.on_changes
         self.driver.on_restore = self.watch_hub.reset

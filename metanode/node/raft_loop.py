@@ -133,9 +133,15 @@ class RaftLoop:
         core = self.core
         while core.has_ready():
             ready = core.take_ready()
-            if ready.snapshot is not None or ready.entries or ready.hard_state is not None:
-                await trio.to_thread.run_sync(self._persist, ready)
-            for msg in ready.messages:
+            early, late = self.driver.split_messages(ready)
+            for msg in early:
+                self._send(msg)
+            if self.driver.must_sync(ready):
+                await trio.to_thread.run_sync(self._persist, ready, True)
+            elif ready.hard_state is not None:
+                self._persist(ready, False)  # a commit index alone: a write, no fsync, no thread hop
+            self.driver.persisted(ready)
+            for msg in late:
                 self._send(msg)
             if ready.snapshot is not None or ready.committed or ready.read_states or ready.dropped_reads:
                 await self._apply_send.send(
@@ -145,16 +151,8 @@ class RaftLoop:
         self._dispatch(self.driver.take_replies())
         self._check_watchers()
 
-    def _persist(self, ready: Ready) -> None:
-        hs = ready.hard_state
-        # §3.8: entries, snapshots, term and vote must be on disk before the messages
-        # that depend on them; a commit index alone need not be (etcd's MustSync).
-        sync = bool(ready.entries) or ready.snapshot is not None or (
-            hs is not None and (hs.term, hs.vote) != (self._synced_term_vote)
-        )
-        self.storage.append(entries=ready.entries, hard_state=hs, snapshot=ready.snapshot, sync=sync)
-        if hs is not None:
-            self._synced_term_vote = (hs.term, hs.vote)
+    def _persist(self, ready: Ready, sync: bool) -> None:
+        self.storage.append(entries=ready.entries, hard_state=ready.hard_state, snapshot=ready.snapshot, sync=sync)
 
     def _send(self, msg: Message) -> None:
         link = self._links.get(msg.dst)

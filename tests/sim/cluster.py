@@ -218,15 +218,19 @@ class SimNode:
         while self.up and self.pending_ready is None and self.core.has_ready():
             ready = self.core.take_ready()
             c.check_role(self)
+            # The daemon's rule: a leader's appends go out while its disk writes (§10.2.1).
+            early, late = self.driver.split_messages(ready)
+            for msg in early:
+                c.send(msg)
             latency = c.rng.randrange(self.disk_slow_ms) if self.disk_slow_ms else 0
             if latency and (ready.entries or ready.hard_state or ready.snapshot):
                 self.pending_ready = ready
-                c.schedule(latency, self._complete, self.life, ready)
+                c.schedule(latency, self._complete, self.life, ready, late)
                 return
-            self._complete(self.life, ready)
+            self._complete(self.life, ready, late)
         self._dispatch()
 
-    def _complete(self, life: int, ready: Ready) -> None:
+    def _complete(self, life: int, ready: Ready, late: tuple[Message, ...]) -> None:
         if not self.up or life != self.life:
             return
         c = self.cluster
@@ -234,7 +238,8 @@ class SimNode:
         if ready.entries:
             c.check_appended(self, ready.entries)
         self.disk.write(ready)
-        for msg in ready.messages:
+        self.driver.persisted(ready)
+        for msg in late:
             c.send(msg)
         if ready.snapshot is not None:
             c.snapshots_installed += 1
