@@ -147,7 +147,10 @@ class RaftConfigSection:
     wait_leader_timeout: int = 70000
     raft_tls_server_cert: str | None = None
     raft_tls_server_key: str | None = None
+    raft_tls_server_root_ca_cert: str | None = None
     raft_secret: str | None = None
+    raft_accepted_secrets: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple)
+    raft_secret_strict: bool = False
     # The `join` entries that named this node's own raft address, skipped by the
     # loader (not a configuration key: `join` already holds the rest).
     join_skipped: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple)
@@ -225,7 +228,7 @@ class Config:
         out: dict[str, Any] = {}
         for key in KEYS:
             value = key.get(self)
-            if key.secret and value is not None:
+            if key.secret and value is not None and value != ():
                 value = REDACTED
             elif isinstance(value, tuple):
                 value = list(value)
@@ -399,6 +402,17 @@ def _v_join(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _v_secrets(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of strings, got {_describe(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"expected a list of strings, got {_describe(item)}")
+        if not item:
+            raise ValueError("an accepted secret must not be empty")
+    return tuple(value)
+
+
 def _v_level(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a log level string, got {_describe(value)}")
@@ -449,6 +463,7 @@ class Key:
     help: str
     flag_kind: str = "str"  # str | int | bool | list
     secret: bool = False
+    metavar: str | None = None  # of the flag; default from the kind and the key's name
 
     @property
     def dotted(self) -> str:
@@ -649,11 +664,33 @@ KEYS: Final[tuple[Key, ...]] = (
         secret=True,
     ),
     _k(
+        "raft_config.raft_tls_server_root_ca_cert",
+        _v_optional_str,
+        "unset",
+        "CA certificate file every raft peer's certificate must be issued by",
+    ),
+    _k(
         "raft_config.raft_secret",
         _v_optional_str,
         "unset",
-        "shared secret peers authenticate with",
+        "shared secret peers prove on the raft port (never sent)",
         secret=True,
+    ),
+    _k(
+        "raft_config.raft_accepted_secrets",
+        _v_secrets,
+        "[]",
+        "older secrets still accepted from peers (rotation)",
+        flag_kind="list",
+        secret=True,
+        metavar="SECRET",
+    ),
+    _k(
+        "raft_config.raft_secret_strict",
+        _v_bool,
+        "false",
+        "refuse raft peers without a valid proof of the secret (else warn)",
+        flag_kind="bool",
     ),
 )
 
@@ -701,7 +738,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             )
         elif key.flag_kind == "list":
             group.add_argument(
-                key.flag, dest=key.dest, metavar="ADDR", nargs="+", action="extend", help=text
+                key.flag, dest=key.dest, metavar=key.metavar or "ADDR", nargs="+", action="extend", help=text
             )
         else:
             metavar = "N" if key.flag_kind == "int" else key.attr.split("_")[-1].upper()
@@ -912,6 +949,19 @@ def _check_combinations(
                 f"{name(missing)}: missing: {name(present)} is set, and TLS needs both "
                 f"the certificate and the key{where(present)}"
             )
+    raft_cert, raft_ca = key(("raft_config", "raft_tls_server_cert")), key(("raft_config", "raft_tls_server_root_ca_cert"))
+    if (raft.raft_tls_server_cert is not None) != (raft.raft_tls_server_root_ca_cert is not None):
+        present, missing = (raft_cert, raft_ca) if raft.raft_tls_server_cert is not None else (raft_ca, raft_cert)
+        raise ConfigError(
+            f"{name(missing)}: missing: {name(present)} is set, and TLS on the raft port is mutual:"
+            f" it needs this node's certificate and key and the CA that issues every peer's{where(present)}"
+        )
+    strict = key(("raft_config", "raft_secret_strict"))
+    if raft.raft_secret_strict and raft.raft_secret is None and not raft.raft_accepted_secrets:
+        raise ConfigError(
+            f"{name(strict)}: needs {name(key(('raft_config', 'raft_secret')))}: a strict node refuses"
+            f" every peer that does not prove the secret{where(strict)}"
+        )
 
 
 _LOOPBACK: Final = frozenset({"localhost", "127.0.0.1", "::1"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -18,6 +19,8 @@ import trio
 from metanode.config import Config
 from metanode.errors import ConfigError
 from metanode.node.node import Node, Service, open_node
+from metanode.tls import client_api_context, peer_security
+from metanode.transport.security import use_security
 
 log = logging.getLogger("metanode.node")
 
@@ -51,7 +54,9 @@ async def _serve_admin(node: Node, nursery: trio.Nursery) -> None:
         raise ConfigError(f"admin_api_address: cannot listen on {config.admin_api_address}: {e}") from None
 
 
-async def _serve_client_api(node: Node, nursery: trio.Nursery) -> trio.Event:
+async def _serve_client_api(
+    node: Node, nursery: trio.Nursery, *, ssl_context: ssl.SSLContext | None = None
+) -> trio.Event:
     from metanode.api.client_api import serve_client_api
 
     config = node.config
@@ -61,7 +66,7 @@ async def _serve_client_api(node: Node, nursery: trio.Nursery) -> trio.Event:
             partial(
                 serve_client_api, node, config.grpc_api_address,
                 max_message_size=config.grpc_api_max_message_size, shutdown=node.stopping,
-                closed=closed, token=config.grpc_api_token,
+                closed=closed, token=config.grpc_api_token, ssl_context=ssl_context,
             )
         )
     except OSError as e:
@@ -77,10 +82,15 @@ async def open_server(config: Config, *, admin: bool = True, client_api: bool = 
         services.append(_skew_clock_for_tests)
     if admin:
         services.append(_serve_admin)
+    # TLS contexts first: a certificate problem is a ConfigError before the data dir opens.
+    security = peer_security(config)
     if client_api:
-        services.append(_serve_client_api)
-    async with open_node(config, services=services) as node:
-        yield node
+        services.append(partial(_serve_client_api, ssl_context=client_api_context(config)))
+    # The raft port's TLS and secret (docs/operations/security.md): current for every
+    # task of the node, which reads it where it opens raft connections.
+    with use_security(security):
+        async with open_node(config, services=services) as node:
+            yield node
 
 
 __all__ = ["open_server"]

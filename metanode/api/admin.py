@@ -396,6 +396,15 @@ class _StartedAs:
         self.outer.started(self.bound)
 
 
+def _peer_client_tls(config: Any) -> Any:
+    """The TLS context for peers' client APIs (metanode.tls), None without TLS."""
+    if getattr(config, "grpc_tls_server_cert", None) is None:
+        return None
+    from metanode.tls import peer_client_api_context
+
+    return peer_client_api_context(config)
+
+
 async def serve_admin(
     node: AdminNode,
     address: str,
@@ -423,7 +432,10 @@ async def serve_admin(
     # The dashboard asks peers for their status over the client API: with this
     # node's client token, as the members of one cluster share it.
     node_config = getattr(node, "config", None)
-    board = Dashboard(node, client_token=getattr(node_config, "grpc_api_token", None))
+    board = Dashboard(
+        node, client_token=getattr(node_config, "grpc_api_token", None),
+        client_tls=_peer_client_tls(node_config),
+    )
     app = create_app(node, token=token, dashboard=board, health=health)
     cfg = hypercorn_config(certfile=certfile, keyfile=keyfile)
     sock = await bind_socket(address)

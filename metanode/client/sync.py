@@ -9,6 +9,7 @@ client's own loop (nor, blocking it, from a Trio task: use `MetaClient` there).
 from __future__ import annotations
 
 import builtins
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AsyncExitStack, contextmanager
@@ -25,12 +26,15 @@ T = TypeVar("T")
 
 
 class SyncMetaClient:
-    """`with SyncMetaClient(addresses, token=None, timeout=10) as c: c.upsert(...)`.
+    """`with SyncMetaClient(addresses, token=None, timeout=10, tls=None) as c: c.upsert(...)`.
 
     The constructor connects (raising `Unavailable` like `MetaClient.connect`);
     `close()` (or leaving the `with`) closes the socket and ends the thread."""
 
-    def __init__(self, addresses: Iterable[str], token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, addresses: Iterable[str], token: str | None = None, timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._addresses = builtins.list(addresses)
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -40,7 +44,7 @@ class SyncMetaClient:
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(
-            target=self._run, args=(token, timeout), name="metanode-client", daemon=True
+            target=self._run, args=(token, timeout, tls), name="metanode-client", daemon=True
         )
         self._thread.start()
         self._ready.wait()
@@ -49,17 +53,17 @@ class SyncMetaClient:
             error, self._error = self._error, None
             raise error
 
-    def _run(self, token: str | None, timeout: float) -> None:
+    def _run(self, token: str | None, timeout: float, tls: ssl.SSLContext | None) -> None:
         try:
-            trio.run(self._main, token, timeout)
+            trio.run(self._main, token, timeout, tls)
         except BaseException as e:  # reported by the constructor when connecting failed
             self._error = e
         finally:
             self._ready.set()
 
-    async def _main(self, token: str | None, timeout: float) -> None:
+    async def _main(self, token: str | None, timeout: float, tls: ssl.SSLContext | None) -> None:
         self._stop = trio.Event()
-        async with MetaClient.connect(self._addresses, token=token, timeout=timeout) as client:
+        async with MetaClient.connect(self._addresses, token=token, timeout=timeout, tls=tls) as client:
             self._client = client
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()

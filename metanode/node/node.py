@@ -210,12 +210,6 @@ def _check_data_dir(config: Config, meta: NodeMeta | None) -> None:
     """contract §2: the stored id wins (a different config id is an error); an empty dir
     needs `single` or `join`; an initialized one needs neither."""
     rc = config.raft_config
-    for key in ("raft_secret", "raft_tls_server_cert", "raft_tls_server_key"):
-        if getattr(rc, key):
-            raise ConfigError(f"raft_config.{key}: not supported by this version (peer authentication and TLS on the raft port are not built yet)")
-    for key in ("grpc_tls_server_cert", "grpc_tls_server_key"):
-        if getattr(config, key):
-            raise ConfigError(f"{key}: not supported by this version (TLS on the client API is not built yet)")
     if config.grpc_api_max_message_size > MAX_CLIENT_MESSAGE:
         raise ConfigError(
             f"grpc_api_max_message_size: {config.grpc_api_max_message_size} is over {MAX_CLIENT_MESSAGE}:"

@@ -5,7 +5,9 @@ loader's (metanode/config.py); each failure is a `ConfigError` naming the key (e
 docs/reference/config.md#checks-exit-code-2), raised before anything is written:
 
 - the TLS certificate and key files that are set exist and can be read (admin, client
-  and raft port), and the admin API's load as a certificate chain with its private key;
+  and raft port), and load into TLS contexts (`metanode.tls.check_tls`): PEM
+  certificates valid today, each key the private key of its certificate, and the raft
+  port's certificate issued by ``raft_tls_server_root_ca_cert``;
 - the three ports (`raft_config.raft_api_port` on `raft_listen_host`,
   `admin_api_address`, `grpc_api_address`) can be bound: a port held by another
   process, or given to two of the keys, is named here; port 0 (the OS picks) is not
@@ -19,11 +21,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import ssl
 from contextlib import ExitStack
 
 from metanode.config import Config, format_address, parse_address
 from metanode.errors import ConfigError
+from metanode.tls import check_tls
 
 
 def check_before_start(config: Config) -> None:
@@ -43,18 +45,11 @@ def check_tls_files(config: Config) -> None:
         ("grpc_tls_server_key", config.grpc_tls_server_key),
         ("raft_config.raft_tls_server_cert", rc.raft_tls_server_cert),
         ("raft_config.raft_tls_server_key", rc.raft_tls_server_key),
+        ("raft_config.raft_tls_server_root_ca_cert", rc.raft_tls_server_root_ca_cert),
     ):
         if path is not None:
             _check_readable(name, path)
-    if cert is not None and key is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(cert, key)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"admin_tls_server_cert: {cert!r} with admin_tls_server_key {key!r} is not a"
-                f" certificate and its private key in PEM: {exc.reason or exc}"
-            ) from None
+    check_tls(config)
 
 
 def _check_readable(name: str, path: str) -> None:

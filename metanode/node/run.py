@@ -87,8 +87,9 @@ def banner(config: Config) -> str:
     lines = [
         f"metanode {__version__}",
         f"    node id:     {rc.id}, cluster name {rc.cluster_name!r}",
-        f"    raft:        listen {rc.raft_listen_address}, advertise {rc.raft_advertise_address}",
-        f"    client API:  ws://{config.grpc_api_address}/v1, advertise {config.grpc_api_advertise_address or 'none'}",
+        f"    raft:        listen {rc.raft_listen_address}, advertise {rc.raft_advertise_address}{_raft_security(rc)}",
+        f"    client API:  {'wss' if config.grpc_tls_server_cert else 'ws'}://{config.grpc_api_address}/v1,"
+        f" advertise {config.grpc_api_advertise_address or 'none'}",
         f"    admin API:   {'https' if tls else 'http'}://{config.admin_api_address}",
         f"    data dir:    {rc.raft_dir}",
         f"    start:       {mode}",
@@ -97,6 +98,14 @@ def banner(config: Config) -> str:
     if rc.join_skipped:
         lines.append(f"    join skips:  {', '.join(rc.join_skipped)} (this node's own raft address)")
     return "\n".join(lines)
+
+
+def _raft_security(rc: Any) -> str:
+    """`, mutual TLS, raft secret (strict)` as set (docs/operations/security.md)."""
+    parts = ["mutual TLS"] if rc.raft_tls_server_cert else []
+    if rc.raft_secret or rc.raft_accepted_secrets:
+        parts.append("raft secret" + (" (strict)" if rc.raft_secret_strict else ""))
+    return "".join(f", {p}" for p in parts)
 
 
 async def _main(config: Config) -> int:

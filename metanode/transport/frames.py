@@ -4,8 +4,12 @@ Every frame is one msgpack map, tagged under ``"t"`` and encoded by the one conv
 of `metanode.wire.codec`. The frame union holds:
 
 * ``hello``  -- `Hello`, the dialer's first frame: ``{"t": "hello", "v", "cluster_id",
-  "cluster_name", "from", "addr"?}`` (``addr``, the dialer's advertised raft address,
-  goes beyond contract §7: a node being added learns where the leader is from it);
+  "cluster_name", "from", "addr"?, "nonce"?}`` (``addr``, the dialer's advertised raft
+  address: a node being added learns where the leader is from it; ``nonce``: the
+  dialer will prove the raft secret, see `metanode.transport.security`);
+* ``challenge`` -- `Challenge`, the listener's answer to a hello with a nonce: its own
+  nonce, its node id and its proof of the secret;
+* ``auth``   -- `Auth`, the dialer's proof, its next frame after a challenge;
 * ``call``   -- `Call`, a request answered on the same connection;
 * ``result`` -- `CallResult`, the answer to the `Call` with the same ``id``: a payload or
   an `ErrorInfo`;
@@ -34,7 +38,9 @@ from metanode.wire import (
 
 __all__ = [
     "FRAME_TAGS",
+    "Auth",
     "Call",
+    "Challenge",
     "CallResult",
     "ErrorFrame",
     "ErrorInfo",
@@ -60,9 +66,37 @@ class Hello:
     cluster_name: str
     from_id: int
     addr: str | None = None  # the dialer's advertised raft address, so replies can find it
+    nonce: bytes | None = None  # set when the dialer proves the raft secret (then a Challenge answers)
 
     def __str__(self) -> str:
         return f"hello v{self.v} from {self.from_id} {self.cluster_name}/{self.cluster_id}"
+
+
+@attrs.frozen
+class Challenge:
+    """The listener's answer to a hello carrying a nonce (docs/operations/security.md):
+    a fresh nonce for the dialer to prove over, and the listener's own proof (None when
+    it has no secret)."""
+
+    TAG: ClassVar[str] = "challenge"
+    nonce: bytes
+    node_id: int
+    proof: bytes | None = None
+
+    def __str__(self) -> str:
+        return f"challenge from {self.node_id} ({'with' if self.proof else 'without'} a proof)"
+
+
+@attrs.frozen
+class Auth:
+    """The dialer's proof of the raft secret, its frame after a `Challenge` (None: it
+    has no secret to prove with)."""
+
+    TAG: ClassVar[str] = "auth"
+    proof: bytes | None = None
+
+    def __str__(self) -> str:
+        return f"auth ({'with' if self.proof else 'without'} a proof)"
 
 
 @attrs.frozen
@@ -125,6 +159,8 @@ def _check_result(result: CallResult) -> None:
 
 
 register_class(Hello, unsigned=True)
+register_class(Challenge, unsigned=True)
+register_class(Auth)
 register_class(Call, unsigned=True)
 register_class(CallResult, unsigned=True, check=_check_result)
 register_class(ErrorInfo)
@@ -158,7 +194,7 @@ def _structure_hello(value: Any, _: Any) -> Hello:
 converter.register_unstructure_hook(Hello, _unstructure_hello)
 converter.register_structure_hook(Hello, _structure_hello)
 
-Frame = Union[(Hello, Call, CallResult, ErrorFrame, *MESSAGE_TYPES)]  # type: ignore[valid-type]  # noqa: UP007
+Frame = Union[(Hello, Challenge, Auth, Call, CallResult, ErrorFrame, *MESSAGE_TYPES)]  # type: ignore[valid-type]  # noqa: UP007
 
 #: tag -> class for every frame of the raft port (raft messages included).
 FRAME_TAGS: Mapping[str, type] = register_tagged_union(Frame, name="frame")

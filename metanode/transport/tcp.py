@@ -10,6 +10,14 @@ reach the raft core before its hello was accepted.
 I/O errors (`trio.BrokenResourceError`, `trio.ClosedResourceError`, `OSError`) are
 translated once, at the edge of a connection (`_Conn`), into `TransportError`, which
 never escapes a connection task: it ends that connection with a log line.
+
+Security (`metanode.transport.security`, docs/operations/security.md): with TLS
+contexts every connection is mutual TLS (`trio.SSLStream`) before any frame, and a
+failed handshake (a plaintext peer, a certificate from another CA) closes it at once,
+logged with the peer address. With a raft secret the dialer's hello carries a nonce,
+the listener answers with a `Challenge` and the dialer with an `Auth`; only then does
+the listener read raft messages or calls (or learn the dialer's address). Each
+function takes its `PeerSecurity` as `security=`, by default `current_security()`.
 """
 
 from __future__ import annotations
@@ -36,14 +44,17 @@ from metanode.errors import (
 )
 from metanode.raft.messages import MESSAGE_TYPES, AppendRequest, Message
 from metanode.transport.frames import (
+    Auth,
     Call,
     CallResult,
+    Challenge,
     ErrorFrame,
     ErrorInfo,
     Hello,
     decode_frame,
     frame_bytes,
 )
+from metanode.transport.security import PeerSecurity, current_security, new_nonce
 from metanode.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
@@ -83,6 +94,8 @@ _MAX_BATCH_BYTES = 4 << 20
 
 _RAFT_TYPES = frozenset(MESSAGE_TYPES)
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: The first two bytes of a TLS handshake record, read as a frame length's high half.
+_TLS_RECORD_HEADER = 0x1603
 _ERRORS_BY_CODE: dict[str, type[ClientError]] = {
     cls.code: cls
     for cls in (ClientError, NotLeader, Unavailable, TooLarge, Unauthenticated, BadRequest, Timeout)
@@ -170,14 +183,16 @@ def error_from_info(code: str, message: str, leader: str | None = None) -> Clien
 class _Conn:
     """A stream with frame I/O; the one place where I/O errors become `TransportError`.
 
-    Sends are serialized by a lock (calls answered concurrently share the stream).
+    Sends are serialized by a lock (calls answered concurrently share the stream). The
+    stream is a TCP stream, or a `trio.SSLStream` over one.
     """
 
-    def __init__(self, stream: trio.SocketStream, peer: str, max_frame_size: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, peer: str, max_frame_size: int) -> None:
         self.stream = stream
         self.peer = peer
         self.decoder = FrameDecoder(max_frame_size)
         self._send_lock = trio.Lock()
+        self._backlog: list[bytes] = []  # frames read along with an earlier one
 
     async def send(self, data: bytes) -> None:
         async with self._send_lock:
@@ -201,6 +216,9 @@ class _Conn:
         Raises `DecodeError` (a frame over the limit, a zero length, a stream cut in
         the middle of a frame) and `TransportError`.
         """
+        if self._backlog:
+            bodies, self._backlog = self._backlog, []
+            return bodies
         data = await self.receive()
         if not data:
             if self.decoder.pending:
@@ -210,9 +228,16 @@ class _Conn:
             return None
         return self.decoder.feed(data)
 
+    def push_back(self, bodies: list[bytes]) -> None:
+        """Frames `receive_frames` returns first (read together with a handshake's)."""
+        self._backlog = bodies + self._backlog
+
     async def send_eof(self) -> None:
+        send_eof = getattr(self.stream, "send_eof", None)
+        if send_eof is None:
+            return  # TLS: no half-close; the linger then ends when the dialer closes
         try:
-            await self.stream.send_eof()
+            await send_eof()
         except _IO_ERRORS as exc:
             raise TransportError(f"{self.peer}: send_eof failed: {_describe_io_error(exc)}") from exc
 
@@ -251,18 +276,46 @@ class _Server:
     leader_address: Callable[[int], str | None] | None
     max_frame_size: int
     stats: RaftPortStats = attrs.Factory(lambda: RaftPortStats())
+    security: PeerSecurity = attrs.Factory(PeerSecurity)
+    #: peers already warned about for a missing or wrong proof (non-strict): once each
+    warned: set[tuple[int, str]] = attrs.Factory(set)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, tcp: trio.SocketStream) -> None:
         """The task of one accepted connection; never raises (but `Cancelled`)."""
-        conn = _Conn(stream, _peer_name(stream), self.max_frame_size)
+        peer = _peer_name(tcp)
+        stream: trio.abc.Stream = tcp
         try:
-            await _ServerConnection(self, conn).run()
+            if self.security.server_ssl is not None:
+                tls = await self._tls_handshake(tcp, peer)
+                if tls is None:
+                    return
+                stream = tls
+            await _ServerConnection(self, _Conn(stream, peer, self.max_frame_size)).run()
         except Exception:
             # A bug of ours: loud, but it ends this connection only, not the server.
-            log.exception("%d raft port: connection from %s failed", self.identity().node_id,
-                          conn.peer)
+            log.exception("%d raft port: connection from %s failed", self.identity().node_id, peer)
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _tls_handshake(self, tcp: trio.SocketStream, peer: str) -> trio.SSLStream[Any] | None:
+        """The connection as mutual TLS, or None (refused and logged): a plaintext
+        dialer, a certificate from another CA, no certificate, no handshake in time.
+        Nothing it sent was read as a frame."""
+        assert self.security.server_ssl is not None
+        stream = trio.SSLStream(tcp, self.security.server_ssl, server_side=True, https_compatible=True)
+        why: str | None = None
+        with trio.move_on_after(HELLO_TIMEOUT) as scope:
+            try:
+                await stream.do_handshake()
+            except _IO_ERRORS as exc:
+                why = _describe_io_error(exc)
+        if scope.cancelled_caught:
+            why = f"no TLS handshake within {HELLO_TIMEOUT:g} s"
+        if why is None:
+            return stream
+        log.warning("%d raft port: refused %s: TLS handshake failed: %s", self.identity().node_id, peer, why)
+        await trio.aclose_forcefully(stream)
+        return None
 
 
 class _ServerConnection:
@@ -270,6 +323,9 @@ class _ServerConnection:
         self.server = server
         self.conn = conn
         self.hello: Hello | None = None
+        self.hello_body = b""
+        self.challenge: Challenge | None = None  # sent; the dialer's Auth is next
+        self.authenticated = False  # hello (and proof) accepted: raft messages and calls may follow
         self.raft_checked = False
         self.call_slots = trio.Semaphore(MAX_CALLS_PER_CONNECTION)
 
@@ -284,7 +340,10 @@ class _ServerConnection:
             except _Refuse as refusal:
                 await self._refuse(refusal)
             except DecodeError as exc:
-                log.warning("%d raft port: bad frame from %s: %s", self.node_id, self.conn.peer, exc)
+                hint = ""
+                if self.hello is None and isinstance(exc, FrameTooLarge) and exc.size >> 16 == _TLS_RECORD_HEADER:
+                    hint = " (a TLS handshake: the peer has raft TLS set and this node does not)"
+                log.warning("%d raft port: bad frame from %s: %s%s", self.node_id, self.conn.peer, exc, hint)
                 code = "too_large" if isinstance(exc, FrameTooLarge) else "bad_request"
                 # Never read the body of a frame over the limit: close at once.
                 await self._refuse(_Refuse(code, str(exc), linger=not isinstance(exc, FrameTooLarge)))
@@ -296,35 +355,39 @@ class _ServerConnection:
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         hello_deadline = trio.current_time() + HELLO_TIMEOUT
         while True:
-            if self.hello is None:
+            if not self.authenticated:
                 with trio.move_on_at(hello_deadline) as hello_wait:
                     bodies = await self.conn.receive_frames()
                 if hello_wait.cancelled_caught:
-                    raise _Refuse("bad_request", f"no hello within {HELLO_TIMEOUT:g} s", linger=False)
+                    what = "hello" if self.hello is None else "auth after the challenge"
+                    raise _Refuse("bad_request", f"no {what} within {HELLO_TIMEOUT:g} s", linger=False)
             else:
                 bodies = await self.conn.receive_frames()
             if bodies is None:
                 return
-            # By the dialer's id once its hello is accepted (a stranger's claim is no label).
-            src = str(self.hello.from_id) if self.hello is not None else "0"
+            # By the dialer's id once it is authenticated (a stranger's claim is no label).
+            src = str(self.hello.from_id) if self.hello is not None and self.authenticated else "0"
             recv = self.server.stats.recv_bytes
             recv[src] = recv.get(src, 0) + sum(len(body) + 4 for body in bodies)  # 4: the length
             for body in bodies:
-                await self._on_frame(decode_frame(body), nursery)
+                await self._on_frame(decode_frame(body), body, nursery)
 
-    async def _on_frame(self, frame: Any, nursery: trio.Nursery) -> None:
+    async def _on_frame(self, frame: Any, body: bytes, nursery: trio.Nursery) -> None:
         if self.hello is None:
             if not isinstance(frame, Hello):
                 raise _Refuse("bad_request", f"the first frame must be a hello, got {type(frame).__name__}")
             self._check_hello(frame)
             self.hello = frame
-            if frame.from_id and frame.addr and frame.cluster_id is not None and (
-                frame.cluster_id == self.server.identity().cluster_id
-            ):
-                # Only a member of our cluster may tell us where it is now (a fresh
-                # dialer claiming a member's id must not redirect that member's traffic).
-                self.server.on_peer(frame.from_id, frame.addr)
+            self.hello_body = body
             log.debug("%d raft port: %s from %s", self.node_id, frame, self.conn.peer)
+            if frame.nonce is not None:
+                await self._send_challenge()
+            else:
+                self._unproven("gave no proof of the raft secret")
+        elif not self.authenticated:
+            if not isinstance(frame, Auth):
+                raise _Refuse("bad_request", f"expected an auth frame after the challenge, got {type(frame).__name__}")
+            self._check_auth(frame)
         elif type(frame) in _RAFT_TYPES:
             self._check_raft(frame)
             try:
@@ -337,6 +400,50 @@ class _ServerConnection:
             nursery.start_soon(self._run_call, frame)
         else:
             raise _Refuse("bad_request", f"unexpected {type(frame).__name__} frame")
+
+    async def _send_challenge(self) -> None:
+        """Answer a hello with a nonce (docs/operations/security.md): our nonce and proof."""
+        security = self.server.security
+        nonce = new_nonce()
+        self.challenge = Challenge(
+            nonce, self.node_id, security.prove("listener", self.hello_body, nonce, self.node_id)
+        )
+        await self.conn.send(frame_bytes(self.challenge))
+
+    def _check_auth(self, auth: Auth) -> None:
+        assert self.challenge is not None
+        security = self.server.security
+        if not security.secrets:
+            self._accepted()  # we have no secret: nothing to check (and not strict)
+        elif security.verify("dialer", auth.proof, self.hello_body, self.challenge.nonce, self.challenge.node_id):
+            self._accepted()
+        else:
+            self._unproven("gave a wrong proof of the raft secret" if auth.proof else "gave no proof of the raft secret")
+
+    def _unproven(self, what: str) -> None:
+        """The dialer did not prove the secret: refused when strict, else warned about."""
+        security = self.server.security
+        assert self.hello is not None
+        if security.strict:
+            raise _Refuse("unauthenticated", f"node {self.hello.from_id} {what} (raft_secret_strict is set)")
+        if security.secrets:
+            key = (self.hello.from_id, self.conn.peer.rpartition(":")[0])
+            level = logging.DEBUG if key in self.server.warned else logging.WARNING
+            self.server.warned.add(key)
+            log.log(level, "%d raft port: %s (node %d) %s: accepted, raft_secret_strict is off",
+                    self.node_id, self.conn.peer, self.hello.from_id, what)
+        self._accepted()
+
+    def _accepted(self) -> None:
+        hello = self.hello
+        assert hello is not None
+        self.authenticated = True
+        if hello.from_id and hello.addr and hello.cluster_id is not None and (
+            hello.cluster_id == self.server.identity().cluster_id
+        ):
+            # Only a member of our cluster may tell us where it is now (a fresh
+            # dialer claiming a member's id must not redirect that member's traffic).
+            self.server.on_peer(hello.from_id, hello.addr)
 
     def _check_hello(self, hello: Hello) -> None:
         """Version, cluster name and cluster id must match ours (contract §3, §7)."""
@@ -446,6 +553,7 @@ async def serve_raft(
     leader_address: Callable[[int], str | None] | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     stats: RaftPortStats | None = None,
+    security: PeerSecurity | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Listen on the raft port; never returns (cancel it to stop).
@@ -477,7 +585,15 @@ async def serve_raft(
     A frame over `max_frame_size` closes its connection as soon as its header is read
     (the body is never buffered); undecodable or truncated frames close their
     connection only, logged at warning with the peer address.
+
+    `security` (default `current_security()`): with TLS every connection must complete
+    a mutual TLS handshake first; with a secret a hello carrying a nonce is answered
+    with a `Challenge` and nothing but the dialer's `Auth` is read next; a dialer
+    without a valid proof is refused (``unauthenticated``) when strict, else accepted
+    with a warning (once per peer). Only an accepted dialer's address reaches
+    `on_peer`. Refusals leave the node untouched.
     """
+    security = security if security is not None else current_security()
     server = _Server(
         identity=identity,
         on_message=on_message,
@@ -487,10 +603,16 @@ async def serve_raft(
         leader_address=leader_address,
         max_frame_size=max_frame_size,
         stats=stats if stats is not None else RaftPortStats(),
+        security=security,
     )
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     bound_port: int = listeners[0].socket.getsockname()[1]
-    log.info("%d raft port listening on %s:%d", identity().node_id, host or "*", bound_port)
+    mode = ", ".join(
+        (["mutual TLS"] if security.tls else [])
+        + (["raft secret" + (" (strict)" if security.strict else "")] if security.secrets else [])
+    )
+    log.info("%d raft port listening on %s:%d%s", identity().node_id, host or "*", bound_port,
+             f" ({mode})" if mode else "")
     task_status.started(bound_port)
     await trio.serve_listeners(server.handle, listeners)  # type: ignore[arg-type]
     raise AssertionError("serve_listeners returned")  # pragma: no cover
@@ -514,8 +636,103 @@ async def _connect(address: str, timeout: float) -> trio.SocketStream:
         raise ConnectFailed(f"cannot connect to {address}: {_describe_io_error(exc)}") from exc
 
 
-def _hello(ident: Identity) -> Hello:
-    return Hello(PROTOCOL_VERSION, ident.cluster_id, ident.cluster_name, ident.node_id, ident.address)
+def _hello(ident: Identity, nonce: bytes | None = None) -> Hello:
+    return Hello(PROTOCOL_VERSION, ident.cluster_id, ident.cluster_name, ident.node_id, ident.address, nonce)
+
+
+#: (our node id, listener address) pairs already warned about for a missing proof
+_warned_listeners: set[tuple[int, str]] = set()
+
+
+async def _open(
+    address: str,
+    ident: Identity,
+    security: PeerSecurity,
+    max_frame_size: int,
+    *,
+    timeout: float = math.inf,
+    peer_id: int | None = None,
+) -> tuple[_Conn, bytes]:
+    """A connection to the raft port at `address`, through TLS and the secret's
+    challenge when `security` has them, and the bytes to send before anything else
+    (our hello, or our proof once the hello was answered): send them with the first
+    frames, in one write.
+
+    Raises `ConnectFailed` (nothing but the hello was sent: no connection, a TLS
+    handshake that failed, no challenge, a listener that did not prove the secret while
+    we are strict, not node `peer_id`) or the `ClientError` of an error frame refusing
+    our hello. The stream is closed on every failure; on success the caller closes
+    ``conn.stream``.
+    """
+    try:
+        with trio.fail_after(timeout):
+            tcp = await _connect(address, math.inf)
+            stream: trio.abc.Stream = tcp
+            try:
+                if security.client_ssl is not None:
+                    tls = trio.SSLStream(tcp, security.client_ssl, server_hostname=None, https_compatible=True)
+                    stream = tls
+                    try:
+                        await tls.do_handshake()
+                    except _IO_ERRORS as exc:
+                        raise ConnectFailed(
+                            f"cannot connect to {address}: TLS handshake failed: {_describe_io_error(exc)}"
+                        ) from None
+                conn = _Conn(stream, address, max_frame_size)
+                if security.secret is None:
+                    return conn, frame_bytes(_hello(ident))
+                hello = frame_bytes(_hello(ident, new_nonce()))
+                try:
+                    await conn.send(hello)
+                except TransportError as exc:
+                    raise ConnectFailed(str(exc)) from None
+                challenge = await _receive_challenge(conn)
+                body = hello[4:]  # the frame's body, as the listener read it
+                if peer_id is not None and challenge.node_id != peer_id:
+                    raise ConnectFailed(f"{address} is node {challenge.node_id}, not node {peer_id}")
+                if not security.verify("listener", challenge.proof, body, challenge.nonce, challenge.node_id):
+                    what = "a wrong proof" if challenge.proof is not None else "no proof"
+                    if security.strict:
+                        raise ConnectFailed(
+                            f"{address} (node {challenge.node_id}) gave {what} of the raft secret:"
+                            " refused (raft_secret_strict is set)"
+                        )
+                    key = (ident.node_id, address)
+                    level = logging.DEBUG if key in _warned_listeners else logging.WARNING
+                    _warned_listeners.add(key)
+                    log.log(level, "%d: %s (node %d) gave %s of the raft secret: talking to it anyway,"
+                            " raft_secret_strict is off", ident.node_id, address, challenge.node_id, what)
+                proof = security.prove("dialer", body, challenge.nonce, challenge.node_id)
+                return conn, frame_bytes(Auth(proof))
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+    except trio.TooSlowError:
+        raise ConnectFailed(f"cannot connect to {address}: no connection within {timeout:g} s") from None
+
+
+async def _receive_challenge(conn: _Conn) -> Challenge:
+    """The listener's answer to a hello with a nonce (frames after it are kept)."""
+    try:
+        bodies: list[bytes] = []
+        while not bodies:
+            got = await conn.receive_frames()
+            if got is None:
+                raise ConnectFailed(f"{conn.peer} closed the connection after our hello")
+            bodies = got
+        frame = decode_frame(bodies[0])
+    except DecodeError as exc:
+        raise ConnectFailed(f"{conn.peer}: bad answer to our hello: {exc}") from None
+    except ConnectFailed:
+        raise
+    except TransportError as exc:
+        raise ConnectFailed(str(exc)) from None
+    conn.push_back(bodies[1:])
+    if isinstance(frame, Challenge):
+        return frame
+    if isinstance(frame, ErrorFrame):
+        raise error_from_info(frame.code, f"{conn.peer} refused: {frame.message}")
+    raise ConnectFailed(f"{conn.peer}: expected a challenge after our hello, got {frame}")
 
 
 async def call(
@@ -526,6 +743,7 @@ async def call(
     *,
     timeout: float,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    security: PeerSecurity | None = None,
 ) -> bytes:
     """Call `method` on the node at `address` (``"host:port"`` of its raft port).
 
@@ -536,16 +754,16 @@ async def call(
     `Unauthenticated`, `Timeout`, a plain `ClientError` with ``.code`` for a code we do
     not know; `ConnectFailed` (nothing was sent) or another `TransportError` (the
     request may have arrived) naming the address and the OS error; `Timeout` after
-    `timeout` seconds.
+    `timeout` seconds. `security` defaults to `current_security()`.
     """
-    request = frame_bytes(_hello(identity)) + frame_bytes(Call(1, method, payload))
+    security = security if security is not None else current_security()
     try:
         with trio.fail_after(timeout):
-            stream = await _connect(address, math.inf)
+            conn, first = await _open(address, identity, security, max_frame_size)
             try:
-                return await _call_on(_Conn(stream, address, max_frame_size), request)
+                return await _call_on(conn, first + frame_bytes(Call(1, method, payload)))
             finally:
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(conn.stream)
     except trio.TooSlowError:
         raise Timeout(f"{method} to {address}: no answer within {timeout:g} s") from None
 
@@ -588,34 +806,36 @@ class CallPool:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         idle_per_address: int = 8,
+        security: PeerSecurity | None = None,
     ) -> None:
         self.identity = identity
         self.max_frame_size = max_frame_size
         self.idle_per_address = idle_per_address
-        self._idle: dict[str, list[tuple[_Conn, trio.SocketStream, Identity]]] = {}
+        # Read once, here: a node builds its pool where its security is current.
+        self.security = security if security is not None else current_security()
+        self._idle: dict[str, list[tuple[_Conn, Identity]]] = {}
         self._ids = itertools.count(1)
         self.connects = 0
 
     async def call(self, address: str, method: str, payload: bytes, *, timeout: float) -> bytes:
         ident = self.identity()
         pooled = self._idle.get(address, [])
+        conn: _Conn | None = None
         while pooled:
-            conn, stream, hello_ident = pooled.pop()
+            conn, hello_ident = pooled.pop()
             if hello_ident == ident:
                 break
-            await trio.aclose_forcefully(stream)  # our identity changed: hello again
-        else:
-            conn = None  # type: ignore[assignment]
+            await trio.aclose_forcefully(conn.stream)  # our identity changed: hello again
+            conn = None
         call_id = next(self._ids)
         frame = frame_bytes(Call(call_id, method, payload))
         keep = False
         try:
             with trio.fail_after(timeout):
                 if conn is None:
-                    stream = await _connect(address, math.inf)
+                    conn, first = await _open(address, ident, self.security, self.max_frame_size)
                     self.connects += 1
-                    conn = _Conn(stream, address, self.max_frame_size)
-                    frame = frame_bytes(_hello(ident)) + frame
+                    frame = first + frame
                 try:
                     result = await _call_on(conn, frame, call_id)
                 except ClientError:
@@ -629,14 +849,14 @@ class CallPool:
             if conn is not None:
                 idle = self._idle.setdefault(address, [])
                 if keep and len(idle) < self.idle_per_address:
-                    idle.append((conn, stream, ident))
+                    idle.append((conn, ident))
                 else:
-                    await trio.aclose_forcefully(stream)
+                    await trio.aclose_forcefully(conn.stream)
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
-            for _, stream, _ in idle:
-                await trio.aclose_forcefully(stream)
+            for conn, _ in idle:
+                await trio.aclose_forcefully(conn.stream)
         self._idle.clear()
 
 
@@ -696,10 +916,12 @@ class PeerLink:
         backoff_max: float = 2.0,
         connect_timeout: float = 2.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        security: PeerSecurity | None = None,
     ) -> None:
         self.peer_id = peer_id
         self._address = address
         self._identity = identity
+        self._security = security if security is not None else current_security()
         self._rng = rng if rng is not None else random.Random()
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
@@ -806,13 +1028,16 @@ class PeerLink:
         with trio.CancelScope() as scope:
             self._connection_scope = scope
             try:
-                stream = await _connect(address, self._connect_timeout)
-            except TransportError as exc:
+                conn, first = await _open(
+                    address, self._identity(), self._security, self._max_frame_size,
+                    timeout=self._connect_timeout, peer_id=self.peer_id,
+                )
+            except (TransportError, ClientError) as exc:
                 self.stats.connect_failures += 1
                 return str(exc)
+            stream = conn.stream
             try:
-                conn = _Conn(stream, address, self._max_frame_size)
-                await conn.send(frame_bytes(_hello(self._identity())))
+                await conn.send(first)
                 if self._connections:
                     self.stats.reconnects += 1
                 self._connections += 1

@@ -252,11 +252,11 @@ async def test_a_write_in_flight_at_shutdown_gets_its_reply_before_1001(tmp_path
                 await ws.get_message()
 
 
-async def test_unsupported_tls_and_oversized_limits_are_config_errors(tmp_path: Path) -> None:
+async def test_missing_tls_files_and_oversized_limits_are_config_errors(tmp_path: Path) -> None:
     from metanode.errors import ConfigError
 
     c = Cluster(tmp_path)
-    with pytest.raises(ConfigError, match="grpc_tls_server_cert"):
+    with pytest.raises(ConfigError, match="grpc_tls_server_cert: '/x.crt' does not exist"):
         async with c.node(1, "--single", "--grpc-tls-server-cert", "/x.crt", "--grpc-tls-server-key", "/x.key"):
             pass
     with pytest.raises(ConfigError, match="grpc_api_max_message_size"):

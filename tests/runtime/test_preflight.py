@@ -87,12 +87,17 @@ def test_tls_files_must_exist_and_be_files(tmp_path: Path) -> None:
     directory = error(check_tls_files, cfg(tmp_path, "--admin-tls-server-cert", str(key),
                                            "--admin-tls-server-key", str(tmp_path)))  # fmt: skip
     assert directory.startswith("admin_tls_server_key: ") and "is a directory" in directory
-    for flag, name in (("--grpc-tls-server", "grpc_tls_server"), ("--raft-tls-server", "raft_config.raft_tls_server")):
-        other = error(check_tls_files, cfg(tmp_path, f"{flag}-cert", str(key), f"{flag}-key", str(tmp_path / "k")))
+    ca = ("--raft-tls-server-root-ca-cert", str(key))
+    for flag, name, more in (("--grpc-tls-server", "grpc_tls_server", ()),
+                             ("--raft-tls-server", "raft_config.raft_tls_server", ca)):  # fmt: skip
+        other = error(check_tls_files, cfg(tmp_path, f"{flag}-cert", str(key), f"{flag}-key", str(tmp_path / "k"), *more))
         assert other == f"{name}_key: {str(tmp_path / 'k')!r} does not exist"
+    no_ca = error(check_tls_files, cfg(tmp_path, "--raft-tls-server-cert", str(key), "--raft-tls-server-key", str(key),
+                                       "--raft-tls-server-root-ca-cert", str(tmp_path / "ca")))  # fmt: skip
+    assert no_ca == f"raft_config.raft_tls_server_root_ca_cert: {str(tmp_path / 'ca')!r} does not exist"
     garbage = error(check_tls_files, cfg(tmp_path, "--admin-tls-server-cert", str(key),
                                          "--admin-tls-server-key", str(key)))  # fmt: skip
-    assert garbage.startswith("admin_tls_server_cert: ") and "not a certificate and its private key" in garbage
+    assert garbage.startswith("admin_tls_server_cert: ") and "is not a certificate in PEM" in garbage
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="running as root: an unreadable file cannot be made")

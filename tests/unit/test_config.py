@@ -188,6 +188,9 @@ FLAG_EXAMPLES: dict[str, tuple[list[str], object]] = {
     "raft_config.raft_tls_server_cert": (["r.crt"], "r.crt"),
     "raft_config.raft_tls_server_key": (["r.key"], "r.key"),
     "raft_config.raft_secret": (["s3cret"], "s3cret"),
+    "raft_config.raft_tls_server_root_ca_cert": (["ca.crt"], "ca.crt"),
+    "raft_config.raft_accepted_secrets": (["old1", "old2"], ("old1", "old2")),
+    "raft_config.raft_secret_strict": ([], True),
 }
 
 PAIRED = {  # TLS keys come in pairs: give the partner too
@@ -195,8 +198,11 @@ PAIRED = {  # TLS keys come in pairs: give the partner too
     "admin_tls_server_key": ["--admin-tls-server-cert", "x"],
     "grpc_tls_server_cert": ["--grpc-tls-server-key", "x"],
     "grpc_tls_server_key": ["--grpc-tls-server-cert", "x"],
-    "raft_config.raft_tls_server_cert": ["--raft-tls-server-key", "x"],
-    "raft_config.raft_tls_server_key": ["--raft-tls-server-cert", "x"],
+    # the raft port's TLS is mutual: its pair and the CA come together
+    "raft_config.raft_tls_server_cert": ["--raft-tls-server-key", "x", "--raft-tls-server-root-ca-cert", "x"],
+    "raft_config.raft_tls_server_key": ["--raft-tls-server-cert", "x", "--raft-tls-server-root-ca-cert", "x"],
+    "raft_config.raft_tls_server_root_ca_cert": ["--raft-tls-server-cert", "x", "--raft-tls-server-key", "x"],
+    "raft_config.raft_secret_strict": ["--raft-secret", "x"],  # strict needs a secret
 }
 
 
@@ -641,11 +647,15 @@ def test_redacted_hides_secrets_and_keeps_the_toml_shape() -> None:
         "--id", "1", "--admin-api-token", "tok", "--raft-secret", "sec", "--join", "a:1",
         "--admin-tls-server-cert", "a.crt", "--admin-tls-server-key", "a.key",
         "--raft-tls-server-cert", "r.crt", "--raft-tls-server-key", "r.key",
+        "--raft-tls-server-root-ca-cert", "ca.crt", "--raft-accepted-secrets", "old1", "old2",
     )  # fmt: skip
     out = config.redacted()
     text = json.dumps(out)
-    for secret in ("tok", "sec", "a.key", "r.key"):
+    for secret in ("tok", "sec", "a.key", "r.key", "old1", "old2"):
         assert f'"{secret}"' not in text
+    assert out["raft_config"]["raft_accepted_secrets"] == "***"
+    assert load("--id", "1").redacted()["raft_config"]["raft_accepted_secrets"] == [], "none: an empty list"
+    assert out["raft_config"]["raft_tls_server_root_ca_cert"] == "ca.crt"
     assert out["admin_api_token"] == "***"
     assert out["admin_tls_server_key"] == "***"
     assert out["admin_tls_server_cert"] == "a.crt", "a certificate is public"

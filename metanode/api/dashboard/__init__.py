@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import importlib.resources
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -157,10 +158,12 @@ class Dashboard:
         node: Any,
         *,
         client_token: str | None = None,
+        client_tls: ssl.SSLContext | None = None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self.node = node
         self.client_token = client_token
+        self.client_tls = client_tls  # peers' client APIs are wss:// when ours is
         self.wall_ms = wall_ms
         self.requests: RequestStats | None = stats_for(node)
         self.series: collections.deque[dict] = collections.deque(maxlen=HISTORY)
@@ -361,7 +364,9 @@ class Dashboard:
         with scope:
             while True:
                 try:
-                    async with MetaClient.connect([address], token=self.client_token, timeout=PEER_TIMEOUT_S) as client:
+                    async with MetaClient.connect(
+                        [address], token=self.client_token, timeout=PEER_TIMEOUT_S, tls=self.client_tls
+                    ) as client:
                         while True:
                             status = await client.cluster_status()
                             info.update(status=status, at_ms=self.wall_ms(), error=None, failing_since_ms=None)
