@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from metanode.errors import ClientError
+from metanode.errors import ClientError, SnapshotFailed, Unavailable
 from metanode.node.events import (
     Compact,
     Propose,
@@ -22,6 +22,10 @@ from metanode.sm.codec import encode_command
 
 log = logging.getLogger("metanode.node")
 
+SNAPSHOT_SLICE_KEYS = 8192  # keys packed between two yields (~10 ms at ~1.3 us a key)
+
+SNAPSHOT_RETRY_S = 5.0  # after a snapshot whose file could not be written (ENOSPC)
+
 if TYPE_CHECKING:
     from metanode.node.node import Node  # noqa: F401
 
@@ -29,6 +33,8 @@ if TYPE_CHECKING:
 
 class ApplyLoop:
     """A part of `Node` (metanode/node/node.py), by concern."""
+
+    _snapshot_retry_at: float = 0.0  # after a snapshot that could not be written
 
     # ------------------------------------------------------------------ apply loop
     async def _run_apply_loop(self) -> None:
@@ -39,7 +45,8 @@ class ApplyLoop:
             if driver.removed and not self.removed.is_set():
                 self.removed.set()
             self._check_watchers()
-            if driver.snapshot_due() and not self._snapshot_lock.locked():
+            if (driver.snapshot_due() and not self._snapshot_lock.locked()
+                    and trio.current_time() >= self._snapshot_retry_at):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._build_snapshot)
 
@@ -49,8 +56,27 @@ class ApplyLoop:
         async with self._snapshot_lock:
             if not self.driver.snapshot_due(force):
                 return
-            snapshot, purge_to = self.driver.build_snapshot()
-            await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
+            build = self.driver.begin_snapshot()
+            try:
+                # A slice at a time, yielding between them: no request waits for the
+                # whole state machine to be serialized.
+                while not build.done:
+                    build.step(SNAPSHOT_SLICE_KEYS)
+                    await trio.sleep(0)
+                snapshot, purge_to = build.finish(), build.purge_to
+            finally:
+                build.close()
+            try:
+                await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
+            except SnapshotFailed as e:
+                # Only the snapshot's file failed (a full disk): the WAL is fine, so keep
+                # serving and try again later.
+                self._snapshot_retry_at = trio.current_time() + SNAPSHOT_RETRY_S
+                log.warning("%d snapshot %s not saved (next try in %g s): %s",
+                            self.id, snapshot.meta.last_log_id, SNAPSHOT_RETRY_S, e)
+                if force:
+                    raise Unavailable(f"snapshot not saved: {e}") from None
+                return
             self.driver.snapshot_saved(snapshot)
             try:
                 purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")

@@ -55,6 +55,7 @@ from metanode.raft import (
     SnapshotMeta,
 )
 from metanode.sm import ApplyError, KeyChange, KVStateMachine, NodeRecord
+from metanode.sm.kv import SnapshotBuilder
 from metanode.sm.codec import DecodeError, decode_command
 
 log = logging.getLogger("metanode.node")
@@ -308,10 +309,19 @@ class NodeDriver:
     def build_snapshot(self) -> tuple[Snapshot, int]:
         """The applied state as a snapshot, and the index to purge the log to (keeping
         `max_applied_log_to_keep` entries behind it for slow followers)."""
-        meta = SnapshotMeta(self.applied, self.applied_membership)
-        snapshot = Snapshot(meta, self.sm.snapshot())
+        build = self.begin_snapshot()
+        return build.finish(), build.purge_to
+
+    def begin_snapshot(self) -> SnapshotBuild:
+        """A snapshot of the applied state as of now, built a slice at a time
+        (`step`) while entries keep being applied: a large state machine is never
+        serialized in one go (the runtime yields between slices)."""
         self.stats_snapshot_entries += len(self.sm)
-        return snapshot, self.applied.index - self.max_applied_log_to_keep
+        return SnapshotBuild(
+            SnapshotMeta(self.applied, self.applied_membership),
+            self.sm.snapshot_builder(),
+            self.applied.index - self.max_applied_log_to_keep,
+        )
 
     def snapshot_saved(self, snapshot: Snapshot) -> None:
         self.last_snapshot_index = max(self.last_snapshot_index, snapshot.meta.last_log_id.index)
@@ -421,6 +431,28 @@ class NodeDriver:
     def member_ids(self) -> frozenset[int]:
         """Every id in our latest and committed memberships (what we vouch for)."""
         return self.core.membership.node_ids | self.core.committed_membership.node_ids
+
+
+class SnapshotBuild:
+    """A snapshot being built: `step(n)` packs `n` more keys; `finish()` gives it."""
+
+    def __init__(self, meta: SnapshotMeta, builder: SnapshotBuilder, purge_to: int) -> None:
+        self.meta = meta
+        self.builder = builder
+        self.purge_to = purge_to
+
+    @property
+    def done(self) -> bool:
+        return self.builder.done
+
+    def step(self, n: int) -> None:
+        self.builder.step(n)
+
+    def finish(self) -> Snapshot:
+        return Snapshot(self.meta, self.builder.result())
+
+    def close(self) -> None:
+        self.builder.close()
 
 
 @attrs.frozen

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from metanode.errors import ClientError, Unavailable
-from metanode.node.driver import NodeDriver
+from metanode.node.driver import NodeDriver, SnapshotBuild
 from metanode.node.events import Compact, PeerConnected, Propose, ReadIndex, Receive, Tick, Trust
 from metanode.raft import (
     ZERO_LOG_ID,
@@ -118,6 +118,7 @@ class SimNode:
         self.last_seq = 0
         self.commit_seen = 0
         self.callbacks: dict[int, tuple[str, Callable[[Any], None]]] = {}  # req_id -> (kind, reply)
+        self.building: SnapshotBuild | None = None  # a snapshot being built
 
     # the driver's state, as the daemon's views read it
     @property
@@ -166,6 +167,9 @@ class SimNode:
         self.up = False
         self.pending_ready = None
         self.mailbox = []
+        if self.building is not None:
+            self.building.close()
+            self.building = None
         callbacks, self.callbacks = self.callbacks, {}
         for kind, reply in callbacks.values():
             reply(None if kind == "write" else -1)  # a write's outcome is unknown
@@ -301,12 +305,20 @@ class SimNode:
         self.last_seq = self.sm.last_seq
 
     def _maybe_snapshot(self) -> None:
-        """The daemon's rule (the driver's), built and saved at once (the daemon saves
-        in a thread, then compacts: the same order)."""
+        """The daemon's rule (the driver's). Built a few keys per Ready while entries
+        keep being applied (the daemon yields between slices), so the copy-on-write
+        view is exercised; then saved and compacted (the daemon's order)."""
         driver = self.driver
-        if not driver.snapshot_due():
+        if self.building is None:
+            if not driver.snapshot_due():
+                return
+            self.building = driver.begin_snapshot()
+        build = self.building
+        build.step(self.cluster.rng.randint(1, 4))
+        if not build.done:
             return
-        snapshot, purge_to = driver.build_snapshot()
+        self.building = None
+        snapshot, purge_to = build.finish(), build.purge_to
         self.disk.snapshot = snapshot  # written to a temp file and renamed: atomic
         driver.snapshot_saved(snapshot)
         req_id = next(self.cluster.ctx_ids)

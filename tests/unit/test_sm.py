@@ -609,3 +609,26 @@ def test_every_key_change_gets_the_next_revision_and_snapshots_keep_it():
     sm.apply(Upsert("c", b"3"), 20)  # "a" expires first, then "c" is written
     assert [c.rev for c in sm.last_changes] == [3, 4] and sm.rev == 4
     assert KVStateMachine.restore(sm.snapshot()).rev == 4
+
+
+def test_a_snapshot_built_in_slices_is_the_state_when_it_began():
+    """The builder packs a frozen view (copy on write): updates, deletes, inserts and
+    expiries applied between its slices do not reach its bytes, which equal
+    `snapshot()` taken when it began; afterwards the machine snapshots normally."""
+    from metanode.sm import KVStateMachine, Upsert
+
+    sm = KVStateMachine()
+    for i in range(1000):
+        sm.apply(Upsert(f"k{i:04d}", b"v%d" % i, None, 5000 if i % 7 == 0 else None, None), 1)
+    want = sm.snapshot()
+    builder = sm.snapshot_builder()
+    builder.step(100)
+    for i in range(0, 1000, 3):
+        sm.apply(Upsert(f"k{i:04d}", None, None, None, None), 2)
+    sm.apply(Upsert("new", b"x", None, None, None), 3)
+    builder.step(450)
+    sm.apply(Upsert("k0001", b"changed", None, None, None), 6000)  # and the TTL keys expire
+    assert builder.result() == want
+    assert sm.snapshot() != want
+    assert sm.snapshot_builder().result() == sm.snapshot()  # the copy-on-write table is gone
+    assert len(KVStateMachine.restore(want)) == 1000
