@@ -128,8 +128,15 @@ def run(keys: int, seconds: float) -> dict[str, float]:
                     time.sleep(0.05)
             serving_s = time.perf_counter() - started
             rss_serving = rss_mb(proc.pid)
+            spy = None
+            if os.environ.get("PYSPY_OUT"):  # profile the node while it writes and snapshots
+                spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-o", os.environ["PYSPY_OUT"],
+                                        "--format", "raw", "-d", str(int(seconds) + 2), "-r", "200"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before, during, snap_s = trio.run(writer, f"127.0.0.1:{grpc}", f"127.0.0.1:{admin}", seconds)
             rss_after = rss_mb(proc.pid)
+            if spy is not None:
+                spy.wait(60)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -40,6 +40,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, assert_never
 
+import hashlib
+import struct
+
 import msgpack
 from sortedcontainers import SortedList
 
@@ -104,6 +107,9 @@ class KVStateMachine:
         # While a `SnapshotBuilder` runs: the value each key had when it began, saved by
         # `_write` before the first change of that key (copy on write).
         self._frozen: dict[str, SeqV | None] | None = None
+        # `state_digest`: a sum of per-key hashes, kept up to date by `_write` once
+        # computed (None: not computed since the last restore).
+        self._digest: int | None = 0
 
     # ------------------------------------------------------------------ inspection
 
@@ -335,6 +341,8 @@ class KVStateMachine:
         frozen = self._frozen
         if frozen is not None and key not in frozen:
             frozen[key] = old
+        if self._digest is not None:
+            self._digest = (self._digest - _key_hash(key, old) + _key_hash(key, new)) % _DIGEST_MOD
         if old is None:
             if new is None:
                 return
@@ -360,6 +368,17 @@ class KVStateMachine:
             self._write(expiry[0][1], None)
 
     # ------------------------------------------------------------------ snapshot
+
+    def state_digest(self) -> str:
+        """A hash of the whole KV state (every key with its seq, value and expiry, and
+        the last seq), equal on replicas holding equal state: a sum of per-key hashes
+        kept up to date by each write, so it costs O(1) (one pass after a restore)."""
+        if self._digest is None:
+            total = 0
+            for key, v in self._kv.items():
+                total += _key_hash(key, v)
+            self._digest = total % _DIGEST_MOD
+        return f"{(self._digest + self._seq * _SEQ_MIX) % _DIGEST_MOD:032x}"
 
     def snapshot_builder(self) -> SnapshotBuilder:
         """A frozen view of the state as of now, serialized in slices (`step`) while
@@ -423,6 +442,7 @@ class KVStateMachine:
             raise ValueError("snapshot field 'kv' must be a list")
 
         sm = cls()
+        sm._digest = None  # computed on first use, then kept up to date
         kv: dict[str, SeqV] = {}
         expiry: list[tuple[int, str]] = []
         last_key: str | None = None
@@ -446,6 +466,23 @@ class KVStateMachine:
         sm._expire()
         sm._changes = []
         return sm
+
+
+_DIGEST_MOD = 1 << 128
+_SEQ_MIX = 0x9E3779B97F4A7C15F39CC0605CEDC835  # an odd constant: mixes the last seq in
+_ENTRY = struct.Struct("<QQq")
+
+
+def _key_hash(key: str, v: SeqV | None) -> int:
+    """A stable 128-bit hash of one key's value (0 for an absent key)."""
+    if v is None:
+        return 0
+    k = key.encode()
+    h = hashlib.blake2b(_ENTRY.pack(len(k), v.seq, -1 if v.expire_at_ms is None else v.expire_at_ms),
+                        digest_size=16)
+    h.update(k)
+    h.update(v.data)
+    return int.from_bytes(h.digest(), "little")
 
 
 class SnapshotBuilder:
