@@ -82,6 +82,36 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+_TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key")
+
+
+def _add_tls_arguments(p: argparse.ArgumentParser, what: str, *, suffix: str = "", leaf: bool = False) -> None:
+    """--tls-ca, --tls-cert, --tls-key (docs/operations/security.md)."""
+    default = argparse.SUPPRESS if leaf else None
+    p.add_argument("--tls-ca", metavar="FILE", dest="tls_ca" + suffix, default=default,
+                   help=f"CA certificate that issued the certificate of {what}: speak TLS, verifying it"
+                        " (default: plaintext)")
+    p.add_argument("--tls-cert", metavar="FILE", dest="tls_cert" + suffix, default=default,
+                   help="client certificate to present when the server asks for one (implies TLS)")
+    p.add_argument("--tls-key", metavar="FILE", dest="tls_key" + suffix, default=default,
+                   help="private key of --tls-cert")
+
+
+def _tls_context(args: argparse.Namespace, *, https: bool = False) -> Any:
+    """The client TLS context of --tls-ca/--tls-cert/--tls-key (the system's CAs when
+    only `https` asks for TLS); None for plaintext."""
+    ca, cert, key = (getattr(args, name, None) for name in _TLS_OPTIONS)
+    if ca is None and cert is None and key is None and not https:
+        return None
+    from metanode.errors import ConfigError
+    from metanode.tls import client_context
+
+    try:
+        return client_context(ca, cert, key)
+    except ConfigError as e:
+        raise _Usage(str(e)) from None
+
+
 def add_client_options(p: argparse.ArgumentParser, *, leaf: bool) -> None:
     """The client API connection options of `kv`: on `kv` itself and again on each
     `kv` subcommand, so they may come after its positional arguments (``kv get k
@@ -92,6 +122,9 @@ def add_client_options(p: argparse.ArgumentParser, *, leaf: bool) -> None:
                    help="client API address (grpc_api_address); repeatable; default 127.0.0.1:9191")
     p.add_argument("--timeout", type=float, dest="timeout" + suffix, metavar="SECONDS",
                    default=argparse.SUPPRESS if leaf else 10.0, help="seconds per request (default 10)")
+    p.add_argument("--token", dest="token" + suffix, default=argparse.SUPPRESS if leaf else None,
+                   help="grpc_api_token, when the client API requires one")
+    _add_tls_arguments(p, "the client API (wss://)", suffix=suffix, leaf=leaf)
     p.add_argument("--format", choices=("json", "table"), default=argparse.SUPPRESS,
                    help="output: JSON (default) or a table for people")
 
@@ -142,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--admin", default="127.0.0.1:28002", metavar="HOST:PORT", help="admin_api_address of a node")
         p.add_argument("--token", help="admin_api_token, for transfer-leader and trigger-snapshot")
+        _add_tls_arguments(p, "the admin API (https://)")
         p.add_argument("--format", choices=("json", "table"), default=argparse.SUPPRESS)
         if name == "transfer-leader":
             p.add_argument("--to", type=int, help="the voter to hand over to (default: the most up-to-date)")
@@ -202,6 +236,8 @@ def _main(argv: Sequence[str]) -> int:
     if args.command == "kv":
         args.addr = (args.addr or []) + getattr(args, "addr_after", [])
         args.timeout = getattr(args, "timeout_after", args.timeout)
+        for name in ("token", *_TLS_OPTIONS):  # given after the subcommand: those win
+            setattr(args, name, getattr(args, name + "_after", getattr(args, name)))
     try:
         result = _kv(args) if args.command == "kv" else _admin(args)
     except _Failed as e:
@@ -302,8 +338,9 @@ def _kv(args: argparse.Namespace) -> Any:
     from metanode.client import MetaError, SyncMetaClient
 
     addresses = args.addr or ["127.0.0.1:9191"]
+    tls = _tls_context(args)
     try:
-        with SyncMetaClient(addresses, timeout=args.timeout) as c:
+        with SyncMetaClient(addresses, token=args.token, timeout=args.timeout, tls=tls) as c:
             if args.op == "get":
                 return _seqv(c.get(args.key, consistency=args.consistency))
             if args.op == "put":
@@ -348,11 +385,20 @@ def _admin(args: argparse.Namespace) -> Any:
         "trigger-snapshot": "/v1/ctrl/trigger_snapshot",
     }[args.command]
     query = f"?{urllib.parse.urlencode({'to': args.to})}" if getattr(args, "to", None) is not None else ""
-    request = urllib.request.Request(f"http://{args.admin}{path}{query}")
+    scheme, sep, admin = args.admin.partition("://")
+    if not sep:  # a bare HOST:PORT: https when a TLS option is given
+        tls_given = any(getattr(args, name) is not None for name in _TLS_OPTIONS)
+        scheme, admin = ("https" if tls_given else "http"), args.admin
+    if scheme not in ("http", "https"):
+        raise _Usage(f"--admin: expected HOST:PORT or https://HOST:PORT, got {args.admin!r}")
+    context = _tls_context(args, https=scheme == "https")
+    if scheme == "http" and context is not None:
+        raise _Usage("--admin: http:// cannot be combined with --tls-ca/--tls-cert/--tls-key")
+    request = urllib.request.Request(f"{scheme}://{admin}{path}{query}")
     if args.token:
         request.add_header("Authorization", f"Bearer {args.token}")
     try:
-        with urllib.request.urlopen(request, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=30, context=context) as r:
             status, ctype, raw = r.status, r.headers.get("content-type", ""), r.read()
     except urllib.error.HTTPError as e:
         status, ctype, raw = e.code, e.headers.get("content-type", ""), e.read()

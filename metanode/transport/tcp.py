@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import random
+import select
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -227,6 +228,20 @@ class _Conn:
                 )
             return None
         return self.decoder.feed(data)
+
+    def looks_closed(self) -> bool:
+        """Has the peer closed (or written to) this idle connection? A call connection
+        carries nothing unasked, so anything to read on it means it is done for: the
+        peer restarted, or refused us. Checked without blocking, before reusing it."""
+        stream: Any = self.stream
+        sock = getattr(stream, "socket", None) or getattr(getattr(stream, "transport_stream", None), "socket", None)
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def push_back(self, bodies: list[bytes]) -> None:
         """Frames `receive_frames` returns first (read together with a handshake's)."""
@@ -796,8 +811,10 @@ class CallPool:
     leader does not open (and leave in TIME_WAIT) one connection per request.
 
     Errors are those of `call`. An error *answer* leaves the connection reusable; any
-    other failure closes it. A pooled connection the peer closed in the meantime fails
-    the call with a `TransportError` (the request may have arrived: never `ConnectFailed`).
+    other failure closes it. A pooled connection is checked before its reuse: one the
+    peer closed in the meantime (it restarted) is dropped and a new one dialed. One the
+    peer closes after that check fails the call with a `TransportError` (the request
+    may have arrived: never `ConnectFailed`).
     """
 
     def __init__(
@@ -823,9 +840,11 @@ class CallPool:
         conn: _Conn | None = None
         while pooled:
             conn, hello_ident = pooled.pop()
-            if hello_ident == ident:
+            if hello_ident == ident and not conn.looks_closed():
                 break
-            await trio.aclose_forcefully(conn.stream)  # our identity changed: hello again
+            # our identity changed (hello again), or the peer closed it (it restarted:
+            # a call sent there would be lost with an unknown outcome)
+            await trio.aclose_forcefully(conn.stream)
             conn = None
         call_id = next(self._ids)
         frame = frame_bytes(Call(call_id, method, payload))

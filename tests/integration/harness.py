@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -88,11 +89,13 @@ class Proc:
 class Admin:
     """A tiny client of one node's admin API."""
 
-    def __init__(self, address: str) -> None:
-        self.base = f"http://{address}"
+    def __init__(self, address: str, ca: str | None = None) -> None:
+        # ca: the admin API is on TLS; verify it against this CA file
+        self.base = f"{'https' if ca else 'http'}://{address}"
+        self.verify: Any = ssl.create_default_context(cafile=ca) if ca else True
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
-        return httpx.get(self.base + path, timeout=5, **kw)
+        return httpx.get(self.base + path, timeout=5, verify=self.verify, **kw)
 
     def nodes(self) -> list[dict]:
         r = self.get("/v1/cluster/nodes")
@@ -127,7 +130,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.Compl
 
 
 def write_config(path: Path, node_id: int, raft_port: int, admin_port: int, grpc_port: int, *,
-                 single: bool = False, join: list[str] | None = None, extra: str = "",
+                 single: bool = False, join: list[str] | None = None, extra: str = "", raft_extra: str = "",
                  heartbeat_ms: int = 100) -> Path:
     lines = [
         f'log_dir = "logs{node_id}"',
@@ -141,6 +144,7 @@ def write_config(path: Path, node_id: int, raft_port: int, admin_port: int, grpc
         'raft_listen_host = "127.0.0.1"',
         'raft_advertise_host = "127.0.0.1"',
         f"heartbeat_interval = {heartbeat_ms}",
+        raft_extra,
     ]
     if single:
         lines.append("single = true")
@@ -158,20 +162,23 @@ class LocalCluster:
         self.heartbeat_ms = heartbeat_ms
         self.procs: dict[int, Proc] = {}
         self.ports: dict[int, tuple[int, int, int]] = {}
+        self.admin_ca: str | None = None  # set when the admin APIs are on TLS: their CA file
 
     def raft_address(self, node_id: int) -> str:
         return f"127.0.0.1:{self.ports[node_id][0]}"
 
     def admin(self, node_id: int) -> Admin:
-        return Admin(f"127.0.0.1:{self.ports[node_id][1]}")
+        return Admin(f"127.0.0.1:{self.ports[node_id][1]}", self.admin_ca)
 
-    def add(self, node_id: int, *, single: bool = False, join: list[int] | None = None, extra: str = "") -> Proc:
+    def add(self, node_id: int, *, single: bool = False, join: list[int] | None = None, extra: str = "",
+            raft_extra: str = "") -> Proc:
         if node_id not in self.ports:
             self.ports[node_id] = (free_port(), free_port(), free_port())
         raft, admin, grpc = self.ports[node_id]
         cfg = write_config(
             self.root / f"node{node_id}.toml", node_id, raft, admin, grpc, single=single,
-            join=[self.raft_address(j) for j in join or []], extra=extra, heartbeat_ms=self.heartbeat_ms,
+            join=[self.raft_address(j) for j in join or []], extra=extra, raft_extra=raft_extra,
+            heartbeat_ms=self.heartbeat_ms,
         )
         proc = Proc(f"node{node_id}", ["-c", str(cfg)], self.root)
         self.procs[node_id] = proc
