@@ -14,8 +14,8 @@ Three modes, chosen by the flags:
 Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad config (one line naming
 the flag or key). The node package is imported only when it is needed: a build without
 it says so and exits 1 rather than pretending. The operator subcommands (``kv``,
-``status``, ``transfer-leader``, ``trigger-snapshot``, ``export``, ``import``) are in
-`metanode.ops`.
+``status``, ``transfer-leader``, ``trigger-snapshot``, ``export``, ``import``,
+``bench``) are in `metanode.ops` (``bench`` in `metanode.bench`).
 """
 
 from __future__ import annotations
@@ -51,13 +51,14 @@ Boolean flags may be bare (--single) or take a value (--single=false).
 Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad config.
 Operator subcommands: metanode kv get|put|delete|list ..., metanode status,
 metanode transfer-leader, metanode trigger-snapshot (see metanode kv --help),
-metanode export and metanode import (offline, on a stopped node's data dir).
+metanode export and metanode import (offline, on a stopped node's data dir),
+metanode bench (throughput, latency and CPU per op; metanode bench --help).
 """
 
 USAGE = """metanode [-c FILE] [--KEY VALUE ...]
        metanode --cmd {ver,show-config} [-c FILE] [--KEY VALUE ...]
        metanode --leave-id N --leave-via ADDR [ADDR ...] [-c FILE]
-       metanode {kv,status,transfer-leader,trigger-snapshot,export,import} ..."""
+       metanode {kv,status,transfer-leader,trigger-snapshot,export,import,bench} ..."""
 
 CMDS = ("ver", "show-config")
 

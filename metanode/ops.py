@@ -8,6 +8,7 @@
     metanode export --addr HOST:PORT [-o FILE]      (a running cluster)
     metanode export --raft-dir D [-o FILE]          (a stopped node)
     metanode import --raft-dir D --id N --initial-cluster ID=HOST:PORT ... [-i FILE] [--format databend]
+    metanode bench [--addr HOST:PORT ...] [--concurrency 1,16,64] [--seconds 5] [--runs 1] [--format json]
 
 `kv` talks to the client API (`--addr`, repeatable, default 127.0.0.1:9191) through
 `SyncMetaClient`; the others to a node's admin API (`--admin`, default
@@ -15,7 +16,8 @@
 cluster through a member's client API (`metanode.online_export`); `export --raft-dir`
 and `import` work offline on a data dir (`metanode.backup`, format in
 `metanode.exportfmt`; `import --format databend` reads `databend-metactl export` files,
-`metanode.databend_import`). Output is JSON by default (values as
+`metanode.databend_import`). `bench` (`metanode.bench`, its own parser) measures a
+running cluster or a local one it starts. Output is JSON by default (values as
 UTF-8 text, or `{"base64": ...}` when they are not text); `--format table` prints
 aligned columns for people. Exit codes: 0 ok, 1 the operation failed, 2 bad usage.
 """
@@ -34,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-SUBCOMMANDS = ("kv", "status", "transfer-leader", "trigger-snapshot", "export", "import")
+SUBCOMMANDS = ("kv", "status", "transfer-leader", "trigger-snapshot", "export", "import", "bench")
 
 
 def _value(data: bytes) -> Any:
@@ -190,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--token", help="grpc_api_token of the cluster, with --addr")
     exp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                      help="with --addr: for the connection and for each part of the stream (default 30)")
+    # listed for --help only: `bench` is parsed by metanode.bench (see _main)
+    sub.add_parser("bench", add_help=False, help="throughput, latency and CPU per op (metanode bench --help)")
     imp = sub.add_parser("import", help="build a new data dir from an export (offline)")
     imp.add_argument("--raft-dir", required=True, metavar="DIR", help="a new or empty dir")
     imp.add_argument("--id", required=True, type=int, help="this node's id; must be in --initial-cluster")
@@ -226,6 +230,10 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
+    if argv and argv[0] == "bench":  # its own parser: metanode.bench
+        from metanode.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
