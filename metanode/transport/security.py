@@ -24,7 +24,8 @@ the connection over): TLS is what protects the stream itself.
 `current_security()` is the process's setting for the raft port: set by
 `use_security` around a node (metanode/server.py) and read by `serve_raft`,
 `PeerLink`, `CallPool` and `call` when they are not given one explicitly. It is a
-context variable, so each node of an in-process test cluster has its own.
+context variable, inherited by every task a node starts (trio copies the spawning
+task's context), so nodes of an in-process test cluster each keep their own.
 """
 
 from __future__ import annotations
