@@ -78,6 +78,9 @@ class ApplyLoop:
                     raise Unavailable(f"snapshot not saved: {e}") from None
                 return
             self.driver.snapshot_saved(snapshot)
+            # The core keeps it for followers memory-mapped from its file: the bytes
+            # built here are dropped.
+            snapshot = self.storage.mapped_snapshot(snapshot)
             try:
                 purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")
                 await trio.to_thread.run_sync(self.storage.purge, purged)

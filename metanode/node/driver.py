@@ -323,6 +323,13 @@ class NodeDriver:
             self.applied.index - self.max_applied_log_to_keep,
         )
 
+    def keep_snapshot_data(self, snapshot: Snapshot) -> None:
+        """The runtime stored the core's latest snapshot and hands it back with its data
+        memory-mapped from the file: the core keeps that one (same snapshot, no heap)."""
+        current = self.core.log.snapshot
+        if current is not None and current.meta == snapshot.meta:
+            self.core.log.snapshot = snapshot
+
     def snapshot_saved(self, snapshot: Snapshot) -> None:
         self.last_snapshot_index = max(self.last_snapshot_index, snapshot.meta.last_log_id.index)
 

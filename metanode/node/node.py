@@ -187,6 +187,9 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
             log.warning("%d: the log does not reach snapshot %s: reset the log to it",
                         self.id, state.snapshot.meta.last_log_id)
             self.storage.append(snapshot=state.snapshot)
+        if state.snapshot is not None:
+            # The core keeps the snapshot for followers: from the file, not the heap.
+            self.driver.keep_snapshot_data(self.storage.mapped_snapshot(state.snapshot))
         self.watch_hub = WatchHub(self.sm.rev)
         self.driver.on_changes = self.watch_hub.on_changes
         self.driver.on_restore = self.watch_hub.reset

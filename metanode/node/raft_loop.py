@@ -141,6 +141,8 @@ class RaftLoop:
             elif ready.hard_state is not None:
                 self._persist(ready, False)  # a commit index alone: a write, no fsync, no thread hop
             self.driver.persisted(ready)
+            if ready.snapshot is not None:  # installed from the leader: keep it from the file
+                self.driver.keep_snapshot_data(self.storage.mapped_snapshot(ready.snapshot))
             for msg in late:
                 self._send(msg)
             if ready.snapshot is not None or ready.committed or ready.read_states or ready.dropped_reads:

@@ -422,12 +422,47 @@ class KVStateMachine:
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError(f"snapshot must be bytes, got {type(data).__name__}")
+        # Streamed: one kv entry is decoded at a time, so a million keys never sit in
+        # the memory twice (as msgpack lists and as SeqVs).
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(data), 1))
+        unpacker.feed(data)
+        sm = cls()
+        sm._digest = None  # computed on first use, then kept up to date
+        kv: dict[str, SeqV] = {}
+        expiry: list[tuple[int, str]] = []
+        doc: dict[str, Any] = {}
         try:
-            doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            try:
+                fields = unpacker.read_map_header()
+            except msgpack.UnpackValueError:
+                raise ValueError("snapshot must be a msgpack map") from None
+            for _ in range(fields):
+                name = unpacker.unpack()
+                if name == "kv" and "seq" in doc and doc.get("format") == SNAPSHOT_FORMAT:
+                    try:
+                        n = unpacker.read_array_header()
+                    except msgpack.UnpackValueError:
+                        raise ValueError("snapshot field 'kv' must be a list") from None
+                    seq = _field_int(doc, "seq")
+                    last_key: str | None = None
+                    for i in range(n):
+                        key, value = _parse_entry(i, unpacker.unpack(), seq)
+                        if last_key is not None and key <= last_key:
+                            raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
+                        last_key = key
+                        kv[key] = value
+                        if value.expire_at_ms is not None:
+                            expiry.append((value.expire_at_ms, key))
+                    doc["kv"] = True
+                else:
+                    doc[name] = unpacker.unpack()
+            rest = unpacker.tell() != len(data)
+        except ValueError:
+            raise
+        except (TypeError, msgpack.UnpackException, msgpack.OutOfData) as e:
             raise ValueError(f"snapshot is not valid msgpack: {e}") from e
-        if not isinstance(doc, dict):
-            raise ValueError(f"snapshot must be a msgpack map, got {type(doc).__name__}")
+        if rest:
+            raise ValueError("snapshot is not valid msgpack: extra data after the document")
         if doc.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"not a KV snapshot: format is {doc.get('format')!r}")
         if doc.get("version") not in (1, 2, SNAPSHOT_VERSION):
@@ -438,22 +473,18 @@ class KVStateMachine:
         seq = _field_int(doc, "seq")
         log_time_ms = _field_int(doc, "log_time_ms")
         entries = doc.get("kv")
-        if not isinstance(entries, list):
-            raise ValueError("snapshot field 'kv' must be a list")
-
-        sm = cls()
-        sm._digest = None  # computed on first use, then kept up to date
-        kv: dict[str, SeqV] = {}
-        expiry: list[tuple[int, str]] = []
-        last_key: str | None = None
-        for i, entry in enumerate(entries):
-            key, value = _parse_entry(i, entry, seq)
-            if last_key is not None and key <= last_key:
-                raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
-            last_key = key
-            kv[key] = value
-            if value.expire_at_ms is not None:
-                expiry.append((value.expire_at_ms, key))
+        if entries is not True:  # not streamed (fields in another order)
+            if not isinstance(entries, list):
+                raise ValueError("snapshot field 'kv' must be a list")
+            last_key = None
+            for i, entry in enumerate(entries):
+                key, value = _parse_entry(i, entry, seq)
+                if last_key is not None and key <= last_key:
+                    raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
+                last_key = key
+                kv[key] = value
+                if value.expire_at_ms is not None:
+                    expiry.append((value.expire_at_ms, key))
         sm._kv = kv
         sm._keys = SortedList(kv)
         sm._expiry = SortedList(expiry)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -61,6 +62,54 @@ def write_snapshot(directory: Path, snapshot: Snapshot) -> tuple[Path, int]:
     except OSError as exc:
         raise FatalError(f"{path}: cannot write snapshot: {describe_os_error(exc)}") from exc
     return path, written
+
+
+class MappedData:
+    """A snapshot file's data, memory-mapped: `len()` and slices (bytes), as the raft
+    core uses a snapshot's data to send it in chunks, without holding it in the heap
+    (the pages are the page cache's, read when a chunk is sent). The mapping stays
+    valid after the file is removed."""
+
+    __slots__ = ("_mm", "_offset", "_size")
+
+    def __init__(self, mm: mmap.mmap, offset: int, size: int) -> None:
+        self._mm = mm
+        self._offset = offset
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: slice) -> bytes:
+        if not isinstance(index, slice):
+            raise TypeError("snapshot data is read in slices")
+        start, stop, step = index.indices(self._size)
+        if step != 1:
+            raise ValueError("snapshot data slices are contiguous")
+        return self._mm[self._offset + start : self._offset + max(start, stop)]
+
+    def __bytes__(self) -> bytes:
+        return self[:]
+
+
+def map_snapshot(directory: Path, expect: LogId, meta: SnapshotMeta) -> Snapshot:
+    """`expect`'s snapshot with its data memory-mapped from its file (checked when it
+    was read or written); `FatalError` naming the file if it cannot be mapped."""
+    path = directory / file_name(expect)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + records.HEADER_SIZE)
+            length, _ = records.HEADER.unpack_from(head, len(MAGIC))
+            f.seek(len(MAGIC) + records.HEADER_SIZE + length)
+            size, _ = DATA_HEADER.unpack(f.read(DATA_HEADER.size))
+            offset = len(MAGIC) + records.HEADER_SIZE + length + DATA_HEADER.size
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, struct.error) as exc:
+        raise FatalError(f"{path}: cannot map snapshot {expect}: {exc}") from exc
+    if offset + size > len(mm):
+        mm.close()
+        raise FatalError(f"{path}: corrupt snapshot: the file ends before its data")
+    return Snapshot(meta, MappedData(mm, offset, size))  # type: ignore[arg-type]
 
 
 def read_snapshot(directory: Path, expect: LogId) -> Snapshot:

@@ -290,6 +290,11 @@ class RaftStorage:
             if hard_state is not None:
                 self._hard_state = hard_state
 
+    def mapped_snapshot(self, snapshot: Snapshot) -> Snapshot:
+        """`snapshot` (stored already) with its data memory-mapped from its file, so
+        the raft core keeps it for followers without holding it in the heap."""
+        return snapshots.map_snapshot(self._snapshot_dir, snapshot.meta.last_log_id, snapshot.meta)
+
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """Keep `snapshot`, built locally from the applied state, as the latest one.
 
