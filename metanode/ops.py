@@ -11,15 +11,17 @@
     metanode bench [--addr HOST:PORT ...] [--concurrency 1,16,64] [--seconds 5] [--runs 1] [--format json]
 
 `kv` talks to the client API (`--addr`, repeatable, default 127.0.0.1:9191) through
-`SyncMetaClient`; the others to a node's admin API (`--admin`, default
-127.0.0.1:28002, `--token` for the ctrl routes). `export --addr` backs up a running
-cluster through a member's client API (`metanode.online_export`); `export --raft-dir`
-and `import` work offline on a data dir (`metanode.backup`, format in
+`SyncMetaClient` (`--token` for grpc_api_token; `--tls-ca FILE`, and `--tls-cert`/
+`--tls-key` when a client certificate is wanted, for a client API on wss://); the others
+to a node's admin API (`--admin`, default 127.0.0.1:28002, `--token` for the ctrl
+routes; https:// with `--tls-ca` or `--admin https://HOST:PORT`). `export --addr` backs
+up a running cluster through a member's client API (`metanode.online_export`); `export
+--raft-dir` and `import` work offline on a data dir (`metanode.backup`, format in
 `metanode.exportfmt`; `import --format databend` reads `databend-metactl export` files,
 `metanode.databend_import`). `bench` (`metanode.bench`, its own parser) measures a
-running cluster or a local one it starts. Output is JSON by default (values as
-UTF-8 text, or `{"base64": ...}` when they are not text); `--format table` prints
-aligned columns for people. Exit codes: 0 ok, 1 the operation failed, 2 bad usage.
+running cluster or a local one it starts. Output is JSON by default (values as UTF-8
+text, or `{"base64": ...}` when they are not text); `--format table` prints aligned
+columns for people. Exit codes: 0 ok, 1 the operation failed, 2 bad usage.
 """
 
 from __future__ import annotations

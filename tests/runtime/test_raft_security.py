@@ -386,3 +386,47 @@ def test_a_key_file_problem_names_the_key(tmp_path: Path, pki: PKI) -> None:
     with pytest.raises(ConfigError, match="^raft_config.raft_tls_server_key: .* is not the private key of"):
         security(["--raft-tls-server-cert", str(pair.cert), "--raft-tls-server-key", str(pki.issue("n2").key),
                   "--raft-tls-server-root-ca-cert", str(pki.ca_cert)])  # fmt: skip
+
+
+def test_the_banner_names_each_ports_security(pki: PKI) -> None:
+    from metanode.node.run import banner
+
+    pair = pki.issue("n1")
+    config = load_config(["--id", "1", *pki.raft_flags(pair), "--raft-secret", "s", "--raft-secret-strict",
+                          "--grpc-tls-server-cert", str(pair.cert), "--grpc-tls-server-key", str(pair.key),
+                          "--admin-tls-server-cert", str(pair.cert), "--admin-tls-server-key", str(pair.key)],
+                         {})  # fmt: skip
+    lines = banner(config).splitlines()
+    assert any(line.startswith("    raft:") and line.endswith(", mutual TLS, raft secret (strict)") for line in lines)
+    assert any(line.startswith("    client API:  wss://") for line in lines)
+    assert any(line.startswith("    admin API:   https://") for line in lines)
+    plain = banner(load_config(["--id", "1"], {})).splitlines()
+    assert not any("TLS" in line or "secret" in line for line in plain)
+
+
+def test_the_dashboard_reaches_tls_peers_by_the_raft_ca_or_the_system_cas(pki: PKI) -> None:
+    import ssl
+
+    from metanode.tls import peer_client_api_context
+
+    pair = pki.issue("n1")
+    grpc = ["--grpc-tls-server-cert", str(pair.cert), "--grpc-tls-server-key", str(pair.key)]
+    assert peer_client_api_context(load_config(["--id", "1"], {})) is None
+    by_ca = peer_client_api_context(load_config(["--id", "1", *grpc, *pki.raft_flags(pair)], {}))
+    assert by_ca is not None and not by_ca.check_hostname and by_ca.verify_mode == ssl.CERT_REQUIRED
+    system = peer_client_api_context(load_config(["--id", "1", *grpc], {}))
+    assert system is not None and system.check_hostname
+
+
+def test_the_leave_client_refuses_a_bad_certificate_with_exit_2(
+    pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metanode.node.leave import leave_cluster
+
+    pair = pki.issue("n1")
+    config = load_config(["--raft-tls-server-cert", str(pair.cert), "--raft-tls-server-key", str(pair.key),
+                          "--raft-tls-server-root-ca-cert", str(tmp_path / "missing.pem")], {},
+                         require_id=False)  # fmt: skip
+    assert leave_cluster(2, ["127.0.0.1:1"], config) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metanode: error: raft_config.raft_tls_server_root_ca_cert: ") and "does not exist" in err
