@@ -75,7 +75,8 @@ async def test_nodes_join_through_any_member_and_leave_including_the_leader(tmp_
         n3 = await stack.enter_async_context(node(tmp_path, ports, 3, "--join", ports.address(2)))
         for n in (n1, n2, n3):
             await until(lambda n=n: [x["name"] for x in n.cluster_nodes()] == ["1", "2", "3"], "3 members")
-        assert voter_ids(n3.cluster_status()) == [1, 2, 3]
+        # The join returned once the leader applied C_new; node 3 learns its commit next.
+        await until(lambda: voter_ids(n3.cluster_status()) == [1, 2, 3], "node 3 sees 3 voters")
         assert n3.meta is not None and n3.meta.cluster_id == n1.meta.cluster_id  # type: ignore[union-attr]
         # Remove the leader (node 1) via node 3.
         assert await _leave(1, [ports.address(3)], n3.config) == 0
