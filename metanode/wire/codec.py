@@ -54,7 +54,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from metanode.raft.messages import MESSAGE_TYPES, Message
+from metanode.raft.messages import MESSAGE_TYPES, AppendRequest, Message
 from metanode.raft.types import (
     Entry,
     EntryKind,
@@ -721,9 +721,49 @@ def encode_message(msg: Message) -> bytes:
     return pack(data)
 
 
+_U64 = 1 << 64
+_APPEND_KEYS = frozenset(("t", "term", "src", "dst", "prev_log_id", "entries", "commit"))
+_APPEND_KEYS_ACKED = _APPEND_KEYS | {"acked"}
+_ENTRY_KEYS = frozenset(("term", "index", "kind", "data"))
+_PLAIN_KINDS = {int(EntryKind.NOOP): EntryKind.NOOP, int(EntryKind.NORMAL): EntryKind.NORMAL}
+
+
+def _u64(v: Any) -> bool:
+    return type(v) is int and 0 <= v < _U64
+
+
+def _fast_append(data: dict[str, Any]) -> AppendRequest | None:
+    """The replication hot path (design §5): a well-formed AppendEntries of plain
+    entries, built without the converter; None for anything else, which then takes the
+    strict path (and its error messages). It accepts nothing the strict path refuses."""
+    keys = data.keys()
+    if keys != _APPEND_KEYS and keys != _APPEND_KEYS_ACKED:
+        return None
+    term, src, dst, commit, acked = data["term"], data["src"], data["dst"], data["commit"], data.get("acked", 0)
+    prev, raw = data["prev_log_id"], data["entries"]
+    if not (_u64(term) and _u64(src) and _u64(dst) and _u64(commit) and _u64(acked)):
+        return None
+    if type(prev) is not list or len(prev) != 2 or not (_u64(prev[0]) and _u64(prev[1])) or type(raw) is not list:
+        return None
+    entries = []
+    for e in raw:
+        if type(e) is not dict or e.keys() != _ENTRY_KEYS:
+            return None
+        kind = _PLAIN_KINDS.get(e["kind"]) if type(e["kind"]) is int else None
+        et, ei, ed = e["term"], e["index"], e["data"]
+        if kind is None or not (_u64(et) and _u64(ei)) or type(ed) is not bytes:
+            return None
+        entries.append(Entry(et, ei, kind, ed))
+    return AppendRequest(term, src, dst, LogId(prev[0], prev[1]), tuple(entries), commit, acked)
+
+
 def decode_message(body: bytes) -> Message:
     """The raft message in `body`; raises `DecodeError` for any bad input."""
     data = unpack(body)
+    if type(data) is dict and data.get("t") == "append":
+        fast = _fast_append(data)
+        if fast is not None:
+            return fast
     try:
         return _structure_message(data, Message)  # type: ignore[no-any-return]
     except Exception as exc:  # noqa: BLE001 - any failure here is bad input

@@ -695,3 +695,37 @@ def test_feed_accepts_any_bytes_like() -> None:
     words.frombytes(encode_frame(b"wxyz"))  # a buffer of 4-byte items, counted in bytes
     assert dec.feed(memoryview(words)) == [b"wxyz"]
     assert dec.pending == 0
+
+
+def test_the_append_fast_path_decodes_exactly_what_the_strict_path_does():
+    """AppendEntries of plain entries skip the converter (the replication hot path);
+    every other shape takes the strict path, so what is accepted, and the errors of
+    what is not, are the same either way."""
+    import msgpack
+
+    from metanode.raft.messages import AppendRequest
+    from metanode.raft.types import Entry, EntryKind, LogId, Membership
+    from metanode.wire import DecodeError, decode_message, encode_message
+    from metanode.wire.codec import _fast_append, converter
+
+    plain = AppendRequest(7, 1, 2, LogId(7, 99), tuple(
+        Entry(7, 100 + i, EntryKind.NORMAL if i else EntryKind.NOOP, b"d%d" % i) for i in range(5)
+    ), 105, 3)
+    assert decode_message(encode_message(plain)) == plain
+    data = msgpack.unpackb(encode_message(plain), raw=False)
+    assert _fast_append(data) == plain
+    conf = AppendRequest(7, 1, 2, LogId(7, 99), (Entry(7, 100, EntryKind.MEMBERSHIP, b"", Membership.of([1, 2])),), 1)
+    assert _fast_append(msgpack.unpackb(encode_message(conf), raw=False)) is None  # strict path
+    assert decode_message(encode_message(conf)) == conf
+    bad = [
+        dict(data, term=-1), dict(data, term=True), dict(data, term=1 << 64), dict(data, extra=1),
+        dict(data, prev_log_id=[1]), dict(data, entries=[dict(data["entries"][0], data="text")]),
+        dict(data, entries=[dict(data["entries"][0], kind=9)]), dict(data, entries=[[1, 2]]),
+    ]
+    for d in bad:
+        assert _fast_append(d) is None, d
+        if d["term"] == 1 << 64:
+            continue  # msgpack cannot even carry it
+        with pytest.raises(DecodeError):
+            decode_message(msgpack.packb(d, use_bin_type=True))
+    assert converter is not None
