@@ -185,7 +185,7 @@ class Cluster:
         spec = self.specs[node_id]
         cfg = self.write_config(node_id, single=single, join=join, join_addresses=join_addresses)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        for k in ("METASRV_CONFIG_FILE", "NOTIFY_SOCKET", "METANODE_TEST_CLOCK_OFFSET_MS"):
+        for k in ("METASRV_CONFIG_FILE", "NOTIFY_SOCKET", "METANODE_TEST_CLOCK_OFFSET_MS", "PYTHONTRACEMALLOC"):
             env.pop(k, None)
         env.update(spec.env)
         argv = [sys.executable, "-m", "metanode", "-c", str(cfg)]
