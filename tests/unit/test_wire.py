@@ -712,6 +712,9 @@ def test_the_append_fast_path_decodes_exactly_what_the_strict_path_does():
         Entry(7, 100 + i, EntryKind.NORMAL if i else EntryKind.NOOP, b"d%d" % i) for i in range(5)
     ), 105, 3)
     assert decode_message(encode_message(plain)) == plain
+    from metanode.wire.codec import _unstructure_message, pack
+
+    assert encode_message(plain) == pack(_unstructure_message(plain))  # the fast encoder's bytes
     data = msgpack.unpackb(encode_message(plain), raw=False)
     assert _fast_append(data) == plain
     conf = AppendRequest(7, 1, 2, LogId(7, 99), (Entry(7, 100, EntryKind.MEMBERSHIP, b"", Membership.of([1, 2])),), 1)
