@@ -18,7 +18,9 @@ from metanode.node.events import (
 )
 from metanode.sm import Command
 from metanode.sm import Tick as ExpiryTick
+from metanode.raft import Snapshot
 from metanode.sm.codec import encode_command
+from metanode.storage.snapshots import Parts
 
 log = logging.getLogger("metanode.node")
 
@@ -63,7 +65,8 @@ class ApplyLoop:
                 while not build.done:
                     build.step(SNAPSHOT_SLICE_KEYS)
                     await trio.sleep(0)
-                snapshot, purge_to = build.finish(), build.purge_to
+                # Not joined: the pieces are written in turn (a join would hold the loop).
+                snapshot, purge_to = Snapshot(build.meta, Parts(build.parts())), build.purge_to  # type: ignore[arg-type]
             finally:
                 build.close()
             try:

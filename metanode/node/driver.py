@@ -465,6 +465,10 @@ class SnapshotBuild:
     def finish(self) -> Snapshot:
         return Snapshot(self.meta, self.builder.result())
 
+    def parts(self) -> list[bytes]:
+        """The snapshot's bytes as packed, not joined (the runtime writes them in turn)."""
+        return self.builder.result_parts()
+
     def close(self) -> None:
         self.builder.close()
 

@@ -566,11 +566,16 @@ class SnapshotBuilder:
 
     def result(self) -> bytes:
         """The snapshot bytes (after every step); closes the builder."""
+        return b"".join(self.result_parts())
+
+    def result_parts(self) -> list[bytes]:
+        """The snapshot bytes as the pieces packed (their concatenation is `result()`),
+        to write one after the other; closes the builder."""
         while not self.done:
             self.step(1 << 16)
-        data = b"".join(self._parts) + self._tail
+        parts = self._parts + [self._tail]
         self.close()
-        return data
+        return parts
 
     def close(self) -> None:
         if self._sm._frozen is not None:

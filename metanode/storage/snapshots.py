@@ -56,12 +56,33 @@ def write_snapshot(directory: Path, snapshot: Snapshot) -> tuple[Path, int]:
     tmp = directory / f"{path.name}.{secrets.token_hex(4)}.tmp"
     meta = records.frame([wire.encode(snapshot.meta)])
     data = snapshot.data
-    head = MAGIC + meta + DATA_HEADER.pack(len(data), zlib.crc32(data))
+    if isinstance(data, Parts):
+        crc = 0
+        for part in data.parts:
+            crc = zlib.crc32(part, crc)
+        chunks = data.parts
+    else:
+        crc, chunks = zlib.crc32(data), [data]
+    head = MAGIC + meta + DATA_HEADER.pack(len(data), crc)
     try:
-        written = write_file_atomic(path, [head, data], tmp)
+        written = write_file_atomic(path, [head, *chunks], tmp)
     except OSError as exc:
         raise FatalError(f"{path}: cannot write snapshot: {describe_os_error(exc)}") from exc
     return path, written
+
+
+class Parts:
+    """Snapshot data as the pieces it was packed in, written one after the other
+    (never joined into one bytes object: joining 126 MB holds the interpreter ~0.2 s)."""
+
+    __slots__ = ("parts", "_size")
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self._size = sum(len(p) for p in parts)
+
+    def __len__(self) -> int:
+        return self._size
 
 
 class MappedData:
