@@ -36,6 +36,10 @@ def _sorted_ids(ids: Iterable[int]) -> tuple[int, ...]:
     return tuple(sorted(set(ids)))
 
 
+def _sorted_configs(cs: Iterable[Iterable[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(_sorted_ids(c) for c in cs)
+
+
 @attrs.frozen
 class Membership:
     """A cluster configuration: one voter set, or two during joint consensus (§4.3).
@@ -45,9 +49,7 @@ class Membership:
     every voter set.
     """
 
-    configs: tuple[tuple[int, ...], ...] = attrs.field(
-        converter=lambda cs: tuple(_sorted_ids(c) for c in cs)
-    )
+    configs: tuple[tuple[int, ...], ...] = attrs.field(converter=_sorted_configs)
     learners: tuple[int, ...] = attrs.field(default=(), converter=_sorted_ids)
 
     def __attrs_post_init__(self) -> None:

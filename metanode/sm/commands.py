@@ -167,7 +167,7 @@ class TxnCondition:
         if self.op not in TXN_COMPARISONS:
             raise ValueError(f"op must be one of {', '.join(TXN_COMPARISONS)}; got {self.op!r}")
         if self.target == "seq":
-            if not is_int(self.operand) or not 0 <= self.operand < 2**63:  # type: ignore[operator]
+            if not is_int(self.operand) or not 0 <= self.operand < 2**63:
                 raise ValueError(
                     f"a seq condition needs an int operand in [0, 2**63), got {self.operand!r}"
                 )
@@ -240,7 +240,12 @@ class TxnDeleteByPrefix:
 TxnOp: TypeAlias = TxnPut | TxnGet | TxnDelete | TxnDeleteByPrefix
 """One operation of a ``Txn`` branch (a tagged union on the wire)."""
 
-TXN_OP_TYPES: tuple[type, ...] = (TxnPut, TxnGet, TxnDelete, TxnDeleteByPrefix)
+TXN_OP_TYPES: tuple[type[TxnPut], type[TxnGet], type[TxnDelete], type[TxnDeleteByPrefix]] = (
+    TxnPut,
+    TxnGet,
+    TxnDelete,
+    TxnDeleteByPrefix,
+)
 """The runtime counterpart of ``TxnOp``."""
 
 

@@ -38,8 +38,9 @@ changes nothing (not even the log time), identically on every replica. Reads rai
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, assert_never
+from typing import Any, assert_never, cast
 
+import builtins
 import hashlib
 import struct
 
@@ -194,7 +195,7 @@ class KVStateMachine:
                 break
         return out
 
-    def range(self, start: str, end: str) -> list[tuple[str, SeqV]]:
+    def range(self, start: str, end: str) -> builtins.list[tuple[str, SeqV]]:
         """Live ``(key, SeqV)`` pairs with ``start <= key < end``, in key order."""
         kv = self._kv
         return [(k, kv[k]) for k in self._keys.irange(start, end, inclusive=(True, False))]
@@ -227,7 +228,7 @@ class KVStateMachine:
     @staticmethod
     def _check(cmd: object, log_time_ms: object) -> str | None:
         """The reason ``cmd`` cannot be applied at ``log_time_ms``, or ``None``."""
-        if not is_int(log_time_ms) or log_time_ms < 0:  # type: ignore[operator]
+        if not is_int(log_time_ms) or log_time_ms < 0:
             return f"log time must be a non-negative int, got {log_time_ms!r}"
         if not isinstance(cmd, COMMAND_TYPES):
             return f"unknown command type {type(cmd).__name__}"
@@ -408,7 +409,7 @@ class KVStateMachine:
                 for i, r in self.nodes()
             ],
         }
-        return msgpack.packb(doc, use_bin_type=True)
+        return cast(bytes, msgpack.packb(doc, use_bin_type=True))
 
     @classmethod
     def restore(cls, data: bytes) -> KVStateMachine:

@@ -7,12 +7,12 @@ apply loop, watchers and clients.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, TypeGuard
 
 import attrs
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """True for a plain ``int`` (``bool`` is excluded although it subclasses ``int``)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -239,5 +239,5 @@ class TxnReply:
     responses: tuple[TxnResponse, ...]
 
 
-ApplyResult: TypeAlias = Change | NodeUpdate | TxnReply | ApplyError
-"""What ``KVStateMachine.apply`` returns."""
+ApplyResult: TypeAlias = Change | NodeUpdate | TxnReply | ApplyError | None
+"""What ``KVStateMachine.apply`` returns (``None`` for a ``Tick``)."""

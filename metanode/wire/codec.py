@@ -39,8 +39,8 @@ import functools
 import operator
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar, Union, cast
 
 import attrs
 import cattrs
@@ -400,12 +400,13 @@ def _structure_attrs_factory(cls: type) -> Callable[[Any, Any], Any]:
             for a in fields
             if hooks[a.name][0] is not a.type
         }
-        detailed = make_dict_structure_fn(
+        # cattrs types **kwargs as its bool options, but they take AttributeOverrides.
+        detailed: Callable[[Any, type], Any] = make_dict_structure_fn(
             cls,
             converter,
             _cattrs_forbid_extra_keys=True,
             _cattrs_detailed_validation=True,
-            **overrides,
+            **overrides,  # type: ignore[arg-type]
         )
 
         def slow_map(value: Any) -> Any:
@@ -422,9 +423,9 @@ def _structure_attrs_factory(cls: type) -> Callable[[Any, Any], Any]:
             globs[f"__t{i}"], globs[f"__h{i}"] = hooks[a.name]
             expr = f"__h{i}(o[{a.name!r}], __t{i})"
             if isinstance(a.default, attrs.Factory):  # type: ignore[arg-type]
-                if a.default.takes_self:  # type: ignore[union-attr]
+                if a.default.takes_self:
                     raise TypeError(f"{name}.{a.name}: Factory(takes_self=True) is not supported")
-                globs[f"__d{i}"] = a.default.factory  # type: ignore[union-attr]
+                globs[f"__d{i}"] = a.default.factory
                 expr = f"({expr} if {a.name!r} in o else __d{i}())"
             elif a.default is not attrs.NOTHING:
                 globs[f"__d{i}"] = a.default
@@ -467,7 +468,8 @@ def _unstructure_attrs_factory(cls: type) -> Callable[[Any], Any]:
         pairs = list(zip(names, hooks, strict=True))
         return lambda obj: [h(getattr(obj, n)) for n, h in pairs]
     overrides = {a.name: override(omit_if_default=True) for a in fields if a.default is None}
-    return make_dict_unstructure_fn(cls, converter, **overrides)
+    # cattrs types **kwargs as its bool options, but they take AttributeOverrides.
+    return make_dict_unstructure_fn(cls, converter, **overrides)  # type: ignore[arg-type]
 
 
 def register_class(
@@ -554,7 +556,7 @@ def register_tagged_union(union: Any, *, name: str) -> Mapping[str, type]:
 # ------------------------------------------------------------------- the converter
 
 
-def _set_to_list(items: Any) -> list[Any]:
+def _set_to_list(items: Iterable[Any]) -> list[Any]:
     """Sets become arrays, sorted when their items allow it: equal sets, equal bytes."""
     items = list(items)
     try:
@@ -613,9 +615,9 @@ def _error_lines(exc: BaseException, path: str) -> Iterator[str]:
         for sub in without:
             yield from _error_lines(sub, path)
     elif isinstance(exc, ClassValidationError):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            yield from _error_lines(sub, f"{path}.{note.name}")
+        with_names, without = exc.group_exceptions()
+        for sub, name_note in with_names:
+            yield from _error_lines(sub, f"{path}.{name_note.name}")
         for sub in without:
             yield from _error_lines(sub, path)
     elif isinstance(exc, ForbiddenExtraKeysError):
@@ -680,7 +682,7 @@ def encode(obj: Any, cls: Any = None) -> bytes:
 
 def decode(body: bytes, cls: type[T] | Any) -> T:
     """The `cls` encoded in `body`; raises `DecodeError` for any bad input."""
-    return structure(unpack(body), cls)
+    return cast(T, structure(unpack(body), cls))
 
 
 # ------------------------------------------------------------ raft types and messages

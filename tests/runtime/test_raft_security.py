@@ -34,7 +34,6 @@ from tests.runtime.test_tcp_transport import (
     Server,
     assert_no_message,
     hb,
-    ident,
     running_server,
 )
 

@@ -196,7 +196,7 @@ class Dashboard:
         obs = _Observed(status)
         prev = self._last
         if prev is None:
-            self._event("start", f"dashboard sampling started; "
+            self._event("start", "dashboard sampling started; "
                         + (f"node {obs.leader} leads" if obs.leader is not None else "no leader")
                         + (f" at term {obs.term}" if obs.term is not None else ""), obs)
         else:
