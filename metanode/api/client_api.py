@@ -355,9 +355,11 @@ class ClientSession:
                     self._cancel(rid)
                     continue  # the watch's stream ends with its own reply
                 if name == "watch":
+                    self._stream_started()
                     self._nursery.start_soon(self._serve_watch, rid, req)
                     continue
                 if name == "export":  # an online backup, streamed (metanode/api/export_stream.py)
+                    self._stream_started()
                     self._nursery.start_soon(self._serve_export, rid, req)
                     continue
                 if name in WRITE_OPS:
@@ -409,15 +411,19 @@ class ClientSession:
         for (rid, name, _), outcome in zip(writes, outcomes):
             ok = not isinstance(outcome, BaseException)
             self._record(name, started, ok)
-            if not ok:
-                replies.append({"id": rid, "error": self._error(outcome)})
-            elif name == "txn":
-                assert isinstance(outcome, TxnReply)
-                replies.append({"id": rid, "ok": {
-                    "success": outcome.success, "responses": [txn_response_out(r) for r in outcome.responses],
-                }})
-            else:
-                replies.append({"id": rid, "ok": change_out(outcome)})
+            try:
+                if isinstance(outcome, ClientError):
+                    replies.append({"id": rid, "error": self._error(outcome)})
+                elif name == "txn":
+                    assert isinstance(outcome, TxnReply), outcome
+                    replies.append({"id": rid, "ok": {
+                        "success": outcome.success, "responses": [txn_response_out(r) for r in outcome.responses],
+                    }})
+                else:
+                    replies.append({"id": rid, "ok": change_out(outcome)})
+            except Exception:  # our bug: this request gets `internal`, the others their replies
+                log.exception("client write %s: cannot build its reply from %r", name, outcome)
+                replies.append({"id": rid, "error": INTERNAL})
         await self._send_replies(replies)
 
     async def _serve_reads(self, reads: list[tuple[int, str, dict]]) -> None:
@@ -437,9 +443,23 @@ class ClientSession:
             except ClientError as e:
                 self._record(name, started, False)
                 replies.append({"id": rid, "error": self._error(e)})
+            except Exception:  # our bug: this request gets `internal`, the others their replies
+                log.exception("client read %s failed", name)
+                self._record(name, started, False)
+                replies.append({"id": rid, "error": INTERNAL})
         await self._send_replies(replies)
 
+    def _stream_started(self) -> None:
+        """A watch or an export holds a slot of MAX_IN_FLIGHT until its stream ends."""
+        self.in_flight += 1
+
     async def _serve_watch(self, rid: int, req: dict) -> None:
+        try:
+            await self._serve_watch_stream(rid, req)
+        finally:
+            self._done(1)
+
+    async def _serve_watch_stream(self, rid: int, req: dict) -> None:
         try:
             await self._watch(rid, req)
             reply: dict = {"id": rid, "ok": None}
@@ -451,6 +471,12 @@ class ClientSession:
         await self._send_replies([reply])
 
     async def _serve_export(self, rid: int, req: dict) -> None:
+        try:
+            await self._serve_export_stream(rid, req)
+        finally:
+            self._done(1)
+
+    async def _serve_export_stream(self, rid: int, req: dict) -> None:
         try:
             await self._read(req)
             reply: dict = {"id": rid, "ok": await stream_export(self.node, rid, self._send)}

@@ -51,6 +51,7 @@ from metanode.client.errors import (
     MetaError,
     NotLeader,
     Timeout,
+    TooLarge,
     Unauthenticated,
     Unavailable,
     error_from_wire,
@@ -64,7 +65,10 @@ MAX_REDIRECTS = 5
 # Replies are not bounded by the server's request limit (a `list` may be large).
 MAX_REPLY_SIZE = 1 << 30
 MESSAGE_QUEUE_SIZE = 256
-SEND_BATCH_BYTES = 1 << 20  # one message carries queued requests up to this size
+# One message carries queued requests up to this size (array header included). A
+# server whose grpc_api_max_message_size is lower answers such a batch too_large:
+# each of its requests is then sent again alone (nothing of it was done).
+SEND_BATCH_BYTES = 256 << 10
 
 
 def _array_header(n: int) -> bytes:
@@ -77,11 +81,14 @@ def _array_header(n: int) -> bytes:
 
 
 def _fit(outbox: list[tuple[bytes, Any]], room: int) -> int:
-    """How many queued requests from the front fit in `room` bytes (at least one)."""
+    """How many queued requests from the front fit in `room` bytes (at least one); a
+    request to be sent alone (`solo`) goes in a message of its own."""
     n, size = 0, 0
-    for packed, _ in outbox:
-        if n and size + len(packed) > room:
+    for packed, waiter in outbox:
+        if n and (size + len(packed) > room or waiter.solo):
             break
+        if waiter.solo:
+            return 1
         n += 1
         size += len(packed)
     return n
@@ -278,13 +285,15 @@ async def _wait_any(*events: trio.Event) -> None:
 
 # ---------------------------------------------------------------------- one socket
 class _Waiter:
-    __slots__ = ("done", "lost", "reply", "unsent")
+    __slots__ = ("batched", "done", "lost", "reply", "solo", "unsent")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.reply: dict | None = None
         self.lost: str | None = None  # why the socket ended before the reply
         self.unsent = False  # the socket ended before the request went out: retry it
+        self.solo = False  # send it alone (a batch it was in was too large for the server)
+        self.batched = False  # it went out together with other requests
 
 
 class _Conn:
@@ -524,6 +533,7 @@ class MetaClient:
         stage = "connect"
         conn: _Conn | None = None
         waiter: _Waiter | None = None
+        solo = False  # once a batch it was in came back too_large
         with trio.move_on_at(deadline):
             while True:
                 stage = "connect"
@@ -532,6 +542,7 @@ class MetaClient:
                 request["id"] = rid
                 message = msgpack.packb(request, use_bin_type=True)
                 waiter = _Waiter()
+                waiter.solo = solo
                 conn.waiters[rid] = waiter
                 stage = "reply"
                 try:
@@ -565,6 +576,11 @@ class MetaClient:
                 if "ok" in reply:
                     return reply["ok"]
                 exc = error_from_wire(reply.get("error"), conn.address)
+                if isinstance(exc, TooLarge) and waiter.batched and not solo:
+                    # The message it shared with others was over the server's limit;
+                    # nothing of it was done: alone, it may fit.
+                    solo = True
+                    continue
                 if isinstance(exc, NotLeader) and redirects < MAX_REDIRECTS:
                     redirects += 1
                     leader = exc.leader if isinstance(exc.leader, str) else None
@@ -774,8 +790,11 @@ class MetaClient:
             await conn.outbox_ready.wait()
             conn.outbox_ready = trio.Event()
             while conn.outbox:
-                take = _fit(conn.outbox, SEND_BATCH_BYTES)
+                take = _fit(conn.outbox, SEND_BATCH_BYTES - 5)  # 5: the array header at most
                 batch = conn.outbox[:take]
+                if len(batch) > 1:
+                    for _, waiter in batch:
+                        waiter.batched = True
                 del conn.outbox[:take]
                 data = batch[0][0] if len(batch) == 1 else _array_header(len(batch)) + b"".join(p for p, _ in batch)
                 try:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from metanode.errors import ClientError, SnapshotFailed, Unavailable
+from metanode.errors import ClientError, FatalError, SnapshotFailed, Unavailable
 from metanode.node.events import (
     Compact,
     Propose,
@@ -83,7 +83,13 @@ class ApplyLoop:
             self.driver.snapshot_saved(snapshot)
             # The core keeps it for followers memory-mapped from its file: the bytes
             # built here are dropped.
-            snapshot = self.storage.mapped_snapshot(snapshot)
+            try:
+                snapshot = self.storage.mapped_snapshot(snapshot)
+            except FatalError as e:
+                # A newer snapshot (installed from the leader while ours was built)
+                # replaced ours, whose file is gone: nothing to compact to.
+                log.info("%d snapshot %s superseded before it was kept: %s", self.id, snapshot.meta.last_log_id, e)
+                return
             try:
                 purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")
                 await trio.to_thread.run_sync(self.storage.purge, purged)

@@ -169,8 +169,27 @@ class Forwarding:
                         except TransportError as e:  # it may have been applied: never resend
                             for i in pending:
                                 outcomes[i] = Timeout(f"write forwarded to {address}: outcome unknown ({e})")
+                        except BadRequest as e:
+                            if "unknown method" not in str(e):
+                                raise
+                            # A leader of an older version (a rolling upgrade): one
+                            # write call per command.
+                            got = await self._forward_one_by_one(address, [cmds[i] for i in pending], deadline)
+                            for i, outcome in zip(pending, got):
+                                if isinstance(outcome, (NotLeader, Unavailable, ConnectFailed)):
+                                    retry.append(i)
+                                    last = outcome
+                                else:
+                                    outcomes[i] = outcome
                         else:
                             replies = rpc.decode(body, rpc.WriteBatchReply).replies
+                            if len(replies) != len(pending):  # a broken answer: outcomes unknown
+                                for i in pending:
+                                    outcomes[i] = Timeout(
+                                        f"write forwarded to {address}: {len(replies)} answers to"
+                                        f" {len(pending)} writes; the outcome is unknown"
+                                    )
+                                replies = ()
                             for i, reply in zip(pending, replies):
                                 if reply.ok:
                                     outcomes[i] = reply.txn if reply.txn is not None else reply.change
@@ -185,6 +204,24 @@ class Forwarding:
         for i in pending:
             outcomes[i] = Unavailable(f"no leader answered the write within {self.wait_s():.0f} s: {last}")
         return outcomes
+
+    async def _forward_one_by_one(self, address: str, cmds: list[Command], deadline: float) -> list[Any]:
+        out: list[Any] = []
+        for cmd in cmds:
+            try:
+                body = await self.calls_to_leader.call(
+                    address, rpc.WRITE, rpc.encode(rpc.WriteRequest(cmd)),
+                    timeout=max(0.1, deadline - trio.current_time()),
+                )
+            except (NotLeader, Unavailable, ConnectFailed, BadRequest) as e:
+                out.append(e)
+                continue
+            except TransportError as e:
+                out.append(Timeout(f"write forwarded to {address}: outcome unknown ({e})"))
+                continue
+            reply = rpc.decode(body, rpc.WriteReply)
+            out.append((reply.txn if reply.txn is not None else reply.change) if reply.ok else BadRequest(reply.message))
+        return out
 
     async def client_read_barrier(self) -> None:
         """Make a following local read linearizable (§6.4): get a read index from the

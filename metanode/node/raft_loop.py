@@ -139,7 +139,12 @@ class RaftLoop:
             if self.driver.must_sync(ready):
                 await trio.to_thread.run_sync(self._persist, ready, True)
             elif ready.hard_state is not None:
-                self._persist(ready, False)  # a commit index alone: a write, no fsync, no thread hop
+                if self._snapshot_lock.locked():
+                    # A snapshot's save or purge may hold the store in a thread: do not
+                    # block the loop waiting for it.
+                    await trio.to_thread.run_sync(self._persist, ready, False)
+                else:
+                    self._persist(ready, False)  # a commit index alone: a write, no fsync, no thread hop
             self.driver.persisted(ready)
             if ready.snapshot is not None:  # installed from the leader: keep it from the file
                 self.driver.keep_snapshot_data(self.storage.mapped_snapshot(ready.snapshot))

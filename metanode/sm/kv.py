@@ -439,6 +439,8 @@ class KVStateMachine:
                 raise ValueError("snapshot must be a msgpack map") from None
             for _ in range(fields):
                 name = unpacker.unpack()
+                if name in doc:
+                    raise ValueError(f"snapshot field {name!r} appears twice")
                 if name == "kv" and "seq" in doc and doc.get("format") == SNAPSHOT_FORMAT:
                     try:
                         n = unpacker.read_array_header()

@@ -382,6 +382,30 @@ async def test_too_large_leaves_the_socket_usable(tmp_path: Path) -> None:
                 assert cl._conn is conn
 
 
+async def test_a_batch_over_the_servers_limit_is_sent_again_request_by_request(tmp_path: Path) -> None:
+    """Concurrent calls are batched into one message; a server whose limit the batch
+    exceeds answers every request of it too_large (nothing done), and the client sends
+    each again alone: requests that fit succeed, the one that does not fails alone."""
+    with trio.fail_after(15):
+        async with cluster(tmp_path) as c:
+            await c.start(1, "--single", "--grpc-api-max-message-size", "4096")
+            async with MetaClient.connect([c.address(1)]) as cl:
+                results: dict[int, object] = {}
+
+                async def one(i: int) -> None:
+                    try:
+                        results[i] = await cl.upsert(f"k{i}", b"v" * (10_000 if i == 0 else 200))
+                    except TooLarge as e:
+                        results[i] = e
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(40):  # 40 x ~230 B: well over 4096 together
+                        nursery.start_soon(one, i)
+                assert isinstance(results[0], TooLarge)
+                assert all(not isinstance(results[i], Exception) for i in range(1, 40))
+                assert len(await cl.list("k")) == 39
+
+
 # ---------------------------------------------------------------------- a cluster
 async def test_through_a_follower_and_failover_when_its_node_stops(tmp_path: Path) -> None:
     with trio.fail_after(20):
