@@ -27,9 +27,11 @@ import attrs
 import httpx
 import trio
 
+import metanode
 from tests.net import free_port
 from tests.robustness.proxy import Network, RaftProxy
 
+_METANODE_ROOT = str(Path(metanode.__file__).resolve().parent.parent)
 ADV_HOST = "127.0.0.2"
 HEARTBEAT_MS = 200
 ROUNDS = max(1, int(os.environ.get("ROBUSTNESS_ROUNDS", "1") or "1"))
@@ -90,6 +92,7 @@ class Cluster:
         self.t0 = time.monotonic()
         self.http = httpx.AsyncClient(timeout=2.0)
         self.mounts: list[Path] = []
+        self.extra_procs: list[subprocess.Popen[bytes]] = []
         self.host_for: Callable[[int], tuple[str, str, str | None]] | None = None  # netns mode
 
     # ------------------------------------------------------------------ bookkeeping
@@ -152,8 +155,8 @@ class Cluster:
         return spec
 
     def write_config(self, node_id: int, *, single: bool = False, join: Iterable[int] = (),
-                     join_addresses: Iterable[str] = ()) -> Path:
-        spec = self.specs[node_id]
+                     join_addresses: Iterable[str] = (), spec: NodeSpec | None = None, name: str | None = None) -> Path:
+        spec = spec or self.specs[node_id]
         joins = [self.raft_address(j) for j in join] + list(join_addresses)
         raft = {
             "id": node_id,
@@ -169,13 +172,13 @@ class Cluster:
         if joins:
             raft["join"] = joins
         lines = [
-            f'log_dir = "{self.root / f"logs{node_id}"}"',
+            f'log_dir = "{self.root / f"logs{name or node_id}"}"',
             f'admin_api_address = "{spec.admin_address}"',
             f'grpc_api_address = "{spec.client_address}"',
             "[raft_config]",
             *(f"{k} = {json.dumps(v)}" for k, v in raft.items()),
         ]
-        path = self.root / f"node{node_id}.toml"
+        path = self.root / f"{name or f'node{node_id}'}.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
 
@@ -188,6 +191,8 @@ class Cluster:
         for k in ("METASRV_CONFIG_FILE", "NOTIFY_SOCKET", "METANODE_TEST_CLOCK_OFFSET_MS", "PYTHONTRACEMALLOC"):
             env.pop(k, None)
         env.update(spec.env)
+        # The nodes run the metanode this test imported (a checkout, a worktree, the CI's venv).
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (_METANODE_ROOT, env.get("PYTHONPATH")) if x)
         argv = [sys.executable, "-m", "metanode", "-c", str(cfg)]
         if spec.netns is not None:
             argv = ["ip", "netns", "exec", spec.netns, *argv]
@@ -198,6 +203,23 @@ class Cluster:
             self.procs[node_id] = subprocess.Popen(argv, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.paused.discard(node_id)
         self.note(f"start node {node_id} (pid {self.procs[node_id].pid}, incarnation {self.incarnation[node_id]})")  # type: ignore[union-attr]
+
+    def start_extra(self, name: str, node_id: int, *, join: Iterable[int] = (),
+                    raft_extra: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
+        """A one-off process outside the cluster's bookkeeping (an impostor under a
+        member's id, a node of another cluster name...) on ports of its own; stopped
+        by `stop_all` if still running."""
+        spec = NodeSpec(node_id, "127.0.0.1", "127.0.0.1", free_port(), free_port(), free_port(),
+                        self.root / f"data-{name}", None, {}, {**self.raft_extra, **(raft_extra or {})})
+        cfg = self.write_config(node_id, join=join, spec=spec, name=name)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (_METANODE_ROOT, env.get("PYTHONPATH")) if x)
+        with open(self.root / f"{name}.out", "ab") as out:
+            p = subprocess.Popen([sys.executable, "-m", "metanode", "-c", str(cfg)], cwd=self.root,
+                                 stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.extra_procs.append(p)
+        self.note(f"start {name} as node {node_id} (pid {p.pid})")
+        return p
 
     def signal(self, node_id: int, sig: int) -> None:
         p = self.procs.get(node_id)
@@ -264,6 +286,13 @@ class Cluster:
                 continue
             while p.poll() is None and time.monotonic() < deadline:
                 await trio.sleep(0.05)
+            if p.poll() is None:
+                p.kill()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+        for p in self.extra_procs:
             if p.poll() is None:
                 p.kill()
                 try:
@@ -374,6 +403,7 @@ class Cluster:
     async def run_cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
         env = dict(os.environ)
         env.pop("METASRV_CONFIG_FILE", None)
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (_METANODE_ROOT, env.get("PYTHONPATH")) if x)
         with trio.fail_after(timeout):
             result = await trio.run_process(
                 [sys.executable, "-m", "metanode", *args], capture_stdout=True, capture_stderr=True,

@@ -11,7 +11,9 @@ link `src -> dst` can be ruled on its own:
   as in a real partition; a connection dialed during it is not even opened upstream
   until the link passes again);
 - `drop`: each frame is dropped with a probability;
-- `delay`: each frame is held `delay` seconds (+ uniform jitter), order kept.
+- `delay`: each frame is held `delay` seconds (+ uniform jitter), order kept;
+- `gap`: frames of a connection leave at least `gap` seconds apart (a thin pipe:
+  a batch of messages sent at once arrives one by one).
 
 Frames of a connection flow in two directions: the dialer's frames are link
 `from -> owner`, the listener's answers (call results, error frames) `owner -> from`.
@@ -46,10 +48,11 @@ class Rule:
     drop: float = 0.0  # probability of dropping one frame
     delay: float = 0.0  # seconds
     jitter: float = 0.0  # seconds, uniform in [0, jitter)
+    gap: float = 0.0  # seconds at least between two frames of a connection (pacing)
 
     @property
     def passes_all(self) -> bool:
-        return not self.blackhole and self.drop == 0 and self.delay == 0 and self.jitter == 0
+        return not self.blackhole and self.drop == 0 and self.delay == 0 and self.jitter == 0 and self.gap == 0
 
 
 @attrs.define
@@ -247,7 +250,7 @@ class _ProxiedConn:
                     continue
                 self.net.count(self.src or 0, self.dst, dropped=False)
                 due = trio.current_time() + rule.delay + (self.net.rng.random() * rule.jitter if rule.jitter else 0)
-                last_due = max(last_due, due)
+                last_due = max(last_due + rule.gap, due)
                 try:
                     send.send_nowait((last_due, body))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -318,7 +321,7 @@ class _ProxiedConn:
                         continue
                     self.net.count(self.dst, self.src or 0, dropped=False)
                     due = trio.current_time() + rule.delay + (self.net.rng.random() * rule.jitter if rule.jitter else 0)
-                    last_due = max(last_due, due)
+                    last_due = max(last_due + rule.gap, due)
                     try:
                         send.send_nowait((last_due, body))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):

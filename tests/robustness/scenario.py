@@ -12,6 +12,8 @@ stop and `Workload.finish` checks everything (tests/robustness/workload.py).
 
 from __future__ import annotations
 
+import shutil
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -46,8 +48,82 @@ async def run(cluster: Cluster, fault: Fault, *, nodes: int = 3, warmup: float =
     return report
 
 
-async def others(cluster: Cluster, node_id: int) -> list[int]:
-    return [i for i in cluster.ids() if i != node_id]
+async def wait_listening(c: Cluster, node_id: int, timeout: float = 40) -> None:
+    """Until the node's own raft port accepts connections (its process is up)."""
+    spec = c.specs[node_id]
+
+    async def up() -> bool:
+        if not c.running(node_id):
+            raise AssertionError(f"node {node_id} exited:\n{c.output(node_id)[-2000:]}")
+        try:
+            with socket.create_connection((spec.host, spec.raft_port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    await c.wait_for(up, timeout, f"node {node_id}'s raft port", interval=0.05)
 
 
-__all__ = ["Fault", "run"]
+async def restart(c: Cluster, wl: Workload, *ids: int) -> None:
+    for i in ids:
+        c.start(i)
+    for i in ids:
+        await wait_listening(c, i)
+    for i in ids:
+        wl.expected_exits.discard(i)
+
+
+async def replace_member(c: Cluster, wl: Workload, node_id: int, *, avoid_rejoin_bug: bool = True) -> None:
+    """The documented repair of a node whose data dir is damaged or lost
+    (docs/operations/cluster.md): remove it, wipe its raft_dir, join it again.
+
+    `avoid_rejoin_bug`: first let the leader purge its log past the removal, so the
+    rejoining node is sent a snapshot rather than the entries where it was a member and
+    then removed (it takes that removal for its own and exits: the bug that
+    test_membership.py::test_a_node_rejoining_under_a_removed_id_is_taken_for_removed
+    reproduces). The scenarios using this need a small `max_applied_log_to_keep`."""
+    rest = [i for i in c.ids() if i != node_id and c.running(i)]
+    leader = await c.wait_leader(rest)
+    r = await c.run_cli("--leave-id", str(node_id), "--leave-via", c.raft_address(leader))
+    assert r.returncode == 0, r.stdout + r.stderr
+    await c.wait_for(lambda: _not_voter(c, leader, node_id), 20, f"node {node_id} to leave the voters")
+    if avoid_rejoin_bug:
+        await purge_past_removal(c, rest)
+    shutil.rmtree(c.specs[node_id].raft_dir, ignore_errors=True)
+    wl.wiped.add(node_id)
+    c.start(node_id, join=[leader])
+    wl.expected_exits.discard(node_id)
+    await c.wait_healthy(node_id)
+    await c.wait_for(lambda: _voter(c, leader, node_id), 30, f"node {node_id} to be a voter again")
+
+
+async def purge_past_removal(c: Cluster, among: list[int], timeout: float = 30) -> None:
+    leader = await c.wait_leader(among)
+    st = await c.status(leader)
+    assert st is not None
+    target = st["last_log_index"]
+
+    async def purged() -> bool:
+        now = await c.leader(among)
+        s = await c.status(now) if now is not None else None
+        if s is not None and s["purged"] and s["purged"]["index"] >= target:
+            return True
+        if now is not None:
+            await c.trigger_snapshot(now)  # purges to its applied index - max_applied_log_to_keep
+        return False
+
+    await c.wait_for(purged, timeout, f"the leader to purge its log past {target}", interval=0.5)
+
+
+async def _voter(c: Cluster, via: int, node_id: int) -> bool:
+    leader = await c.leader() or via
+    return node_id in await c.voters(leader)
+
+
+async def _not_voter(c: Cluster, via: int, node_id: int) -> bool:
+    leader = await c.leader() or via
+    st = await c.status(leader)
+    return st is not None and node_id not in [int(v["name"]) for v in st["voters"]]
+
+
+__all__ = ["Fault", "replace_member", "restart", "run", "wait_listening"]

@@ -3,42 +3,15 @@ traffic; watches across failovers; ambiguous writes retried."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import trio
 
 from metanode.client import MetaClient, MetaError
 from tests.robustness.cluster import Cluster
-from tests.robustness.scenario import run
+from tests.robustness.scenario import restart, run
 from tests.robustness.workload import OP_TIMEOUT, Workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.robustness]
-
-
-async def wait_listening(c: Cluster, node_id: int, timeout: float = 40) -> None:
-    """Until the node's own raft port accepts connections (its process is up)."""
-    spec = c.specs[node_id]
-
-    async def up() -> bool:
-        if not c.running(node_id):
-            raise AssertionError(f"node {node_id} exited:\n{c.output(node_id)[-2000:]}")
-        try:
-            with socket.create_connection((spec.host, spec.raft_port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    await c.wait_for(up, timeout, f"node {node_id}'s raft port", interval=0.05)
-
-
-async def restart(c: Cluster, wl: Workload, *ids: int) -> None:
-    for i in ids:
-        c.start(i)
-    for i in ids:
-        await wait_listening(c, i)
-    for i in ids:
-        wl.expected_exits.discard(i)
 
 
 async def test_sigkill_of_the_leader(cluster: Cluster) -> None:
