@@ -77,11 +77,13 @@ class Cluster:
     """The nodes of one test, their proxies and a timeline of what the test did."""
 
     def __init__(self, root: Path, nursery: trio.Nursery, *, heartbeat_ms: int = HEARTBEAT_MS,
-                 raft_extra: dict[str, Any] | None = None, proxied: bool = True) -> None:
+                 raft_extra: dict[str, Any] | None = None, proxied: bool = True,
+                 top_extra: dict[str, Any] | None = None) -> None:
         self.root = root
         self.nursery = nursery
         self.heartbeat_ms = heartbeat_ms
         self.raft_extra = dict(raft_extra or {})
+        self.top_extra = dict(top_extra or {})  # top-level keys of every node's config
         self.proxied = proxied
         self.net = Network(seed=int(time.time()))
         self.specs: dict[int, NodeSpec] = {}
@@ -175,6 +177,7 @@ class Cluster:
             f'log_dir = "{self.root / f"logs{name or node_id}"}"',
             f'admin_api_address = "{spec.admin_address}"',
             f'grpc_api_address = "{spec.client_address}"',
+            *(f"{k} = {json.dumps(v)}" for k, v in self.top_extra.items()),
             "[raft_config]",
             *(f"{k} = {json.dumps(v)}" for k, v in raft.items()),
         ]
@@ -424,6 +427,19 @@ class Cluster:
         r = await self.get(node_id, "/v1/ctrl/trigger_snapshot", timeout=20)
         self.note(f"trigger snapshot on {node_id}: {r.status_code if r else None}")
         return r.status_code if r else None
+
+    def rss_kib(self, node_id: int) -> int:
+        """The node's resident set size (VmRSS of /proc/PID/status), KiB; 0 if gone."""
+        p = self.procs.get(node_id)
+        if p is None or p.poll() is not None:
+            return 0
+        try:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            return 0
+        return 0
 
     def mount_tmpfs(self, path: Path, size: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)

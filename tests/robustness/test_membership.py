@@ -12,7 +12,7 @@ from metanode.client import MetaClient
 from tests.robustness.cluster import Cluster
 from tests.robustness.disk import log_messages
 from tests.robustness.proxy import Rule
-from tests.robustness.scenario import purge_past_removal, replace_member, restart, run
+from tests.robustness.scenario import purge_past_removal, replace_member, run
 from tests.robustness.workload import Workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.robustness]
