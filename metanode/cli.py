@@ -159,8 +159,8 @@ def _node_function(module: str, name: str) -> Callable[..., Any] | None:
 
 def _parse_leave(leave_id: str, leave_via: Sequence[str]) -> tuple[int, list[str]]:
     text = leave_id.strip()
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise ConfigError(f"--leave-id: expected a positive node id, got {leave_id!r}")
+    if not (text.isascii() and text.isdigit()):
+        raise ConfigError(f"--leave-id: expected a node id (an integer >= 0), got {leave_id!r}")
     for address in leave_via:
         try:
             _, port = parse_address(address)

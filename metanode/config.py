@@ -22,7 +22,7 @@ What the loader checks (everything that can be decided from the configuration al
   addresses ``admin_api_address``/``grpc_api_address`` 0..65535, 0 letting the OS pick);
   addresses are ``host:port`` (``[v6]:port`` for IPv6); hosts are not empty and carry no
   port; ``raft_advertise_host`` is not a wildcard address;
-- ``id`` is a positive integer below 2**63 and, when running a node
+- ``id`` is an integer in 0..2**63-1 (0 is valid, as in databend-meta's shipped config) and, when running a node
   (``require_id=True``), present;
 - durations (``heartbeat_interval``, ``install_snapshot_timeout``,
   ``wait_leader_timeout``) and sizes are positive; ``max_applied_log_to_keep`` >= 0;
@@ -314,7 +314,7 @@ def _int(value: object, *, low: int, high: int | None = None, what: str = "") ->
 
 
 def _v_id(value: object) -> int:
-    return _int(value, low=1, high=MAX_ID, what=" (a positive node id)")
+    return _int(value, low=0, high=MAX_ID, what=" (a node id: 0 or more, as databend-meta's own config has id = 0)")
 
 
 def _v_port(value: object) -> int:
@@ -567,7 +567,7 @@ KEYS: Final[tuple[Key, ...]] = (
         "raft_config.id",
         _v_id,
         "none, required",
-        "this node's id, a positive integer",
+        "this node's id, an integer >= 0",
         flag_kind="int",
     ),
     _k("raft_config.raft_dir", _v_str, "./.metanode/meta", "data directory (log, snapshots)"),
@@ -921,7 +921,7 @@ def _check_combinations(
     id_key = key(("raft_config", "id"))
     if require_id and raft.id is None:
         raise ConfigError(
-            f"{id_key.dotted}: missing: running a node needs its id, a positive integer "
+            f"{id_key.dotted}: missing: running a node needs its id, an integer >= 0 "
             f"(set [raft_config] id in the config file or pass {id_key.flag} N)"
         )
     single, join, learner = (key(("raft_config", k)) for k in ("single", "join", "learner"))

@@ -450,7 +450,7 @@ def _parse_initial_cluster(items: Sequence[str]) -> dict[int, tuple[str, int]]:
     out: dict[int, tuple[str, int]] = {}
     for item in items:
         id_text, sep, address = item.partition("=")
-        if not sep or not id_text.isdigit() or int(id_text) <= 0:
+        if not sep or not id_text.isdigit() or int(id_text) < 0:
             raise ConfigError(f"--initial-cluster: expected ID=HOST:PORT with a positive ID, got {item!r}")
         try:
             host, port = parse_address(address)

@@ -163,15 +163,15 @@ def _bearer_token(header: str | None) -> str | None:
 
 
 def parse_node_id(name: str, values: list[str]) -> int | None:
-    """An optional positive node id query parameter; `BadRequest` naming it if not."""
+    """An optional node id query parameter (an integer >= 0); `BadRequest` naming it if not."""
     if not values:
         return None
     if len(values) > 1:
         raise BadRequest(f"query parameter {name!r} given {len(values)} times; give it once")
     text = values[0]
-    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+    if not (text.isascii() and text.isdigit()):
         raise BadRequest(
-            f"query parameter {name!r} must be a positive integer node id, got {text!r}"
+            f"query parameter {name!r} must be a node id (an integer >= 0), got {text!r}"
         )
     return int(text)
 

@@ -452,6 +452,7 @@ class ClientSession:
     def _stream_started(self) -> None:
         """A watch or an export holds a slot of MAX_IN_FLIGHT until its stream ends."""
         self.in_flight += 1
+        self.metrics.req_inflights.inc(1)
 
     async def _serve_watch(self, rid: int, req: dict) -> None:
         try:

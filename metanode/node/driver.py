@@ -381,8 +381,8 @@ class NodeDriver:
         """The refusals of `plan_join` (BadRequest), which any member can judge from
         its own log: a follower refuses at once, without waiting for a leader."""
         core = self.core
-        if node_id <= 0:
-            raise BadRequest(f"node id must be positive, got {node_id}")
+        if node_id < 0:
+            raise BadRequest(f"node id must not be negative, got {node_id}")
         voter = core.membership.is_voter(node_id) or core.committed_membership.is_voter(node_id)
         if fresh and voter:
             raise BadRequest(

@@ -89,8 +89,8 @@ class RaftConfig:
     check_quorum: bool = True
 
     def __attrs_post_init__(self) -> None:
-        if self.id <= 0:
-            raise ValueError(f"raft node id must be positive, got {self.id}")
+        if self.id < 0:
+            raise ValueError(f"raft node id must not be negative, got {self.id}")
         if not 0 < self.heartbeat_ticks < self.election_ticks:
             raise ValueError("need 0 < heartbeat_ticks < election_ticks")
         if self.election_ticks_max and self.election_ticks_max <= self.election_ticks:
@@ -641,7 +641,7 @@ class RaftCore:
         """What makes a message impossible from a correct peer, if anything."""
         if msg.dst != self.id:
             return f"addressed to {msg.dst}"
-        if msg.src == self.id or msg.src <= 0:
+        if msg.src == self.id or msg.src < 0:
             return f"bad sender {msg.src}"
         if isinstance(msg, AppendRequest):
             expect, term = msg.prev_log_id.index + 1, msg.prev_log_id.term

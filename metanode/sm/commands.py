@@ -117,8 +117,8 @@ class SetNode:
     record: NodeRecord
 
     def validate(self) -> None:
-        if not is_int(self.node_id) or self.node_id <= 0:
-            raise ValueError(f"node id must be a positive int, got {self.node_id!r}")
+        if not is_int(self.node_id) or self.node_id < 0:
+            raise ValueError(f"node id must be an int >= 0, got {self.node_id!r}")
         if not isinstance(self.record, NodeRecord):
             raise ValueError("record must be a NodeRecord")
         self.record.validate()
@@ -132,8 +132,8 @@ class RemoveNode:
     node_id: int
 
     def validate(self) -> None:
-        if not is_int(self.node_id) or self.node_id <= 0:
-            raise ValueError(f"node id must be a positive int, got {self.node_id!r}")
+        if not is_int(self.node_id) or self.node_id < 0:
+            raise ValueError(f"node id must be an int >= 0, got {self.node_id!r}")
 
 
 # ---------------------------------------------------------------------------- txn

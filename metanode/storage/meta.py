@@ -25,8 +25,8 @@ FILE_NAME = "meta"
 
 
 def _check(meta: NodeMeta) -> None:
-    if meta.node_id <= 0:
-        raise ValueError(f"node_id must be positive, got {meta.node_id}")
+    if meta.node_id < 0:
+        raise ValueError(f"node_id must not be negative, got {meta.node_id}")
 
 
 @attrs.frozen

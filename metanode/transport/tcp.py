@@ -453,7 +453,7 @@ class _ServerConnection:
         hello = self.hello
         assert hello is not None
         self.authenticated = True
-        if hello.from_id and hello.addr and hello.cluster_id is not None and (
+        if hello.addr and hello.cluster_id is not None and (
             hello.cluster_id == self.server.identity().cluster_id
         ):
             # Only a member of our cluster may tell us where it is now (a fresh

@@ -341,7 +341,7 @@ async def test_transfer_leader_not_leader_is_404_with_the_leader(leader: int | N
     assert r.json() == {"error": "node 1 is not the leader", "leader": leader}
 
 
-@pytest.mark.parametrize("query", ["to=abc", "to=", "to=0", "to=-1", "to=1.5", "to=1&to=2"])
+@pytest.mark.parametrize("query", ["to=abc", "to=", "to=-1", "to=1.5", "to=1&to=2"])
 async def test_transfer_leader_bad_to_is_400_naming_it(query: str) -> None:
     node = FakeNode()
     with trio.fail_after(LIMIT):

@@ -66,6 +66,19 @@ async def test_a_single_node_bootstraps_and_publishes_its_record(tmp_path: Path)
         assert n1.storage.meta is not None and n1.storage.meta.cluster_id == st["cluster_id"]
 
 
+async def test_node_id_0_is_a_node_like_any_other(tmp_path: Path) -> None:
+    """databend-meta's shipped config has `id = 0`: node 0 bootstraps, node 1 joins it,
+    both are voters, its record is published, and its address is learned from hellos."""
+    ports = Ports()
+    async with AsyncExitStack() as stack:
+        n0 = await stack.enter_async_context(node(tmp_path, ports, 0, "--single"))
+        n1 = await stack.enter_async_context(node(tmp_path, ports, 1, "--join", ports.address(0)))
+        await until(lambda: voter_ids(n1.cluster_status()) == [0, 1], "node 1 sees voters 0 and 1")
+        await until(lambda: [x["name"] for x in n0.cluster_nodes()] == ["0", "1"], "both records")
+        assert n0.core.is_leader and n1.core.leader == 0
+        assert (await n1.client_write(Upsert("k", b"v", None, None, None))).result is not None
+
+
 async def test_nodes_join_through_any_member_and_leave_including_the_leader(tmp_path: Path) -> None:
     ports = Ports()
     async with AsyncExitStack() as stack:

@@ -163,7 +163,7 @@ BAD = [
     ("[raft_config\nid = 1\n", [], "bad TOML"),
     (None, ["--raft-api-port", "-1", "--id", "1"], "--raft-api-port"),
     (None, ["--heartbeat-interval", "x", "--id", "1"], "--heartbeat-interval"),
-    (None, ["--id", "0"], "--id"),
+    (None, ["--id", "-1"], "--id"),
     (None, [], "raft_config.id: missing"),
     (None, ["-c", "/no/such/metanode.toml"], "config file /no/such/metanode.toml: does not exist"),
 ]  # fmt: skip
@@ -320,9 +320,9 @@ def test_leave_usage_errors_exit_2(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--leave-id", "x", "--leave-via", "a:1"], "--leave-id: expected a positive node id"),
-        (["--leave-id", "0", "--leave-via", "a:1"], "--leave-id: expected a positive node id"),
-        (["--leave-id", "-2", "--leave-via", "a:1"], "--leave-id: expected a positive node id"),
+        (["--leave-id", "x", "--leave-via", "a:1"], "--leave-id: expected a node id"),
+        (["--leave-id", "x", "--leave-via", "a:1"], "--leave-id: expected a node id"),
+        (["--leave-id", "-2", "--leave-via", "a:1"], "--leave-id: expected a node id"),
         (["--leave-id", "3", "--leave-via", "a:1", "nohost"], "--leave-via: expected 'host:port'"),
         (["--leave-id", "3", "--leave-via", "a:99999"], "--leave-via: port 99999"),
         (["--leave-id", "3", "--leave-via", "a:0"], "--leave-via: 'a:0': port 0"),

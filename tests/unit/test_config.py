@@ -365,12 +365,11 @@ def test_known_files_give_no_warning(tmp_path: Path) -> None:
 
 BAD_FILES = [
     # (file text, the key the message must start with, a fragment of the reason)
-    ("[raft_config]\nid = 0\n", "raft_config.id:", "must be 1.."),
-    ("[raft_config]\nid = -3\n", "raft_config.id:", "must be 1.."),
+    ("[raft_config]\nid = -3\n", "raft_config.id:", "must be 0.."),
     ('[raft_config]\nid = "1"\n', "raft_config.id:", "expected an integer"),
     ("[raft_config]\nid = 1.5\n", "raft_config.id:", "expected an integer"),
     ("[raft_config]\nid = true\n", "raft_config.id:", "a boolean (true)"),
-    ("[raft_config]\nid = 9223372036854775808\n", "raft_config.id:", "must be 1.."),
+    ("[raft_config]\nid = 9223372036854775808\n", "raft_config.id:", "must be 0.."),
     ('[raft_config]\nid = 1\nraft_api_port = "28004"\n', "raft_config.raft_api_port:", "string"),
     ("[raft_config]\nid = 1\nraft_api_port = -1\n", "raft_config.raft_api_port:", "1..65535"),
     ("[raft_config]\nid = 1\nraft_api_port = 65536\n", "raft_config.raft_api_port:", "1..65535"),
@@ -427,7 +426,7 @@ def test_bad_file_values_name_the_key(tmp_path: Path, text: str, key: str, reaso
 
 BAD_FLAGS = [
     (["--id", "x"], "--id:", "expected an integer"),
-    (["--id", "0"], "--id:", "must be 1.."),
+    (["--id", "-1"], "--id:", "must be 0.."),
     (["--id", "1", "--raft-api-port", "-1"], "--raft-api-port:", "1..65535"),
     (["--id", "1", "--raft-api-port=70000"], "--raft-api-port:", "1..65535"),
     (["--id", "1", "--raft-api-port", "28004x"], "--raft-api-port:", "expected an integer"),

@@ -415,7 +415,7 @@ def _doc(**override) -> bytes:
         _doc(rev=-1),
         _doc(nodes=None),
         _doc(nodes=[[1, "1", "localhost", 28004]]),
-        _doc(nodes=[[0, "1", "localhost", 28004, None]]),
+        _doc(nodes=[[-1, "1", "localhost", 28004, None]]),
         _doc(nodes=[[1, "1", "localhost", 70000, None]]),
         _doc(nodes=[[1, "1", "localhost", 28004, None], [1, "1", "h", 1, None]]),
         _doc(seq=-1),
@@ -557,7 +557,9 @@ def test_node_records_are_set_replaced_removed_and_snapshotted():
     two = sm.node(2)
     assert sm.apply(RemoveNode(2), 8) == NodeUpdate(2, two, None)
     assert sm.apply(RemoveNode(2), 9) == NodeUpdate(2, None, None)
-    assert isinstance(sm.apply(SetNode(0, rec), 10), ApplyError)
+    assert isinstance(sm.apply(SetNode(-1, rec), 10), ApplyError)
+    assert sm.apply(SetNode(0, rec), 10) == NodeUpdate(0, None, rec)  # id 0 is valid (databend's own config)
+    sm.apply(RemoveNode(0), 10)
     assert isinstance(sm.apply(SetNode(3, NodeRecord("", Endpoint("h", 1))), 10), ApplyError)
 
 
