@@ -709,6 +709,13 @@ def main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BaseExceptionGroup as group:
+        # Interrupted while the workers ran: their requests end with the client (as
+        # unknown outcomes) beside the KeyboardInterrupt, all in one group.
+        if group.subgroup(lambda e: isinstance(e, KeyboardInterrupt)) is None:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.format == "json":

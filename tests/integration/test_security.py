@@ -74,6 +74,13 @@ def node_log(c: LocalCluster, i: int) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def assert_untouched(c: LocalCluster, before: tuple[int, list[int]]) -> None:
+    """The membership is the same and the forged term (+100) never arrived; an election
+    of the cluster's own on a loaded machine may still move the term by one or two."""
+    term, voters = snapshot_of(c, 1)
+    assert voters == before[1] and before[0] <= term < before[0] + 100, (before, (term, voters))
+
+
 def snapshot_of(c: LocalCluster, i: int) -> tuple[int, list[int]]:
     st = c.admin(i).status()
     return st["current_term"], voter_ids(st)
@@ -139,14 +146,14 @@ def test_every_port_on_tls_with_a_strict_secret(cluster: LocalCluster, tmp_path:
                                        "--raft-secret", "not-the-secret"], {}))  # fmt: skip
     error = attack_with_a_peer_link(cluster, 1, 2, wrong)
     assert "wrong proof of the raft secret" in error or "refused" in error, error
-    assert snapshot_of(cluster, 1) == before
+    assert_untouched(cluster, before)
     assert "node 2 gave a wrong proof of the raft secret (raft_secret_strict is set)" in node_log(cluster, 1)
     # A whole node with a wrong secret cannot join.
     pair4 = pki.issue("meta4")
     cluster.add(4, join=[1], extra=secure_extra(pair4), raft_extra=pki.raft_toml(pair4) + secret_toml("nope"))
     assert cluster.procs[4].wait(60) == 1
     assert "wrong proof of the raft secret" in cluster.procs[4].output()
-    assert snapshot_of(cluster, 1) == before
+    assert_untouched(cluster, before)
     assert cluster.admin(1).node_names() == ["1", "2", "3"]
 
     # The leader dies: the others elect one over TLS and keep serving the TLS client.
