@@ -31,6 +31,7 @@ from typing import Any
 from metanode import __version__
 from metanode.config import (
     CONFIG_FILE_ENV,
+    MAX_ID,
     Config,
     add_config_arguments,
     config_from_args,
@@ -159,8 +160,8 @@ def _node_function(module: str, name: str) -> Callable[..., Any] | None:
 
 def _parse_leave(leave_id: str, leave_via: Sequence[str]) -> tuple[int, list[str]]:
     text = leave_id.strip()
-    if not (text.isascii() and text.isdigit()):
-        raise ConfigError(f"--leave-id: expected a node id (an integer >= 0), got {leave_id!r}")
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_ID:
+        raise ConfigError(f"--leave-id: expected a node id (an integer in 0..2^63-1), got {leave_id!r}")
     for address in leave_via:
         try:
             _, port = parse_address(address)

@@ -1,4 +1,4 @@
-"""Fixtures of the robustness suite (tests/robustness/README.md).
+"""Fixtures of the robustness suite (docs/testing/robustness.md).
 
 `cluster`: a `Cluster` whose processes and proxies the fixture stops (by PID) however
 the test ends; options come from `@pytest.mark.cluster_options(heartbeat_ms=...,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def artifacts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     if rep is not None and rep.failed and base:
         dest = _artifact_dir(request.node, tmp_path)
         assert dest is not None
+        shutil.rmtree(dest, ignore_errors=True)  # a previous failure's copy
         copy_artifacts(tmp_path, dest)
         print(f"robustness artifacts copied to {dest}")
 

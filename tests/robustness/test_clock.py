@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from metanode.client import MetaClient, MetaError
-from tests.robustness.cluster import Cluster
+from tests.robustness.cluster import ROUNDS, Cluster
 from tests.robustness.workload import Workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.robustness]
@@ -83,7 +83,7 @@ async def test_ttl_with_skewed_clocks(cluster: Cluster) -> None:
                 await trio.sleep(0.02)
 
     async def moves(wl: Workload) -> None:
-        for to in (2, 3, 1):
+        for to in (2, 3, 1) * ROUNDS:
             await trio.sleep(3.0)
             for _ in range(20):
                 if await c.transfer_leader(to) and await c.leader() == to:

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from metanode.client import MetaClient, MetaError
-from tests.robustness.cluster import Cluster
+from tests.robustness.cluster import ROUNDS, Cluster
 from tests.robustness.scenario import restart, run
 from tests.robustness.workload import OP_TIMEOUT, Workload
 
@@ -180,7 +180,8 @@ async def test_ambiguous_cas_retried(cluster: Cluster) -> None:
             for cid in range(3):
                 nursery.start_soon(retrier, 200 + cid, stop)
             await trio.sleep(1.0)
-            await fault(cluster, wl, 0)
+            for r in range(ROUNDS):
+                await fault(cluster, wl, r)
             stop.set()
             with trio.move_on_after(OP_TIMEOUT + 25):
                 while len(nursery.child_tasks):

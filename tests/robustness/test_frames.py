@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, wrap_client_stream
 from metanode.transport.frames import Hello, frame_bytes
 from metanode.wire.codec import PROTOCOL_VERSION
 from tests.integration.test_safety import FORGED_ID, forged_frames
-from tests.robustness.cluster import Cluster
+from tests.robustness.cluster import ROUNDS, Cluster
 from tests.robustness.proxy import connect_tcp
 from tests.robustness.workload import Workload
 
@@ -176,7 +176,7 @@ async def test_malformed_oversized_and_forged_input_on_every_port(cluster: Clust
         term = {st["current_term"] for st in sts.values() if st}
         cluster_id = sts[leader]["cluster_id"]  # type: ignore[index]
         rss0 = {i: c.rss_kib(i) for i in c.ids()}
-        for rnd in range(2):
+        for rnd in range(ROUNDS + 1):
             async with trio.open_nursery() as nursery:
                 for i in c.ids():
                     nursery.start_soon(abuse_raft_port, c, i, cluster_id)

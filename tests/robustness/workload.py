@@ -95,12 +95,22 @@ class RawWatcher:
         self._rid = 0
         self._flush: dict[str, tuple[int, bytes]] | None = None
         self.seen_sentinel: bytes | None = None
+        self.scope = trio.CancelScope()
 
     async def run(self) -> None:
-        """Until cancelled: (re)connect to the node, watch, record."""
+        """Until cancelled (or `stop`): (re)connect to the node, watch, record."""
+        with self.scope:
+            await self._run()
+
+    def stop(self) -> None:
+        self.scope.cancel()
+
+    async def _run(self) -> None:
         backoff = 0.05
         while True:
-            spec = self.cluster.specs[self.node_id]
+            spec = self.cluster.specs.get(self.node_id)
+            if spec is None:
+                return
             if not self.cluster.running(self.node_id) or self.node_id in self.cluster.paused:
                 await trio.sleep(0.1)
                 continue
@@ -280,8 +290,10 @@ class Workload:
         self._nursery.start_soon(w.run)
 
     def drop_watcher(self, node_id: int) -> None:
-        """A node that leaves the cluster (removed, wiped): its watch is not checked."""
-        self.watchers.pop(node_id, None)
+        """A node that leaves the cluster for good: its watch stops and is not checked."""
+        w = self.watchers.pop(node_id, None)
+        if w is not None:
+            w.stop()
 
     def pin_reader(self, addresses: list[str], name: str) -> None:
         """Before `running`: one more client on only these addresses (reads and writes)."""

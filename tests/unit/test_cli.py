@@ -323,6 +323,7 @@ def test_leave_usage_errors_exit_2(
         (["--leave-id", "x", "--leave-via", "a:1"], "--leave-id: expected a node id"),
         (["--leave-id", "x", "--leave-via", "a:1"], "--leave-id: expected a node id"),
         (["--leave-id", "-2", "--leave-via", "a:1"], "--leave-id: expected a node id"),
+        (["--leave-id", "9223372036854775808", "--leave-via", "a:1"], "--leave-id: expected a node id"),
         (["--leave-id", "3", "--leave-via", "a:1", "nohost"], "--leave-via: expected 'host:port'"),
         (["--leave-id", "3", "--leave-via", "a:99999"], "--leave-via: port 99999"),
         (["--leave-id", "3", "--leave-via", "a:0"], "--leave-via: 'a:0': port 0"),
