@@ -28,6 +28,11 @@ ARTIFACTS_ENV = "ROBUSTNESS_ARTIFACTS"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cluster_options(**kw): options of the robustness `cluster` fixture")
     config.addinivalue_line("markers", "robustness: a fault-injection scenario on real processes (tests/robustness)")
+    config.addinivalue_line(
+        "markers",
+        "known_bug(reason): a reproduction of a bug not fixed yet: reported as xfailed when it fails"
+        " with `KnownBug` (in any exception group), as a failure when it passes or fails otherwise",
+    )
 
 
 def _artifact_dir(item: pytest.Item, tmp_path: Path | None) -> Path | None:
@@ -42,6 +47,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     outcome = yield
     rep = outcome.get_result()  # type: ignore[attr-defined]
     setattr(item, "rep_" + rep.when, rep)
+    bug = item.get_closest_marker("known_bug")
+    if bug is not None and rep.when == "call":
+        reason = bug.args[0] if bug.args else "known bug"
+        if rep.failed and "KnownBug" in str(rep.longrepr):
+            rep.outcome = "skipped"
+            rep.wasxfail = reason
+            return
+        if rep.passed:
+            rep.outcome = "failed"
+            rep.longrepr = f"[XPASS(strict)] the bug no longer reproduces: drop the known_bug mark ({reason})"
     if rep.failed and rep.when in ("call", "setup"):
         tmp = getattr(item, "_robustness_root", None)
         where = _artifact_dir(item, tmp)
