@@ -995,7 +995,10 @@ class RaftCore:
         from both keep getting heartbeats for a while so they learn they are out."""
         wanted = (self.membership.node_ids | self.committed_membership.node_ids) - {self.id}
         for peer in wanted:
-            if peer not in self.progress:
+            if peer not in self.progress or peer in self._retiring:
+                # New, or added again after its removal: whatever answers under that id
+                # now may be another node (an empty disk), so nothing of the old
+                # progress counts (found by the robustness suite).
                 self.progress[peer] = Progress(self.log.last_index + 1)
             self._retiring.pop(peer, None)
         for peer in list(self.progress):

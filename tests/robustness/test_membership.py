@@ -233,8 +233,6 @@ async def test_a_node_rejoining_under_a_removed_id_is_taken_for_removed(cluster:
     await c.wait_healthy(3)
 
 
-@pytest.mark.known_bug("bug: a removed member's replication progress survives its removal:"
-                   " the node re-added under its id is believed to hold the old one's entries (metanode/raft)")
 @pytest.mark.cluster_options(raft_extra={"snapshot_logs_since_last": 1_000_000})
 async def test_a_member_re_added_under_a_removed_id_starts_with_no_progress(cluster: Cluster) -> None:
     """Node 3 is SIGKILLed, removed (`--leave-id 3`), and a node with an empty data dir

@@ -367,3 +367,18 @@ def test_a_new_leader_finishes_a_joint_change_it_knows_is_committed():
     n.stabilize()
     assert [str(e) for e in c1.log.entries[2:]] == ["2-3:conf{1,2,3}&{1,2}", "3-4:noop", "3-5:conf{1,2}"]
     assert c1.committed_membership == Membership.of((1, 2))
+
+
+def test_a_member_added_again_after_its_removal_starts_with_no_progress():
+    """A peer removed and then added again under the same id may be another node (an
+    empty disk): the leader's old progress of it (kept while telling it of its removal)
+    must not count toward commits."""
+    n = leader_net((1, 2, 3, 4))
+    c1 = n[1]
+    n.stabilize()
+    assert c1.progress[4].match == c1.log.last_index
+    c1.change_membership((1, 2, 3))
+    n.stabilize(cut=[4])
+    assert 4 in c1.progress  # still told of its removal
+    c1.change_membership((1, 2, 3), learners=(4,))
+    assert c1.progress[4].match == 0
