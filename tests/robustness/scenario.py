@@ -25,6 +25,10 @@ from tests.robustness.workload import Workload
 Fault = Callable[[Cluster, Workload, int], Awaitable[None]]
 
 
+class KnownBug(AssertionError):
+    """What a `known_bug` reproduction raises when the bug shows (conftest.py)."""
+
+
 async def run(cluster: Cluster, fault: Fault, *, nodes: int = 3, warmup: float = 1.5, settle: float = 1.0,
               rounds: int | None = None, pinned: bool = True, clients: int | None = None,
               started: bool = False) -> dict:
@@ -126,4 +130,4 @@ async def _not_voter(c: Cluster, via: int, node_id: int) -> bool:
     return st is not None and node_id not in [int(v["name"]) for v in st["voters"]]
 
 
-__all__ = ["Fault", "replace_member", "restart", "run", "wait_listening"]
+__all__ = ["Fault", "KnownBug", "replace_member", "restart", "run", "wait_listening"]

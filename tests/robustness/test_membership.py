@@ -12,16 +12,13 @@ from metanode.client import MetaClient
 from tests.robustness.cluster import Cluster
 from tests.robustness.disk import log_messages
 from tests.robustness.proxy import Rule
-from tests.robustness.scenario import purge_past_removal, replace_member, run
+from tests.robustness.scenario import KnownBug, purge_past_removal, replace_member, run
 from tests.robustness.workload import Workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.robustness]
 
 SMALL_LOG = {"snapshot_logs_since_last": 300, "max_applied_log_to_keep": 20}
 
-
-class KnownBug(AssertionError):
-    """The failure a strict xfail below expects (any other error fails the test)."""
 
 
 async def follower(c: Cluster) -> tuple[int, int]:
@@ -68,10 +65,18 @@ async def test_a_removed_node(cluster: Cluster) -> None:
         assert rc == 0, f"the removed node {f} exited {rc}:\n{c.output(f)[-2000:]}"
         await wl.healed_now([i for i in c.ids() if i != f])
         before = len(c.output(f))
+        lines = log_messages(c.log_file(f), "")
+        last = max(n for n, m in enumerate(lines) if "was removed from the cluster (membership" in m)
+        snapshot_after = any("built snapshot" in m for m in lines[last:])
         c.start(f)
-        rc = await c.wait_exit(f, 30)
+        rc = await c.wait_exit(f, 15)
         out = c.output(f)[before:]
-        assert rc == 0 and "removed" in out, f"restarted on its data dir: exit {rc}:\n{out[-2000:]}"
+        if rc is None and snapshot_after:
+            # The known bug of test_a_removed_node_restarted_after_a_snapshot_of_its_removal_exits.
+            c.note(f"known bug: the removed node {f} snapshotted its removal and runs on when restarted")
+            await c.terminate(f)
+        else:
+            assert rc == 0 and "removed" in out, f"restarted on its data dir: exit {rc}:\n{out[-2000:]}"
         rest = [i for i in c.ids() if i != f]
         await purge_past_removal(c, rest)
         shutil.rmtree(c.specs[f].raft_dir)
@@ -261,3 +266,54 @@ async def test_a_member_re_added_under_a_removed_id_starts_with_no_progress(clus
 
 async def _voter_of(c: Cluster, leader: int, node_id: int) -> bool:
     return node_id in await c.voters(leader)
+
+
+@pytest.mark.known_bug("bug: a removed node whose last snapshot was taken after its removal does not see"
+                       " it was removed when restarted: it runs on as a learner (metanode/node/driver.py)")
+@pytest.mark.cluster_options(raft_extra={"snapshot_logs_since_last": 1, "max_applied_log_to_keep": 0})
+async def test_a_removed_node_restarted_after_a_snapshot_of_its_removal_exits(cluster: Cluster) -> None:
+    """docs/operations/cluster.md: a removed node restarted on its old data dir says so
+    and exits 0. When the node managed to snapshot the state at its removal before it
+    exited (here every applied batch is snapshotted, and an open watch holds its
+    shutdown up to 2 s), its restart loads a membership without itself and never
+    applies one with itself, so `_check_removed` never fires (`_was_member` stays
+    false): it starts, says "is running", reports state Learner with no leader, and
+    serves its stale data to local reads, forever. Found by test_a_removed_node with
+    ROBUSTNESS_ROUNDS=3. The precondition (a snapshot built after "was removed") is
+    checked; the removal is retried until it holds (3 of 4 tries have it)."""
+    from tests.robustness.workload import RawWatcher
+
+    c = cluster
+    await c.start_cluster(3)
+    async with MetaClient.connect(c.client_addresses(), timeout=10) as cl:
+        for i in range(20):
+            await cl.upsert(f"a{i}", b"x")
+    met = False
+    for attempt in range(6):
+        leader = await c.wait_leader([1, 2])
+        w = RawWatcher(c, 3)
+        c.nursery.start_soon(w.run)
+        await trio.sleep(0.5)
+        res = await c.run_cli("--leave-id", "3", "--leave-via", c.raft_address(leader))
+        assert res.returncode == 0, res
+        assert await c.wait_exit(3, 20) == 0, c.output(3)[-2000:]
+        w.stop()
+        lines = log_messages(c.log_file(3), "")
+        last = max(n for n, m in enumerate(lines) if "was removed from the cluster (membership" in m)
+        met = any("built snapshot" in m for m in lines[last:])
+        c.note(f"attempt {attempt + 1}: a snapshot after the removal: {met}")
+        if met:
+            break
+        await purge_past_removal(c, [1, 2])
+        shutil.rmtree(c.specs[3].raft_dir)
+        c.start(3, join=[leader])
+        await c.wait_healthy(3)
+        await c.wait_for(lambda: _voter_of(c, leader, 3), 30, "node 3 a voter again")
+    assert met, "node 3 never snapshotted its removal before exiting"
+    c.start(3)
+    rc = await c.wait_exit(3, 8)
+    st = await c.status(3)
+    if rc is None:
+        raise KnownBug(f"the removed node 3, restarted on its data dir, runs on: state {st and st['state']},"
+                       f" leader {st and st['leader']}, voters {st and [v['name'] for v in st['voters']]}")
+    assert rc == 0 and "removed" in c.output(3)[-3000:], c.output(3)[-2000:]

@@ -150,7 +150,8 @@ class RawWatcher:
                     while True:
                         raw = await ws.get_message()
                         msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-                        if not self._on_message(msg):
+                        # A message is one reply map or an array of them (client protocol).
+                        if not all(self._on_message(m) for m in (msg if isinstance(msg, list) else [msg])):
                             break
                 finally:
                     nursery.cancel_scope.cancel()
