@@ -178,12 +178,15 @@ def test_sigterm_stops_a_node_that_is_still_joining(tmp_path: Path) -> None:
     trying its join addresses."""
     import signal
 
-    from tests.integration.harness import Proc, free_port, write_config
+    from tests.integration.harness import Proc, free_port, wait_until, write_config
 
     cfg = write_config(tmp_path / "n.toml", 2, free_port(), free_port(), free_port(),
                        join=[f"127.0.0.1:{free_port()}"], extra="")
     proc = Proc("joining", ["-c", str(cfg)], tmp_path).start()
-    time.sleep(1.5)  # inside its 3 tries, 1 s apart
+    # Its banner is printed once it runs (a loaded machine may take seconds to start
+    # Python); then it is inside its 3 tries, 1 s apart.
+    wait_until(lambda: "start:" in proc.output(), 20, "the node's banner")
+    time.sleep(0.5)
     assert proc.running
     started = time.monotonic()
     assert proc.stop(signal.SIGTERM, timeout=10) == 0
