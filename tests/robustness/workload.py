@@ -192,6 +192,8 @@ class RawWatcher:
             self.state = dict(self._flush)
             self._flush = None
             self.last_rev = rev
+            if SENTINEL in self.state:  # a flush (after "history compacted") may hold it
+                self.seen_sentinel = self.state[SENTINEL][1]
             return True
         rev, key = ev["seq"], ev["key"]
         prev, current = _wire_sv(ev["prev"]), _wire_sv(ev["current"])
