@@ -56,6 +56,7 @@ from metanode.bench import (
     key,
     percentile,
     sample_cpu,
+    stop_pids,
     ticks_to_us,
 )
 
@@ -78,26 +79,6 @@ def _post(url: str, body: dict) -> Any:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=2) as r:
         return json.loads(r.read())
-
-
-def stop_pids(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each by PID, wait up to STOP_TIMEOUT, then SIGKILL what is left."""
-    try:
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(5)
 
 
 class EtcdCluster:

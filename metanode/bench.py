@@ -344,25 +344,28 @@ class LocalCluster:
         return {i: n.popen.pid for i, n in self.nodes.items() if n.popen is not None}
 
     def stop(self) -> None:
-        """SIGTERM every process by PID, wait up to STOP_TIMEOUT, then SIGKILL what is
-        left. A second Ctrl-C during the wait kills at once."""
-        procs = [n.popen for n in self.nodes.values() if n.popen is not None]
-        try:
-            for p in procs:
-                if p.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p.pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            for p in procs:
+        """Stop every node by PID (`stop_pids`). A second Ctrl-C during the wait kills at once."""
+        stop_pids([n.popen for n in self.nodes.values() if n.popen is not None])
+
+
+def stop_pids(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each by PID, wait up to STOP_TIMEOUT, then SIGKILL what is left."""
+    try:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(max(0.0, deadline - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p.pid, signal.SIGKILL)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        p.wait(5)
+                    p.wait(5)
 
 
 @contextlib.contextmanager

@@ -24,12 +24,13 @@ from metanode.config import Config
 from metanode.errors import ConfigError
 from metanode.transport.security import PeerSecurity
 
-__all__ = ["check_tls", "client_api_context", "client_context", "peer_client_api_context", "peer_security"]
+__all__ = ["check_readable", "check_tls", "client_api_context", "client_context", "peer_client_api_context", "peer_security"]
 
 _RAFT = "raft_config."
 
 
-def _read_check(name: str, path: str) -> None:
+def check_readable(name: str, path: str) -> None:
+    """ConfigError naming `name` unless `path` is a readable file."""
     try:
         with open(path, "rb") as fp:
             fp.read(1)
@@ -47,7 +48,7 @@ def _reason(exc: ssl.SSLError) -> str:
 
 def check_certificate(name: str, path: str, *, now: float | None = None) -> None:
     """`path` can be read, holds PEM certificates, and the first one is valid now."""
-    _read_check(name, path)
+    check_readable(name, path)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
     except ssl.SSLError as exc:
@@ -84,7 +85,7 @@ def _load_pair(context: ssl.SSLContext, cert_name: str, key_name: str, cert: str
 def server_context(cert_name: str, key_name: str, cert: str, key: str) -> ssl.SSLContext:
     """A server's TLS context for the pair, every problem named by its key."""
     check_certificate(cert_name, cert)
-    _read_check(key_name, key)
+    check_readable(key_name, key)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     _load_pair(context, cert_name, key_name, cert, key)
     return context
@@ -184,7 +185,7 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
     if cert is not None and key is not None:
         check_certificate(cert_name, cert)
-        _read_check(key_name, key)
+        check_readable(key_name, key)
         _load_pair(context, cert_name, key_name, cert, key)
     return context
 

@@ -25,7 +25,7 @@ from contextlib import ExitStack
 
 from metanode.config import Config, format_address, parse_address
 from metanode.errors import ConfigError
-from metanode.tls import check_tls
+from metanode.tls import check_readable, check_tls
 
 
 def check_before_start(config: Config) -> None:
@@ -48,20 +48,8 @@ def check_tls_files(config: Config) -> None:
         ("raft_config.raft_tls_server_root_ca_cert", rc.raft_tls_server_root_ca_cert),
     ):
         if path is not None:
-            _check_readable(name, path)
+            check_readable(name, path)
     check_tls(config)
-
-
-def _check_readable(name: str, path: str) -> None:
-    try:
-        with open(path, "rb") as fp:
-            fp.read(1)
-    except FileNotFoundError:
-        raise ConfigError(f"{name}: {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{name}: {path!r} is a directory, not a file") from None
-    except OSError as exc:
-        raise ConfigError(f"{name}: {path!r} cannot be read: {exc.strerror or exc}") from None
 
 
 def check_join_list(config: Config) -> None:
