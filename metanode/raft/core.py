@@ -889,7 +889,14 @@ class RaftCore:
 
     def _unstick(self, peer: int, pr: Progress) -> None:
         """On a heartbeat answer from a lagging follower, restart lost replication."""
-        if pr.state is ProgressState.PROBE:
+        if pr.state is ProgressState.SNAPSHOT:
+            # A heartbeat sent after the chunk came back on the same ordered stream, and
+            # the chunk's answer did not: the chunk was lost (the link was down when it
+            # went out). Resend it now rather than after snapshot_timeout_ticks (§5.1).
+            if pr.snap_idle_ticks >= 2 * self.config.heartbeat_ticks:
+                pr.snap_idle_ticks = 0
+                self._send_snapshot_chunk(peer, pr)
+        elif pr.state is ProgressState.PROBE:
             pr.probe_sent = False
             self._send_append(peer, pr)
         elif pr.state is ProgressState.REPLICATE:
