@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,22 @@ def test_a_databend_metactl_export_moves_to_metanode_with_its_keys_and_seqs(clus
                       "--id", "1", "--initial-cluster", "1=127.0.0.1:1"], root)
     assert result.returncode == 1 and result.stderr.startswith(f"metanode import: error: {bad}: line 2: not valid JSON")
     assert not (root / "other").exists()
+
+
+def test_an_interrupt_caught_in_a_string_eval_still_exits_130(tmp_path: Path) -> None:
+    """`python -m metanode` keeps the exit code its main chose (130 for Ctrl-C) even when
+    the interrupt ended a string eval() (CPython then kills itself with SIGINT at exit:
+    `metanode bench` in CI exited -2 this way)."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import metanode.cli\n"
+        "def main(argv=None):\n"
+        "    try:\n"
+        "        exec('raise KeyboardInterrupt', {})\n"
+        "    except KeyboardInterrupt:\n"
+        "        return 130\n"
+        "metanode.cli.main = main\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    proc = subprocess.run([sys.executable, "-m", "metanode", "ver"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
