@@ -143,5 +143,5 @@ def write_state(
     # taken for an initialized one.
     with RaftStorage.open(root) as storage:
         storage.append(snapshot=snapshot, hard_state=HardState(term=1, vote=None, commit=1))
-        storage.save_meta(NodeMeta(node_id, cid, cname))
+        storage.save_meta(NodeMeta(node_id, cid, cname, joined_at=0))
     return sm

@@ -75,8 +75,14 @@ class NodeDriver:
         learner: bool = False,
         snapshot_logs_since_last: int = 1024,
         max_applied_log_to_keep: int = 1000,
+        joined_at: int | None = None,
     ) -> None:
         self.id = raft_config.id
+        # The log index of the membership this node's join was answered with (0: it
+        # started the cluster): memberships at or before it belong to an earlier life of
+        # this id (a removed node joining again under it) and never mean "removed".
+        # None: not known (a data dir of an older version): `_was_member` judges.
+        self.joined_at = joined_at
         self.learner = learner
         self.snapshot_logs_since_last = snapshot_logs_since_last
         self.max_applied_log_to_keep = max_applied_log_to_keep
@@ -85,17 +91,22 @@ class NodeDriver:
         self.sm = KVStateMachine()
         self.applied = LogId(0, 0)
         self.applied_membership = Membership(())
+        # The index of applied_membership's entry, or for a snapshot's membership its
+        # last index (the entry is at or before it, and after any older one).
+        self.applied_membership_index = 0
         self.last_snapshot_index = 0
         if state.snapshot is not None:
             self.sm = KVStateMachine.restore(state.snapshot.data)
             self.applied = state.snapshot.meta.last_log_id
             self.applied_membership = state.snapshot.meta.membership
+            self.applied_membership_index = self.applied.index
             self.last_snapshot_index = self.applied.index
         # Replaying the log passes through memberships from before this node joined:
         # removal is only judged once the replay reached the commit index at start.
         self.replayed_at = self.core.commit_index
         self._was_member = self.id in self.applied_membership.node_ids
         self.removed = False
+        self._check_removed()  # a snapshot of its own removal (it exited after building it)
         self._writes: dict[int, tuple[int, int]] = {}  # log index -> (term, req_id)
         self._reads: set[int] = set()  # req_ids of reads waiting for their read index
         self._reads_ready: list[tuple[int, int]] = []  # (read index, req_id)
@@ -252,6 +263,7 @@ class NodeDriver:
             )
         self.applied = snapshot.meta.last_log_id
         self.applied_membership = snapshot.meta.membership
+        self.applied_membership_index = self.applied.index
         self.last_snapshot_index = self.applied.index
 
     def _apply_entry(self, entry: Entry) -> None:
@@ -269,6 +281,7 @@ class NodeDriver:
         elif entry.kind == EntryKind.MEMBERSHIP:
             assert entry.membership is not None
             self.applied_membership = entry.membership
+            self.applied_membership_index = entry.index
             if self.id in entry.membership.node_ids:
                 self._was_member = True
         self.applied = entry.log_id
@@ -282,14 +295,21 @@ class NodeDriver:
                 self._replies.append(Reply(req_id, error=Unavailable("leadership changed: the write was not applied")))
 
     def _check_removed(self) -> None:
-        """A node that applied a committed membership without itself was removed
-        (docs/operations/cluster.md): it stops, and does not rejoin."""
+        """A node that applied a committed membership without itself, later than the
+        one its join was answered with, was removed (docs/operations/cluster.md): it
+        stops, and does not rejoin. Without `joined_at`, only after it applied one with
+        itself, and once the log held at start is replayed."""
         m = self.applied_membership
-        if m.is_joint:
+        if m.is_joint or self.removed:
             return
         if self.id in m.node_ids:
             self._was_member = True
-        elif self._was_member and self.applied.index >= self.replayed_at and not self.removed:
+            return
+        if self.joined_at is not None:
+            removed = self.applied_membership_index > self.joined_at
+        else:
+            removed = self._was_member and self.applied.index >= self.replayed_at
+        if removed:
             log.warning("%d was removed from the cluster (membership %s): exiting", self.id, m)
             self.removed = True
 

@@ -114,7 +114,9 @@ class MembershipOps:
             rpc.NodeAddress(i, f"{r.endpoint.addr}:{r.endpoint.port}") for i, r in self.sm.nodes()
         )
         log.info("%d added node %d (membership %s)", self.id, nid, self.core.membership)
-        return rpc.encode(rpc.JoinReply(self.meta.cluster_id, members, tuple(sorted(self.driver.member_ids()))))
+        return rpc.encode(rpc.JoinReply(
+            self.meta.cluster_id, members, tuple(sorted(self.driver.member_ids())), self.core.membership_index
+        ))
 
     async def _expect_applied(self, result: Any) -> None:
         if isinstance(result, ApplyError):
@@ -173,7 +175,7 @@ class MembershipOps:
         reply = rpc.decode(
             await call(address, self.identity(), rpc.JOIN, payload, timeout=self.wait_s()), rpc.JoinReply
         )
-        self._adopt_cluster_id(reply.cluster_id)
+        self._adopt_cluster_id(reply.cluster_id, reply.joined_at)
         for member in reply.members:
             self._learn_address(member.node_id, member.address)
         await self._inbox_send.send(Trust(frozenset(reply.member_ids)))

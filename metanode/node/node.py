@@ -145,10 +145,11 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         cluster_id = self.meta.cluster_id if self.meta else None
         return Identity(self.id, self.config.raft_config.cluster_name, cluster_id, self.advertise_address)
 
-    def _adopt_cluster_id(self, cluster_id: str) -> None:
+    def _adopt_cluster_id(self, cluster_id: str, joined_at: int | None) -> None:
         if self.meta is None:
-            self.meta = NodeMeta(self.id, cluster_id, self.config.raft_config.cluster_name)
+            self.meta = NodeMeta(self.id, cluster_id, self.config.raft_config.cluster_name, joined_at)
             self.storage.save_meta(self.meta)
+            self.driver.joined_at = joined_at
             log.info("%d joined cluster %s", self.id, cluster_id)
 
     def _on_peer_stream(self, node_id: int) -> None:
@@ -179,6 +180,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
             self.raft_config, state, random.Random(), learner=rc.learner,
             snapshot_logs_since_last=rc.snapshot_logs_since_last,
             max_applied_log_to_keep=rc.max_applied_log_to_keep,
+            joined_at=self.meta.joined_at if self.meta is not None else None,
         )
         if self.driver.core.log_reset_to_snapshot:
             # The log does not reach the snapshot (a lost WAL tail, a crash during an
@@ -200,7 +202,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         # The log first, the meta last: a crash in between leaves an empty-looking dir
         # that bootstraps again, never a dir with a meta and no log.
         self.storage.append(entries=state.entries, hard_state=state.hard_state)
-        self.meta = NodeMeta(self.id, uuid.uuid4().hex, self.config.raft_config.cluster_name)
+        self.meta = NodeMeta(self.id, uuid.uuid4().hex, self.config.raft_config.cluster_name, joined_at=0)
         self.storage.save_meta(self.meta)
         log.info("%d initialized a new cluster %s", self.id, self.meta.cluster_id)
 
@@ -290,7 +292,8 @@ async def open_node(config: Config, *, services: Sequence[Service] = ()) -> Asyn
                 await node.wait_for(
                     lambda: node.driver.replayed, node.wait_s(), "replaying the log"
                 )
-                if node.removed.is_set():
+                if node.driver.removed:
+                    node.removed.set()
                     log.warning("%d was removed from the cluster earlier: not joining again", node.id)
                 elif rc.join:
                     await node.join()

@@ -42,11 +42,14 @@ class NodeAddress:
 @attrs.frozen
 class JoinReply:
     """`members`: the raft addresses of the nodes with records; `member_ids`: the ids
-    of the leader's membership, the only senders a node without one accepts."""
+    of the leader's membership, the only senders a node without one accepts;
+    `joined_at`: the log index of that membership, which holds the joiner (None from
+    an older leader)."""
 
     cluster_id: str
     members: tuple[NodeAddress, ...]
     member_ids: tuple[int, ...] = ()
+    joined_at: int | None = None
 
 
 @attrs.frozen

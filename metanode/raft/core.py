@@ -230,6 +230,11 @@ class RaftCore:
         return self._configs[-1][1]
 
     @property
+    def membership_index(self) -> int:
+        """The log index of `membership` (0 for the base of a log without one)."""
+        return self._configs[-1][0]
+
+    @property
     def committed_membership(self) -> Membership:
         return self.membership_at(self.log.commit)
 

@@ -2,7 +2,8 @@
 
 File format: the 8-byte magic ``MNMETA\\x00\\x01`` (the last byte is the format
 version), then one record (`records.py`) whose body is `NodeMeta` in the wire codec
-(a msgpack map ``{"node_id": 1, "cluster_id": "...", "cluster_name": "..."}``), and
+(a msgpack map ``{"node_id": 1, "cluster_id": "...", "cluster_name": "...",
+"joined_at": 12}``; ``joined_at`` is absent or nil in files of older versions), and
 nothing after it. Written to ``meta.tmp``, fsynced, renamed, directory fsynced: the
 file is either the old or the new version, so any damage is real corruption and
 stops the node (`FatalError` naming the file).
@@ -40,6 +41,9 @@ class NodeMeta:
     node_id: int
     cluster_id: str
     cluster_name: str
+    # The log index of the membership the join was answered with; 0 when this node
+    # started the cluster (single, import); None: written by an older version.
+    joined_at: int | None = None
 
     def __attrs_post_init__(self) -> None:
         _check(self)

@@ -77,46 +77,22 @@ async def restart(c: Cluster, wl: Workload, *ids: int) -> None:
         wl.expected_exits.discard(i)
 
 
-async def replace_member(c: Cluster, wl: Workload, node_id: int, *, avoid_rejoin_bug: bool = True) -> None:
+async def replace_member(c: Cluster, wl: Workload, node_id: int) -> None:
     """The documented repair of a node whose data dir is damaged or lost
-    (docs/operations/cluster.md): remove it, wipe its raft_dir, join it again.
-
-    `avoid_rejoin_bug`: first let the leader purge its log past the removal, so the
-    rejoining node is sent a snapshot rather than the entries where it was a member and
-    then removed (it takes that removal for its own and exits: the bug that
-    test_membership.py::test_a_node_rejoining_under_a_removed_id_is_taken_for_removed
-    reproduces). The scenarios using this need a small `max_applied_log_to_keep`."""
+    (docs/operations/cluster.md): remove it, wipe its raft_dir, join it again. The
+    leader's log may still hold the entries where the old node was a member and its
+    removal: the new node replays them without taking that removal for its own."""
     rest = [i for i in c.ids() if i != node_id and c.running(i)]
     leader = await c.wait_leader(rest)
     r = await c.run_cli("--leave-id", str(node_id), "--leave-via", c.raft_address(leader))
     assert r.returncode == 0, r.stdout + r.stderr
     await c.wait_for(lambda: _not_voter(c, leader, node_id), 20, f"node {node_id} to leave the voters")
-    if avoid_rejoin_bug:
-        await purge_past_removal(c, rest)
     shutil.rmtree(c.specs[node_id].raft_dir, ignore_errors=True)
     wl.wiped.add(node_id)
     c.start(node_id, join=[leader])
     wl.expected_exits.discard(node_id)
     await c.wait_healthy(node_id)
     await c.wait_for(lambda: _voter(c, leader, node_id), 30, f"node {node_id} to be a voter again")
-
-
-async def purge_past_removal(c: Cluster, among: list[int], timeout: float = 30) -> None:
-    leader = await c.wait_leader(among)
-    st = await c.status(leader)
-    assert st is not None
-    target = st["last_log_index"]
-
-    async def purged() -> bool:
-        now = await c.leader(among)
-        s = await c.status(now) if now is not None else None
-        if s is not None and s["purged"] and s["purged"]["index"] >= target:
-            return True
-        if now is not None:
-            await c.trigger_snapshot(now)  # purges to its applied index - max_applied_log_to_keep
-        return False
-
-    await c.wait_for(purged, timeout, f"the leader to purge its log past {target}", interval=0.5)
 
 
 async def _voter(c: Cluster, via: int, node_id: int) -> bool:

@@ -71,6 +71,7 @@ class Disk:
     snapshot: Snapshot | None = None
     entries: list[Entry] = attrs.Factory(list)
     purged: LogId = ZERO_LOG_ID
+    joined_at: int | None = None  # the daemon's NodeMeta.joined_at (0: a founding node)
 
     def persisted(self) -> PersistedState:
         return PersistedState(self.hard_state, self.snapshot, tuple(self.entries), self.purged)
@@ -109,6 +110,7 @@ class SimNode:
         self.ticks = 0
         self.up = False
         self.retired = False
+        self.removed_self = False  # it exited because it applied its own removal
         self.disk_slow_ms = 0  # upper bound of a random per-Ready disk latency
         self.clock_rate = 1.0
         self.trusted: frozenset[int] = frozenset()  # the members its join reply named
@@ -142,6 +144,7 @@ class SimNode:
         self.driver = NodeDriver(
             c.raft_config(self.id), self.disk.persisted(), random.Random(c.rng.random()),
             snapshot_logs_since_last=c.snapshot_every, max_applied_log_to_keep=c.keep_after_snapshot,
+            joined_at=self.disk.joined_at,
         )
         if not self.core.membership.node_ids:
             # A node that holds no membership yet joins again on restart (the daemon
@@ -265,7 +268,7 @@ class SimNode:
         self._dispatch()
         if self.driver.removed:
             # The daemon exits once it applied a membership without itself.
-            self.retired = True
+            self.retired = self.removed_self = True
             self.crash()
             c.log(f"node {self.id} removed from the cluster: exits")
             return
@@ -389,15 +392,17 @@ class Cluster:
         self.snapshots_installed = 0
         initial = bootstrap_state(range(1, voters + 1))
         for i in range(1, voters + 1):
-            self.add_node(i, Disk(initial.hard_state, None, list(initial.entries)))
+            self.add_node(i, Disk(initial.hard_state, None, list(initial.entries), joined_at=0))
 
     def raft_config(self, node_id: int) -> RaftConfig:
         return RaftConfig(node_id, heartbeat_ticks=2, election_ticks=10, snapshot_timeout_ticks=20,
                           max_entries_per_msg=32, snapshot_chunk_size=512, max_inflight=8,
                           check_quorum=self.check_quorum, pre_vote=self.pre_vote)
 
-    def add_node(self, node_id: int, disk: Disk | None = None) -> SimNode:
-        node = SimNode(self, node_id, disk or Disk())
+    def add_node(self, node_id: int, disk: Disk | None = None, joined_at: int | None = None) -> SimNode:
+        """Start a node; a joining one (no `disk`) was answered with the membership at
+        `joined_at`. An id that was removed earlier may join again with a new disk."""
+        node = SimNode(self, node_id, disk or Disk(joined_at=joined_at))
         node.trusted = frozenset(self.nodes)  # a join reply names the members
         self.nodes[node_id] = node
         node.start()

@@ -51,6 +51,7 @@ class RunStats:
     messages: int = 0
     snapshots_installed: int = 0
     removed_nodes_exited: int = 0
+    rejoins: int = 0  # nodes joined under the id of a removed one
     forged_frames: int = 0
     wiped_voters_refused: int = 0
     shortened_logs: int = 0
@@ -393,12 +394,19 @@ class Run:
         try:
             if r < 0.25 and len(voters) + len(learners) < 7:
                 # A node with an empty data dir joins: the leader's own join decision.
-                new = self.next_id
-                self.next_id += 1
+                # Sometimes under the id of a node that was removed (the documented
+                # repair): it replays the old node's membership and removal.
+                gone = sorted(i for i, n in c.nodes.items() if n.retired and i not in m.node_ids)
+                if gone and rng.random() < 0.4:
+                    new = rng.choice(gone)
+                else:
+                    new = self.next_id
+                    self.next_id += 1
                 plan = leader.driver.plan_join(new, _record(new), fresh=True, learner=False, promote=False)
                 assert plan.add_learner and not plan.promote, plan
-                c.add_node(new).clock_rate = rng.uniform(0.9, 1.1)
-                core.change_membership(voters, learners | {new})
+                added = core.change_membership(voters, learners | {new})
+                c.add_node(new, joined_at=added.index).clock_rate = rng.uniform(0.9, 1.1)
+                self.stats.rejoins += new in gone
                 c.log(f"add learner {new}")
             elif r < 0.45 and learners:
                 lid = rng.choice(sorted(learners))
@@ -483,6 +491,11 @@ class Run:
             raise InvariantViolation(
                 f"membership change stuck at the end: latest {m}, committed {leader.core.committed_membership}"
             )
+        # A node exits as removed only when it was: a member that takes an old removal
+        # for its own leaves the cluster a voter short.
+        wrongly = [n.id for n in c.nodes.values() if n.removed_self and n.id in m.node_ids]
+        if wrongly:
+            raise InvariantViolation(f"nodes {wrongly} exited as removed but are members: {m}")
         runaway = [n.id for n in c.nodes.values() if n.core.term >= FORGED_TERM]
         if runaway:
             raise InvariantViolation(f"forged frames moved the term of nodes {runaway}")

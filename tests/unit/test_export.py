@@ -126,7 +126,7 @@ def test_export_import_export_keeps_every_key_and_seq(tmp_path: Path) -> None:
         for f in sorted((tmp_path / "i1" / name).iterdir()):
             assert f.read_bytes() == (tmp_path / "i2" / name / f.name).read_bytes(), f
     with RaftStorage.open(tmp_path / "i2") as st:
-        assert st.meta == NodeMeta(2, "cid-1", "clu")
+        assert st.meta == NodeMeta(2, "cid-1", "clu", joined_at=0)
         state = st.load()
         assert state.hard_state == HardState(1, None, 1)
         assert state.snapshot is not None and state.snapshot.meta == SnapshotMeta(LogId(1, 1), Membership.of([1, 2, 5]))
