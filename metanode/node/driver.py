@@ -211,6 +211,13 @@ class NodeDriver:
         if ready.hard_state is not None:
             self.synced_term_vote = (ready.hard_state.term, ready.hard_state.vote)
 
+    def install_bytes(self, msg: SnapshotRequest) -> int:
+        """The size of the snapshot file that stepping `msg` would make this node write
+        (the last chunk of a snapshot it does not cover yet); 0 for any other message."""
+        if msg.done and msg.meta.last_log_id.index > self.core.commit_index:
+            return msg.offset + len(msg.data)
+        return 0
+
     def take_replies(self) -> list[Reply]:
         replies, self._replies = self._replies, []
         return replies

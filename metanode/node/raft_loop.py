@@ -23,6 +23,7 @@ from metanode.node.events import (
     Tick,
 )
 from metanode.raft import Message, Ready, Snapshot
+from metanode.raft.messages import SnapshotRequest
 from metanode.transport import PeerLink
 
 log = logging.getLogger("metanode.node")
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
 
 _MISSING = object()
+
+INSTALL_HEADROOM = 1 << 20  # free bytes left after a snapshot from the leader is written
+INSTALL_WARN_S = 10.0
 
 
 class _Batch:
@@ -59,6 +63,8 @@ class _Applied:
 class RaftLoop:
     """A part of `Node` (metanode/node/node.py), by concern."""
 
+    _install_warned_at: float = float("-inf")
+
     # ------------------------------------------------------------------ raft loop
     async def _run_ticker(self) -> None:
         tick = Tick()
@@ -67,7 +73,34 @@ class RaftLoop:
             await self._inbox_send.send(tick)
 
     def on_message(self, msg: Message) -> None:
+        if isinstance(msg, SnapshotRequest) and not self._room_for_install(msg):
+            return  # the leader sends it again (§5.1): nothing changed here
         self._event_nowait(Receive(msg))
+
+    def _room_for_install(self, msg: SnapshotRequest) -> bool:
+        """A snapshot from the leader is installed with the Ready that steps its last
+        chunk, and a write that fails there stops the node. So that a disk too full
+        for it (but not for the WAL) refuses the install instead, the file must fit
+        with INSTALL_HEADROOM to spare; else the chunk is dropped and the node keeps
+        following. Said at most every INSTALL_WARN_S."""
+        need = self.driver.install_bytes(msg)
+        if not need:
+            return True
+        try:
+            free = self.storage.free_bytes()
+        except OSError as e:
+            log.warning("%d cannot tell the free space of %s: %s", self.id, self.storage.root, e)
+            return True  # the write itself will tell
+        if free >= need + INSTALL_HEADROOM:
+            return True
+        now = trio.current_time()
+        if now >= self._install_warned_at + INSTALL_WARN_S:
+            self._install_warned_at = now
+            log.warning(
+                "%d has no room for snapshot %s from %d (%d bytes, %d free on %s): not installed;"
+                " the leader sends it again", self.id, msg.meta.last_log_id, msg.src, need, free, self.storage.root,
+            )
+        return False
 
     def _event_nowait(self, event: Event) -> None:
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import array
 import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -393,6 +394,11 @@ class RaftStorage:
 
     def _is_old(self, sid: LogId) -> bool:
         return self._snapshot_id is not None and sid.index <= self._snapshot_id.index
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the snapshots' file system."""
+        vfs = os.statvfs(self._snapshot_dir)
+        return vfs.f_bavail * vfs.f_frsize
 
     def _write_snapshot_file(self, snapshot: Snapshot) -> None:
         _, written = snapshots.write_snapshot(self._snapshot_dir, snapshot)
