@@ -16,7 +16,11 @@ command and again after it (a write whose expiry is already due, e.g. ``ttl_ms=0
 takes effect, bumps seq, and is then removed in the same apply). Reads therefore hide
 expired keys without filtering, and ``len()`` counts live keys.
 
-Indexes. A ``dict`` maps key -> ``SeqV``; a ``sortedcontainers.SortedList`` of keys makes
+Indexes. A ``dict`` maps key -> ``(seq, data, expire_at_ms)``, a plain tuple; reads hand
+out ``SeqV``s made from it. Tuples of atoms are untracked by Python's cyclic garbage
+collector (so is a dict holding only such tuples): a full collection does not walk a
+million values, which as ``SeqV`` objects took ~125 ms, a stall of every write (~28 ms
+now). A ``sortedcontainers.SortedList`` of keys makes
 prefix listing a bisect plus a walk, with O(log n) insert and delete (a plain ``list``
 with ``bisect.insort`` would cost an O(n) memmove per insert at ~1e6 keys); a second
 ``SortedList`` of ``(expire_at_ms, key)`` holds only keys with an expiry, so expiring is
@@ -87,6 +91,9 @@ SNAPSHOT_VERSION = 3
 """The ``version`` field of a snapshot document; bump it when the layout changes.
 Version 1 had no ``nodes``, version 2 no ``rev``; both are still read (``rev`` 0)."""
 
+# A stored value: (seq, data, expire_at_ms), what SeqV holds (see "Indexes" above).
+_Value = tuple[int, bytes, int | None]
+
 
 class KVStateMachine:
     """The replicated KV map with its global ``seq`` counter and log time.
@@ -96,7 +103,7 @@ class KVStateMachine:
     """
 
     def __init__(self) -> None:
-        self._kv: dict[str, SeqV] = {}
+        self._kv: dict[str, _Value] = {}
         self._keys: SortedList = SortedList()
         self._expiry: SortedList = SortedList()  # (expire_at_ms, key), only keys with a TTL
         self._nodes: dict[int, NodeRecord] = {}  # cluster node records (contract §3)
@@ -107,7 +114,7 @@ class KVStateMachine:
         self._last_changes: tuple[KeyChange, ...] = ()
         # While a `SnapshotBuilder` runs: the value each key had when it began, saved by
         # `_write` before the first change of that key (copy on write).
-        self._frozen: dict[str, SeqV | None] | None = None
+        self._frozen: dict[str, _Value | None] | None = None
         # `state_digest`: a sum of per-key hashes, kept up to date by `_write` once
         # computed (None: not computed since the last restore).
         self._digest: int | None = 0
@@ -142,7 +149,7 @@ class KVStateMachine:
         """Every live ``(key, SeqV)`` in key order."""
         kv = self._kv
         for key in self._keys:
-            yield key, kv[key]
+            yield key, SeqV(*kv[key])
 
     def __repr__(self) -> str:
         return (
@@ -165,12 +172,13 @@ class KVStateMachine:
 
     def get(self, key: str) -> SeqV | None:
         """The live value of ``key``, or ``None`` if it is absent or expired."""
-        return self._kv.get(key)
+        v = self._kv.get(key)
+        return None if v is None else SeqV(*v)
 
     def mget(self, keys: Iterable[str]) -> list[SeqV | None]:
         """``get`` for each key, in the order given."""
-        kv = self._kv
-        return [kv.get(key) for key in keys]
+        get = self.get
+        return [get(key) for key in keys]
 
     def list(self, prefix: str, limit: int | None = None) -> list[tuple[str, SeqV]]:
         """Live ``(key, SeqV)`` pairs whose key starts with ``prefix``, in key order.
@@ -190,7 +198,7 @@ class KVStateMachine:
         for key in self._keys.islice(start):
             if not key.startswith(prefix):
                 break
-            out.append((key, kv[key]))
+            out.append((key, SeqV(*kv[key])))
             if limit is not None and len(out) >= limit:
                 break
         return out
@@ -198,7 +206,7 @@ class KVStateMachine:
     def range(self, start: str, end: str) -> builtins.list[tuple[str, SeqV]]:
         """Live ``(key, SeqV)`` pairs with ``start <= key < end``, in key order."""
         kv = self._kv
-        return [(k, kv[k]) for k in self._keys.irange(start, end, inclusive=(True, False))]
+        return [(k, SeqV(*kv[k])) for k in self._keys.irange(start, end, inclusive=(True, False))]
 
     # ------------------------------------------------------------------ apply
 
@@ -276,11 +284,11 @@ class KVStateMachine:
         current = self._kv.get(cond.key)
         left: int | bytes
         if cond.target == "seq":
-            left = current.seq if current is not None else 0
+            left = current[0] if current is not None else 0
         elif current is None:
             return cond.op == "!="  # no value: it differs from any bytes, nothing else holds
         else:
-            left = current.data
+            left = current[1]
         right = cond.operand
         match cond.op:
             case "==":
@@ -303,7 +311,7 @@ class KVStateMachine:
                 change = self._upsert(op.as_upsert())
                 return TxnPutResponse(op.key, change.prev, change.result)
             case TxnGet():
-                return TxnGetResponse(op.key, self._kv.get(op.key))
+                return TxnGetResponse(op.key, self.get(op.key))
             case TxnDelete():
                 change = self._upsert(op.as_upsert())
                 return TxnDeleteResponse(op.key, change.prev, change.result)
@@ -321,7 +329,7 @@ class KVStateMachine:
         An absent key has seq 0 for ``match_seq``. On a mismatch, ``prev == result``.
         Only inserts and updates bump seq; a delete does not (databend-meta).
         """
-        prev = self._kv.get(cmd.key)
+        prev = self.get(cmd.key)
         if cmd.match_seq is not None and not cmd.match_seq.matches(prev.seq if prev else 0):
             return Change(prev, prev)
         if cmd.value is None:
@@ -339,27 +347,28 @@ class KVStateMachine:
         The only place that mutates the map. Removing an absent key is a no-op.
         """
         old = self._kv.get(key)
+        value = None if new is None else (new.seq, new.data, new.expire_at_ms)
         frozen = self._frozen
         if frozen is not None and key not in frozen:
             frozen[key] = old
         if self._digest is not None:
-            self._digest = (self._digest - _key_hash(key, old) + _key_hash(key, new)) % _DIGEST_MOD
+            self._digest = (self._digest - _key_hash(key, old) + _key_hash(key, value)) % _DIGEST_MOD
         if old is None:
-            if new is None:
+            if value is None:
                 return
             self._keys.add(key)
         else:
-            if old.expire_at_ms is not None:
-                self._expiry.remove((old.expire_at_ms, key))
-            if new is None:
+            if old[2] is not None:
+                self._expiry.remove((old[2], key))
+            if value is None:
                 del self._kv[key]
                 self._keys.remove(key)
-        if new is not None:
-            self._kv[key] = new
-            if new.expire_at_ms is not None:
-                self._expiry.add((new.expire_at_ms, key))
+        if value is not None:
+            self._kv[key] = value
+            if value[2] is not None:
+                self._expiry.add((value[2], key))
         self._rev += 1
-        self._changes.append(KeyChange(key, old, new, self._rev))
+        self._changes.append(KeyChange(key, None if old is None else SeqV(*old), new, self._rev))
 
     def _expire(self) -> None:
         """Remove every key whose ``expire_at_ms <= log_time_ms``, earliest first."""
@@ -403,7 +412,7 @@ class KVStateMachine:
             "seq": self._seq,
             "rev": self._rev,
             "log_time_ms": self._log_time_ms,
-            "kv": [[k, v.seq, v.data, v.expire_at_ms] for k, v in self.items()],
+            "kv": [[k, *self._kv[k]] for k in self._keys],
             "nodes": [
                 [i, r.name, r.endpoint.addr, r.endpoint.port, r.grpc_api_advertise_address]
                 for i, r in self.nodes()
@@ -429,7 +438,7 @@ class KVStateMachine:
         unpacker.feed(data)
         sm = cls()
         sm._digest = None  # computed on first use, then kept up to date
-        kv: dict[str, SeqV] = {}
+        kv: dict[str, _Value] = {}
         expiry: list[tuple[int, str]] = []
         doc: dict[str, Any] = {}
         try:
@@ -454,8 +463,8 @@ class KVStateMachine:
                             raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
                         last_key = key
                         kv[key] = value
-                        if value.expire_at_ms is not None:
-                            expiry.append((value.expire_at_ms, key))
+                        if value[2] is not None:
+                            expiry.append((value[2], key))
                     doc["kv"] = True
                 else:
                     doc[name] = unpacker.unpack()
@@ -486,8 +495,8 @@ class KVStateMachine:
                     raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
                 last_key = key
                 kv[key] = value
-                if value.expire_at_ms is not None:
-                    expiry.append((value.expire_at_ms, key))
+                if value[2] is not None:
+                    expiry.append((value[2], key))
         sm._kv = kv
         sm._keys = SortedList(kv)
         sm._expiry = SortedList(expiry)
@@ -507,15 +516,15 @@ _SEQ_MIX = 0x9E3779B97F4A7C15F39CC0605CEDC835  # an odd constant: mixes the last
 _ENTRY = struct.Struct("<QQq")
 
 
-def _key_hash(key: str, v: SeqV | None) -> int:
+def _key_hash(key: str, v: _Value | None) -> int:
     """A stable 128-bit hash of one key's value (0 for an absent key)."""
     if v is None:
         return 0
+    seq, data, expire_at_ms = v
     k = key.encode()
-    h = hashlib.blake2b(_ENTRY.pack(len(k), v.seq, -1 if v.expire_at_ms is None else v.expire_at_ms),
-                        digest_size=16)
+    h = hashlib.blake2b(_ENTRY.pack(len(k), seq, -1 if expire_at_ms is None else expire_at_ms), digest_size=16)
     h.update(k)
-    h.update(v.data)
+    h.update(data)
     return int.from_bytes(h.digest(), "little")
 
 
@@ -523,11 +532,15 @@ class SnapshotBuilder:
     """`KVStateMachine.snapshot()` of one moment, built a slice at a time.
 
     At the start it copies what is small (the header, the node records) and the key
-    list (pointers only); then each `step(n)` packs the next `n` keys. A key changed
+    list (pointers only); then each `step(n)` packs the next `n` keys, into parts of
+    PART_KEYS keys (~1 MB at 100-byte values: fewer, larger pieces than small steps
+    would leave, which malloc gives back to the system when freed). A key changed
     since the start has its old value in the machine's copy-on-write table, so the
     bytes are those of the start whatever was applied in between. Reference: the Raft
     thesis §5.2 (snapshotting concurrently with the state machine by copy-on-write).
     """
+
+    PART_KEYS = 8192
 
     def __init__(self, sm: KVStateMachine) -> None:
         self._sm = sm
@@ -535,6 +548,8 @@ class SnapshotBuilder:
         self._keys = list(sm._keys)
         self._pos = 0
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._body = msgpack.Packer(use_bin_type=True, autoreset=False)  # the current part
+        self._in_part = 0
         p = self._packer
         head = [p.pack_map_header(7)]
         for name, value in (
@@ -555,17 +570,21 @@ class SnapshotBuilder:
 
     def step(self, n: int) -> None:
         """Pack the next `n` keys."""
-        sm, frozen, pack = self._sm, self._sm._frozen, self._packer.pack
+        sm, frozen = self._sm, self._sm._frozen
         assert frozen is not None, "the builder was closed"
-        kv = sm._kv
+        kv, body = sm._kv, self._body
+        pack = body.pack
         end = min(self._pos + n, len(self._keys))
-        out = []
         for key in self._keys[self._pos:end]:
             v = frozen[key] if key in frozen else kv[key]
             assert v is not None  # present at the start
-            out.append(pack([key, v.seq, v.data, v.expire_at_ms]))
-        self._parts.append(b"".join(out))
+            pack([key, *v])
+        self._in_part += end - self._pos
         self._pos = end
+        if self._in_part >= self.PART_KEYS or self.done:
+            self._parts.append(body.bytes())
+            body.reset()
+            self._in_part = 0
 
     def result(self) -> bytes:
         """The snapshot bytes (after every step); closes the builder."""
@@ -593,7 +612,7 @@ def _field_int(doc: dict[str, Any], name: str) -> int:
     return value
 
 
-def _parse_entry(i: int, entry: object, last_seq: int) -> tuple[str, SeqV]:
+def _parse_entry(i: int, entry: object, last_seq: int) -> tuple[str, _Value]:
     if not isinstance(entry, list) or len(entry) != 4:
         raise ValueError(f"snapshot kv entry {i} must be [key, seq, data, expire_at_ms]")
     key, seq, data, expire_at_ms = entry
@@ -605,7 +624,7 @@ def _parse_entry(i: int, entry: object, last_seq: int) -> tuple[str, SeqV]:
         raise ValueError(f"snapshot kv entry {i} ({key!r}): data must be bytes")
     if expire_at_ms is not None and (not is_int(expire_at_ms) or expire_at_ms < 0):
         raise ValueError(f"snapshot kv entry {i} ({key!r}): bad expire_at_ms {expire_at_ms!r}")
-    return key, SeqV(seq, data, expire_at_ms)
+    return key, (seq, data, expire_at_ms)
 
 
 def _parse_nodes(rows: object) -> dict[int, NodeRecord]:
