@@ -219,7 +219,7 @@ class Run:
                 self.stats.crashes += 1
                 c.log(f"crash {n.id}")
                 c.schedule(rng.randrange(300, 6000), self.restart, n)
-        elif r < 0.55:
+        elif r < 0.55 and len(live) >= 2:  # (wiped voters can leave a single node)
             self.stats.partitions += 1
             ids = [n.id for n in live]
             kind = rng.random()
@@ -327,7 +327,10 @@ class Run:
             return
         voters = set(leader.core.membership.final_voters)
         victims = [c.nodes[i] for i in sorted(voters - {leader.id}) if i in c.nodes and not c.nodes[i].retired]
-        if len(voters) < 3 or not victims:
+        # Never more lost disks than a quorum survives: a voter wiped earlier whose
+        # removal did not commit (the leader changed) still counts as lost.
+        lost = [i for i in voters if i in c.nodes and c.nodes[i].retired]
+        if len(voters) < 3 or not victims or len(lost) + 1 > (len(voters) - 1) // 2:
             return
         victim = rng.choice(victims)
         victim.crash()
