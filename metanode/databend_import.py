@@ -218,6 +218,7 @@ def load_databend_lines(
     sm = KVStateMachine.restore(msgpack.packb({
         "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": seq, "rev": 0, "log_time_ms": 0,
         "kv": [[k, v.seq, v.data, v.expire_at_ms] for k, v in sorted(kv.items())], "nodes": [],
+        "digest": None,
     }, use_bin_type=True))
     commit = committed.index if committed is not None else applied.index
     for index, line, payload in sorted(entries, key=lambda e: e[0]):

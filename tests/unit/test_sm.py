@@ -384,7 +384,7 @@ def test_snapshot_round_trip_gives_identical_bytes_and_state():
 
 def test_snapshot_layout():
     doc = msgpack.unpackb(_sample().snapshot(), raw=False)
-    assert list(doc) == ["format", "version", "seq", "rev", "log_time_ms", "kv", "nodes"]
+    assert list(doc) == ["format", "version", "seq", "rev", "log_time_ms", "kv", "nodes", "digest"]
     assert doc["format"] == SNAPSHOT_FORMAT and doc["version"] == SNAPSHOT_VERSION
     assert doc["kv"] == [["a", 2, b"", 106], ["b", 1, b"\x00\xff", None], ["c/é", 4, b"u", 10_000]]
 
@@ -396,7 +396,8 @@ def test_empty_snapshot_round_trip():
 
 
 def _doc(**override) -> bytes:
-    doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": 5, "rev": 5, "log_time_ms": 10, "kv": [], "nodes": []}
+    doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": 5, "rev": 5, "log_time_ms": 10, "kv": [],
+           "nodes": [], "digest": None}
     doc.update(override)
     return msgpack.packb(doc, use_bin_type=True)
 
@@ -411,7 +412,9 @@ def _doc(**override) -> bytes:
         msgpack.packb({1: 2}),
         _doc() + b"\x00",
         _doc(format="other"),
-        _doc(version=4),
+        _doc(version=5),
+        _doc(digest=b"short"),
+        _doc(digest=7),
         _doc(rev=-1),
         _doc(nodes=None),
         _doc(nodes=[[1, "1", "localhost", 28004]]),
@@ -443,6 +446,30 @@ def test_restore_rejects_malformed_snapshots(data):
 def test_restore_of_random_bytes_raises_only_value_error(data):
     with pytest.raises(ValueError):
         KVStateMachine.restore(data)
+
+
+def test_a_snapshot_carries_its_digest_and_a_restore_keeps_it():
+    """Version 4: the digest travels in the snapshot (a restore does not hash every key
+    again); it equals the one computed from the keys, and stays right through writes."""
+    sm = _sample()
+    data = sm.snapshot()
+    restored = KVStateMachine.restore(data)
+    assert restored._digest is not None and restored.state_digest() == sm.state_digest()
+    fresh = KVStateMachine.restore(_doc(**{**msgpack.unpackb(data, raw=False), "digest": None}))
+    assert fresh._digest is None and fresh.state_digest() == sm.state_digest()
+    for m in (restored, fresh, sm):
+        m.apply(Upsert("z", b"1"), 1_000)
+    assert restored.state_digest() == fresh.state_digest() == sm.state_digest()
+    builder = sm.snapshot_builder()
+    assert builder.result() == sm.snapshot()
+
+
+def test_version_3_snapshots_without_a_digest_are_still_read():
+    doc = {**msgpack.unpackb(_sample().snapshot(), raw=False), "version": 3}
+    del doc["digest"]
+    sm = KVStateMachine.restore(msgpack.packb(doc, use_bin_type=True))
+    assert sm._digest is None and sm.state_digest() == _sample().state_digest()
+    assert KVStateMachine.restore(sm.snapshot()).snapshot() == _sample().snapshot()
 
 
 def test_restore_drops_keys_already_expired_at_its_log_time():
