@@ -619,6 +619,8 @@ class SnapshotBuilder:
         if self._sm._frozen is not None:
             self._sm._frozen = None
         self._parts = []
+        self._keys = []  # the copy of the key list goes now, not with the builder
+        self._pos = 0
 
 
 def _field_int(doc: dict[str, Any], name: str) -> int:
