@@ -146,11 +146,18 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         return Identity(self.id, self.config.raft_config.cluster_name, cluster_id, self.advertise_address)
 
     def _adopt_cluster_id(self, cluster_id: str, joined_at: int | None) -> None:
+        """A join reply: the cluster id (the only way a node adopts one) and the index of
+        a membership holding this node. A later one wins: a removal before it (say, the
+        node was removed while down between its two join steps) is not its own."""
         if self.meta is None:
             self.meta = NodeMeta(self.id, cluster_id, self.config.raft_config.cluster_name, joined_at)
-            self.storage.save_meta(self.meta)
-            self.driver.joined_at = joined_at
             log.info("%d joined cluster %s", self.id, cluster_id)
+        elif joined_at is not None and (self.meta.joined_at is None or joined_at > self.meta.joined_at):
+            self.meta = attrs.evolve(self.meta, joined_at=joined_at)
+        else:
+            return
+        self.storage.save_meta(self.meta)
+        self.driver.joined_at = self.meta.joined_at
 
     def _on_peer_stream(self, node_id: int) -> None:
         """A peer's raft stream to us started again: it may have restarted."""

@@ -890,6 +890,7 @@ class RaftCore:
             return
         pr.snap_offset = msg.next_offset
         pr.snap_idle_ticks = 0
+        pr.snap_resent = False
         self._send_snapshot_chunk(peer, pr)
 
     def _unstick(self, peer: int, pr: Progress) -> None:
@@ -897,9 +898,11 @@ class RaftCore:
         if pr.state is ProgressState.SNAPSHOT:
             # A heartbeat sent after the chunk came back on the same ordered stream, and
             # the chunk's answer did not: the chunk was lost (the link was down when it
-            # went out). Resend it now rather than after snapshot_timeout_ticks (§5.1).
-            if pr.snap_idle_ticks >= 2 * self.config.heartbeat_ticks:
+            # went out). Resend it now rather than after snapshot_timeout_ticks (§5.1);
+            # once per chunk (a follower may be dropping it: no room for the install).
+            if pr.snap_idle_ticks >= 2 * self.config.heartbeat_ticks and not pr.snap_resent:
                 pr.snap_idle_ticks = 0
+                pr.snap_resent = True
                 self._send_snapshot_chunk(peer, pr)
         elif pr.state is ProgressState.PROBE:
             pr.probe_sent = False

@@ -26,6 +26,7 @@ class Progress:
         "snapshot",
         "snap_offset",
         "snap_idle_ticks",
+        "snap_resent",
         "stalled_heartbeats",
         "acked_before",
         "tell_lost",
@@ -42,6 +43,7 @@ class Progress:
         self.snapshot: Snapshot | None = None
         self.snap_offset = 0
         self.snap_idle_ticks = 0
+        self.snap_resent = False  # the current chunk was resent on a heartbeat answer
         self.stalled_heartbeats = 0
         self.acked_before = 0  # its match before its raft stream restarted (it may have lost entries)
         self.tell_lost = 0  # tell it, in the next append, that it acknowledged up to here
@@ -64,6 +66,7 @@ class Progress:
         self.snapshot = snapshot
         self.snap_offset = 0
         self.snap_idle_ticks = 0
+        self.snap_resent = False  # the current chunk was resent on a heartbeat answer
         self.inflight.clear()
 
     def acked(self, index: int) -> bool:

@@ -406,8 +406,10 @@ class KVStateMachine:
         ``version`` (4), ``seq`` (last seq), ``rev`` (last change revision), ``log_time_ms``, ``kv``: a list in key order
         of ``[key, seq, data, expire_at_ms | nil]``, ``nodes``: a list by node id of
         ``[id, name, addr, port, grpc_api_advertise_address | nil]``, ``digest``: the sum
-        of the per-key hashes behind `state_digest` (16 bytes, little-endian), or nil
-        when not known: restoring it spares a pass over every key (~1 s at 1M keys).
+        of the per-key hashes behind `state_digest` over the keys in the snapshot (16
+        bytes, little-endian; nil in hand-made documents: computed on first use).
+        Restoring it spares a pass over every key in the event loop (~1 s at 1M keys);
+        the builder hashes each key it packs, so the digest is that of the bytes.
         """
         self.state_digest()  # known from here on
         doc = {
@@ -566,6 +568,9 @@ class SnapshotBuilder:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._body = msgpack.Packer(use_bin_type=True, autoreset=False)  # the current part
         self._in_part = 0
+        # The digest of what is packed, key by key (not the machine's running sum: a
+        # snapshot whose keys went wrong must not carry the right digest).
+        self._digest = 0
         p = self._packer
         head = [p.pack_map_header(8)]
         for name, value in (
@@ -577,7 +582,7 @@ class SnapshotBuilder:
         self._parts: list[bytes] = head
         self._tail = p.pack("nodes") + p.pack(
             [[i, r.name, r.endpoint.addr, r.endpoint.port, r.grpc_api_advertise_address] for i, r in sm.nodes()]
-        ) + p.pack("digest") + p.pack(_digest_bytes(sm._digest))
+        ) + p.pack("digest")
         self.keys = len(self._keys)
 
     @property
@@ -591,10 +596,13 @@ class SnapshotBuilder:
         kv, body = sm._kv, self._body
         pack = body.pack
         end = min(self._pos + n, len(self._keys))
+        digest = self._digest
         for key in self._keys[self._pos:end]:
             v = frozen[key] if key in frozen else kv[key]
             assert v is not None  # present at the start
             pack([key, *v])
+            digest += _key_hash(key, v)
+        self._digest = digest % _DIGEST_MOD
         self._in_part += end - self._pos
         self._pos = end
         if self._in_part >= self.PART_KEYS or self.done:
@@ -611,7 +619,7 @@ class SnapshotBuilder:
         to write one after the other; closes the builder."""
         while not self.done:
             self.step(1 << 16)
-        parts = self._parts + [self._tail]
+        parts = self._parts + [self._tail + self._packer.pack(_digest_bytes(self._digest))]
         self.close()
         return parts
 

@@ -198,6 +198,24 @@ def test_a_lost_chunk_is_sent_again_when_heartbeats_come_back_without_its_answer
     assert c1.progress[3].state is ProgressState.REPLICATE and n[3].commit_index == 6
 
 
+def test_the_fast_resend_is_once_per_chunk():
+    """A follower that keeps dropping the chunk (no room to install it) gets it again only
+    every snapshot timeout, not on every heartbeat answer."""
+    n = lagging_net(snapshot_timeout_ticks=40)
+    c1 = n[1]
+    sent = []
+    for _ in range(12):
+        c1.tick()
+        out = n.flush(1)
+        sent += [m for m in out if " snap " in m]
+        n.drop(lambda m: isinstance(m, SnapshotRequest))
+        n.round_trip(2, 3)
+        sent += [m for m in n.flush(1) if " snap " in m]
+        n.drop(lambda m: isinstance(m, SnapshotRequest))
+    # the first send (in the first Ready), and one fast resend
+    assert sent == ["1->3 snap t2 last=2-5 @0+4"] * 2, sent
+
+
 def test_a_snapshot_answer_for_another_snapshot_is_ignored():
     """§5.1 (Figure 5.3): the leader only acts on answers about the snapshot it is sending."""
     n = lagging_net()
