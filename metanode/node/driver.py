@@ -229,10 +229,13 @@ class NodeDriver:
         committed: tuple[Entry, ...],
         read_states: tuple[ReadState, ...] = (),
         dropped_reads: tuple[object, ...] = (),
+        restored: KVStateMachine | None = None,
     ) -> None:
-        """The apply step of one Ready, in order: snapshot, entries, reads."""
+        """The apply step of one Ready, in order: snapshot, entries, reads. `restored`:
+        the snapshot's state machine, if the runtime built it already
+        (`restore_snapshot`, in a thread)."""
         if snapshot is not None:
-            self._restore(snapshot)
+            self._restore(snapshot, restored)
         for entry in committed:
             self._apply_entry(entry)
         self._check_removed()
@@ -255,11 +258,8 @@ class NodeDriver:
                     keep.append((index, req_id))
             self._reads_ready = keep
 
-    def _restore(self, snapshot: Snapshot) -> None:
-        try:
-            self.sm = KVStateMachine.restore(snapshot.data)
-        except ValueError as e:
-            raise FatalError(f"snapshot {snapshot.meta.last_log_id} from the leader is unreadable: {e}") from None
+    def _restore(self, snapshot: Snapshot, restored: KVStateMachine | None) -> None:
+        self.sm = restored if restored is not None else restore_snapshot(snapshot)
         self.on_restore(self.sm.rev)
         last = snapshot.meta.last_log_id.index
         for index in [i for i in self._writes if i <= last]:
@@ -472,6 +472,14 @@ class NodeDriver:
     def member_ids(self) -> frozenset[int]:
         """Every id in our latest and committed memberships (what we vouch for)."""
         return self.core.membership.node_ids | self.core.committed_membership.node_ids
+
+
+def restore_snapshot(snapshot: Snapshot) -> KVStateMachine:
+    """The state machine of a snapshot from the leader; FatalError if unreadable."""
+    try:
+        return KVStateMachine.restore(snapshot.data)
+    except ValueError as e:
+        raise FatalError(f"snapshot {snapshot.meta.last_log_id} from the leader is unreadable: {e}") from None
 
 
 class SnapshotBuild:
