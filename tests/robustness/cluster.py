@@ -289,19 +289,9 @@ class Cluster:
                 continue
             while p.poll() is None and time.monotonic() < deadline:
                 await trio.sleep(0.05)
-            if p.poll() is None:
-                p.kill()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
+            _kill(p)
         for p in self.extra_procs:
-            if p.poll() is None:
-                p.kill()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
+            _kill(p)
         await self.http.aclose()
         for m in reversed(self.mounts):
             subprocess.run(["umount", "-l", str(m)], check=False, capture_output=True)
@@ -468,6 +458,16 @@ def copy_artifacts(src: Path, dest: Path, max_file: int = 8 << 20) -> None:
             shutil.copy2(path, dest / rel)
         except OSError:
             continue
+
+
+def _kill(p: subprocess.Popen) -> None:
+    """SIGKILL `p` (by its PID) if it still runs, and reap it."""
+    if p.poll() is None:
+        p.kill()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 __all__ = ["ADV_HOST", "Cluster", "HEARTBEAT_MS", "NodeSpec", "ROUNDS", "copy_artifacts", "election_timeout_s"]

@@ -48,6 +48,16 @@ async def wait_purged_past(c: Cluster, index: int, timeout: float = 30) -> None:
     await c.wait_for(purged, timeout, f"the leader to purge its log past {index}", interval=0.1)
 
 
+async def kill_behind(c: Cluster, wl: Workload, f: int) -> None:
+    """SIGKILL follower `f`, then wait until the leader purged its log past `f`'s end:
+    `f` can only catch up by a snapshot."""
+    st = await c.status(f)
+    assert st is not None
+    wl.expected_exits.add(f)
+    c.kill(f)
+    await wait_purged_past(c, st["last_log_index"])
+
+
 async def wait_logged(c: Cluster, node_id: int, word: str, more_than: int, timeout: float = 30) -> None:
     async def seen() -> bool:
         return len(log_messages(c.log_file(node_id), word)) > more_than
@@ -62,11 +72,7 @@ async def test_catch_up_by_snapshot(cluster: Cluster) -> None:
 
     async def fault(c: Cluster, wl: Workload, r: int) -> None:
         _leader, f = await follower(c)
-        st = await c.status(f)
-        assert st is not None
-        wl.expected_exits.add(f)
-        c.kill(f)
-        await wait_purged_past(c, st["last_log_index"])
+        await kill_behind(c, wl, f)
         installs = len(log_messages(c.log_file(f), "installed snapshot"))
         await restart(c, wl, f)
         await wait_logged(c, f, "installed snapshot", installs)
@@ -115,11 +121,7 @@ async def test_crash_while_installing_a_snapshot(cluster: Cluster) -> None:
 
     async def fault(c: Cluster, wl: Workload, r: int) -> None:
         leader, f = await follower(c)
-        st = await c.status(f)
-        assert st is not None
-        wl.expected_exits.add(f)
-        c.kill(f)
-        await wait_purged_past(c, st["last_log_index"])
+        await kill_behind(c, wl, f)
         for src in c.ids():
             if src != f:
                 c.net.set(src, f, Rule(delay=0.015))
