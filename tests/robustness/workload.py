@@ -418,11 +418,12 @@ class Workload:
     async def _sampler(self) -> None:
         c = self.cluster
         while True:
+            before = dict(c.incarnation)
             sts = await c.statuses(c.live())
             t = self.now()
             for i, st in sts.items():
-                if st is None:
-                    continue
+                if st is None or c.incarnation[i] != before.get(i):
+                    continue  # restarted during the request: which process answered?
                 leader = st.get("leader")
                 self.samples.append(Sample(
                     t, i, c.incarnation[i], st["current_term"], st["is_leader"], st["last_seq"],
