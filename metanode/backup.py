@@ -102,7 +102,7 @@ def build_state_machine(
         "nodes": [
             [i, str(i), host, port, grpc.get(i)] for i, (host, port) in sorted(initial_cluster.items())
         ],
-        "digest": None,  # computed on first use
+        "digest": None,  # computed while restoring
     }
     return KVStateMachine.restore(msgpack.packb(doc, use_bin_type=True))
 

@@ -1,14 +1,23 @@
 """The raft loop of a node (docs/architecture/node.md): the only task that touches the
 `RaftCore` (through the `NodeDriver`). It waits for one event, drains the rest of its
-inbox without waiting, then for each `Ready`: persist (one WAL append, one fsync, in a
-thread), send, hand committed entries to the apply loop, advance. Requests from other
-tasks are typed events answered by `Reply`s with their `req_id`.
+inbox without waiting, then for each `Ready`: persist (one WAL append, one fsync), send,
+hand committed entries to the apply loop, advance. Requests from other tasks are typed
+events answered by `Reply`s with their `req_id`.
+
+Where the fsync runs. A leader fsyncs in a thread: its event loop meanwhile reads the
+next requests (they make the next batch) and sends the AppendEntries already out
+(§10.2.1). A follower's loop has nothing to do for the raft core until its append is
+durable, and the thread hop (a wake-up, a GIL hand-over and a wake-up back) cost about
+as much as the fsync itself at one write in flight: it fsyncs in the loop while its
+disk is fast (the recent fsyncs took under INLINE_SYNC_MAX_S), in a thread otherwise,
+so a slow disk never freezes its other work (client reads, status, heartbeats' answers).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +46,10 @@ _MISSING = object()
 INSTALL_HEADROOM = 1 << 20  # free bytes left after a snapshot from the leader is written
 INSTALL_WARN_S = 10.0
 
+#: A follower fsyncs in its event loop while its recent fsyncs took less than this.
+INLINE_SYNC_MAX_S = 0.002
+_SYNC_EWMA = 0.2  # weight of the newest fsync in the running estimate
+
 
 class _Batch:
     """The requests of one event, waited for together (one trio.Event for them all)."""
@@ -64,6 +77,7 @@ class RaftLoop:
     """A part of `Node` (metanode/node/node.py), by concern."""
 
     _install_warned_at: float = float("-inf")
+    _sync_s: float = 0.0  # running estimate of one synced append's duration
 
     # ------------------------------------------------------------------ raft loop
     async def _run_ticker(self) -> None:
@@ -170,7 +184,10 @@ class RaftLoop:
             for msg in early:
                 self._send(msg)
             if self.driver.must_sync(ready):
-                await trio.to_thread.run_sync(self._persist, ready, True)
+                if self._sync_inline(ready):
+                    self._persist(ready, True)
+                else:
+                    await trio.to_thread.run_sync(self._persist, ready, True)
             elif ready.hard_state is not None:
                 if self._snapshot_lock.locked():
                     # A snapshot's save or purge may hold the store in a thread: do not
@@ -191,8 +208,24 @@ class RaftLoop:
         self._dispatch(self.driver.take_replies())
         self._check_watchers()
 
+    def _sync_inline(self, ready: Ready) -> bool:
+        """Fsync this Ready in the event loop? (See the module doc.) Never on a leader,
+        for a snapshot install (a large file), nor while a snapshot's save or purge may
+        hold the store in a thread."""
+        return (
+            self._sync_s < INLINE_SYNC_MAX_S
+            and ready.snapshot is None
+            and not self.core.is_leader
+            and not self._snapshot_lock.locked()
+        )
+
     def _persist(self, ready: Ready, sync: bool) -> None:
-        self.storage.append(entries=ready.entries, hard_state=ready.hard_state, snapshot=ready.snapshot, sync=sync)
+        if not sync:
+            self.storage.append(hard_state=ready.hard_state, sync=False)
+            return
+        start = time.perf_counter()
+        self.storage.append(entries=ready.entries, hard_state=ready.hard_state, snapshot=ready.snapshot, sync=True)
+        self._sync_s += (time.perf_counter() - start - self._sync_s) * _SYNC_EWMA
 
     def _send(self, msg: Message) -> None:
         link = self._links.get(msg.dst)

@@ -29,7 +29,7 @@ from cattrs.errors import ForbiddenExtraKeysError
 from metanode.raft.messages import MESSAGE_TYPES
 from metanode.wire import (
     converter,
-    decode,
+    decode_tagged,
     encode,
     encode_frame,
     register_class,
@@ -207,4 +207,4 @@ def frame_bytes(frame: Any) -> bytes:
 
 def decode_frame(body: bytes) -> Any:
     """The frame in `body` (a frame body, without its length); raises `DecodeError`."""
-    return decode(body, Frame)
+    return decode_tagged(body, Frame)

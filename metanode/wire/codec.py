@@ -73,6 +73,7 @@ __all__ = [
     "converter",
     "decode",
     "decode_message",
+    "decode_tagged",
     "encode",
     "encode_message",
     "pack",
@@ -709,7 +710,6 @@ del _cls
 MESSAGE_TAGS: Mapping[str, type] = register_tagged_union(Message, name="message")
 
 _unstructure_message = converter.get_unstructure_hook(Message)
-_structure_message = converter.get_structure_hook(Message)
 
 
 def _fast_append_out(msg: AppendRequest) -> dict[str, Any] | None:
@@ -778,14 +778,18 @@ def _fast_append(data: dict[str, Any]) -> AppendRequest | None:
     return AppendRequest(term, src, dst, LogId(prev[0], prev[1]), tuple(entries), commit, acked)
 
 
-def decode_message(body: bytes) -> Message:
-    """The raft message in `body`; raises `DecodeError` for any bad input."""
+def decode_tagged(body: bytes, union: Any) -> Any:
+    """The member of the tagged union `union` (raft messages, or a union holding them,
+    such as the raft port's frames) in `body`, with the AppendEntries fast path;
+    raises `DecodeError` for any bad input."""
     data = unpack(body)
     if type(data) is dict and data.get("t") == "append":
         fast = _fast_append(data)
         if fast is not None:
             return fast
-    try:
-        return _structure_message(data, Message)  # type: ignore[no-any-return]
-    except Exception as exc:  # noqa: BLE001 - any failure here is bad input
-        raise _decode_error(exc, Message) from exc
+    return structure(data, union)
+
+
+def decode_message(body: bytes) -> Message:
+    """The raft message in `body`; raises `DecodeError` for any bad input."""
+    return decode_tagged(body, Message)  # type: ignore[no-any-return]
