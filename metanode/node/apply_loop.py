@@ -43,6 +43,8 @@ class ApplyLoop:
     """A part of `Node` (metanode/node/node.py), by concern."""
 
     _snapshot_retry_at: float = 0.0  # after a snapshot that could not be written
+    #: A snapshot is being packed (in slices, in the event loop): the store is not in use.
+    snapshot_building: bool = False
 
     # ------------------------------------------------------------------ apply loop
     async def _run_apply_loop(self) -> None:
@@ -70,6 +72,7 @@ class ApplyLoop:
             if not self.driver.snapshot_due(force):
                 return
             build = self.driver.begin_snapshot()
+            self.snapshot_building = True
             try:
                 # A slice at a time, yielding between them: no request waits for the
                 # whole state machine to be serialized.
@@ -79,14 +82,15 @@ class ApplyLoop:
                     while not build.done and time.perf_counter() < until:
                         build.step(SNAPSHOT_STEP_KEYS)
                     # Let go of the GIL too: a busy event loop never waits in epoll, and
-                    # the WAL's fsync thread, back from its syscall, waited for the GIL
-                    # for most of the build (writes stalled ~700 ms at 1M keys; ~45 ms
-                    # with this).
+                    # a thread (an fsync begun before the build) back from its syscall
+                    # waited for the GIL for most of the build (writes stalled ~1 s at
+                    # 1M keys). Writes during the build fsync in the loop (raft_loop.py).
                     time.sleep(0)
                     await trio.sleep(0)
                 # Not joined: the pieces are written in turn (a join would hold the loop).
                 snapshot, purge_to = Snapshot(build.meta, Parts(build.parts())), build.purge_to  # type: ignore[arg-type]
             finally:
+                self.snapshot_building = False
                 build.close()
             try:
                 await trio.to_thread.run_sync(self.storage.save_snapshot, snapshot)
@@ -100,8 +104,12 @@ class ApplyLoop:
                     raise Unavailable(f"snapshot not saved: {e}") from None
                 return
             self.driver.snapshot_saved(snapshot)
-            # The core keeps it for followers memory-mapped from its file: the bytes
-            # built here are dropped.
+            # The core keeps it for followers memory-mapped from its file. Big objects
+            # die in a thread, not in the event loop: the bytes built here (~120 1-MB
+            # parts at 1M keys, each given back to the system), and below the core's
+            # previous snapshot, whose file is gone: the last reference to its mapping
+            # makes the kernel drop the file's cached pages (~20 ms for 100 MB).
+            dying: list[Any] = [snapshot]
             try:
                 snapshot = self.storage.mapped_snapshot(snapshot)
             except FatalError as e:
@@ -109,8 +117,12 @@ class ApplyLoop:
                 # replaced ours, whose file is gone: nothing to compact to.
                 log.info("%d snapshot %s superseded before it was kept: %s", self.id, snapshot.meta.last_log_id, e)
                 return
+            finally:
+                await trio.to_thread.run_sync(dying.clear)
+            dying.append(self.core.log.snapshot)
             try:
                 purged = await self.request(lambda req_id: Compact(req_id, snapshot, purge_to), what="compaction")
+                await trio.to_thread.run_sync(dying.clear)
                 await trio.to_thread.run_sync(self.storage.purge, purged)
             except (ClientError, ValueError) as e:
                 # The snapshot is saved; the log is purged behind the next one.

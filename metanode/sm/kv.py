@@ -16,11 +16,13 @@ command and again after it (a write whose expiry is already due, e.g. ``ttl_ms=0
 takes effect, bumps seq, and is then removed in the same apply). Reads therefore hide
 expired keys without filtering, and ``len()`` counts live keys.
 
-Indexes. A ``dict`` maps key -> ``(seq, data, expire_at_ms)``, a plain tuple; reads hand
-out ``SeqV``s made from it. Tuples of atoms are untracked by Python's cyclic garbage
-collector (so is a dict holding only such tuples): a full collection does not walk a
-million values, which as ``SeqV`` objects took ~125 ms, a stall of every write (~28 ms
-now). A ``sortedcontainers.SortedList`` of keys makes
+Indexes. A ``dict`` maps key -> its value as one ``bytes``: seq and expire_at_ms in
+16 bytes, then the data; reads hand out ``SeqV``s made from it. Python's cyclic garbage
+collector never tracks bytes, so it never tracks the dict either: no collection walks a
+million values (as ``SeqV`` objects a full collection took ~125 ms; as tuples, which
+the collector tracks until it has seen them, a dict that every write re-tracked was
+walked in the next young collection, ~20 ms at 1M keys), and a value costs ~90 bytes
+less than a tuple of three. A ``sortedcontainers.SortedList`` of keys makes
 prefix listing a bisect plus a walk, with O(log n) insert and delete (a plain ``list``
 with ``bisect.insort`` would cost an O(n) memmove per insert at ~1e6 keys); a second
 ``SortedList`` of ``(expire_at_ms, key)`` holds only keys with an expiry, so expiring is
@@ -46,6 +48,7 @@ from typing import Any, assert_never, cast
 
 import builtins
 import hashlib
+import itertools
 import struct
 
 import msgpack
@@ -92,8 +95,30 @@ SNAPSHOT_VERSION = 4
 Version 1 had no ``nodes``, version 2 no ``rev``, version 3 no ``digest``; all are still
 read (``rev`` 0; the digest is then computed while restoring)."""
 
-# A stored value: (seq, data, expire_at_ms), what SeqV holds (see "Indexes" above).
-_Value = tuple[int, bytes, int | None]
+# A stored value (see "Indexes" above): seq and expire_at_ms (-1: none) in 16 bytes,
+# then the data. A bytes object, which the cyclic garbage collector never tracks.
+_Value = bytes
+_VALUE_HEAD = struct.Struct("<Qq")
+_HEAD = _VALUE_HEAD.size
+
+
+def _stored(seq: int, data: bytes, expire_at_ms: int | None) -> _Value:
+    return _VALUE_HEAD.pack(seq, -1 if expire_at_ms is None else expire_at_ms) + data
+
+
+def _fields(v: _Value) -> tuple[int, bytes, int | None]:
+    """(seq, data, expire_at_ms) of a stored value."""
+    seq, expire = _VALUE_HEAD.unpack_from(v)
+    return seq, v[_HEAD:], None if expire < 0 else expire
+
+
+def _seqv(v: _Value) -> SeqV:
+    return SeqV(*_fields(v))
+
+
+def _expiry_of(v: _Value) -> int | None:
+    expire: int = _VALUE_HEAD.unpack_from(v)[1]
+    return None if expire < 0 else expire
 
 
 class KVStateMachine:
@@ -116,6 +141,8 @@ class KVStateMachine:
         # While a `SnapshotBuilder` runs: the value each key had when it began, saved by
         # `_write` before the first change of that key (copy on write).
         self._frozen: dict[str, _Value | None] | None = None
+        # ... and the keys present then that are removed now, in order.
+        self._gone: SortedList | None = None
         # `state_digest`: a sum of per-key hashes, kept up to date by `_write`.
         self._digest = 0
 
@@ -149,7 +176,7 @@ class KVStateMachine:
         """Every live ``(key, SeqV)`` in key order."""
         kv = self._kv
         for key in self._keys:
-            yield key, SeqV(*kv[key])
+            yield key, _seqv(kv[key])
 
     def __repr__(self) -> str:
         return (
@@ -173,7 +200,7 @@ class KVStateMachine:
     def get(self, key: str) -> SeqV | None:
         """The live value of ``key``, or ``None`` if it is absent or expired."""
         v = self._kv.get(key)
-        return None if v is None else SeqV(*v)
+        return None if v is None else _seqv(v)
 
     def mget(self, keys: Iterable[str]) -> list[SeqV | None]:
         """``get`` for each key, in the order given."""
@@ -198,7 +225,7 @@ class KVStateMachine:
         for key in self._keys.islice(start):
             if not key.startswith(prefix):
                 break
-            out.append((key, SeqV(*kv[key])))
+            out.append((key, _seqv(kv[key])))
             if limit is not None and len(out) >= limit:
                 break
         return out
@@ -206,7 +233,7 @@ class KVStateMachine:
     def range(self, start: str, end: str) -> builtins.list[tuple[str, SeqV]]:
         """Live ``(key, SeqV)`` pairs with ``start <= key < end``, in key order."""
         kv = self._kv
-        return [(k, SeqV(*kv[k])) for k in self._keys.irange(start, end, inclusive=(True, False))]
+        return [(k, _seqv(kv[k])) for k in self._keys.irange(start, end, inclusive=(True, False))]
 
     # ------------------------------------------------------------------ apply
 
@@ -284,11 +311,11 @@ class KVStateMachine:
         current = self._kv.get(cond.key)
         left: int | bytes
         if cond.target == "seq":
-            left = current[0] if current is not None else 0
+            left = _VALUE_HEAD.unpack_from(current)[0] if current is not None else 0
         elif current is None:
             return cond.op == "!="  # no value: it differs from any bytes, nothing else holds
         else:
-            left = current[1]
+            left = current[_HEAD:]
         right = cond.operand
         match cond.op:
             case "==":
@@ -347,27 +374,36 @@ class KVStateMachine:
         The only place that mutates the map. Removing an absent key is a no-op.
         """
         old = self._kv.get(key)
-        value = None if new is None else (new.seq, new.data, new.expire_at_ms)
+        value = None if new is None else _stored(new.seq, new.data, new.expire_at_ms)
         frozen = self._frozen
-        if frozen is not None and key not in frozen:
-            frozen[key] = old
+        if frozen is not None:
+            if key not in frozen:
+                frozen[key] = old
+            if frozen[key] is not None:  # a key of the snapshot being built
+                assert self._gone is not None
+                if value is None and old is not None:
+                    self._gone.add(key)
+                elif value is not None and old is None:
+                    self._gone.remove(key)
         self._digest = (self._digest - _key_hash(key, old) + _key_hash(key, value)) % _DIGEST_MOD
         if old is None:
             if value is None:
                 return
             self._keys.add(key)
         else:
-            if old[2] is not None:
-                self._expiry.remove((old[2], key))
+            old_expiry = _expiry_of(old)
+            if old_expiry is not None:
+                self._expiry.remove((old_expiry, key))
             if value is None:
                 del self._kv[key]
                 self._keys.remove(key)
         if value is not None:
             self._kv[key] = value
-            if value[2] is not None:
-                self._expiry.add((value[2], key))
+            expire_at_ms = _expiry_of(value)
+            if expire_at_ms is not None:
+                self._expiry.add((expire_at_ms, key))
         self._rev += 1
-        self._changes.append(KeyChange(key, None if old is None else SeqV(*old), new, self._rev))
+        self._changes.append(KeyChange(key, None if old is None else _seqv(old), new, self._rev))
 
     def _expire(self) -> None:
         """Remove every key whose ``expire_at_ms <= log_time_ms``, earliest first."""
@@ -410,7 +446,7 @@ class KVStateMachine:
             "seq": self._seq,
             "rev": self._rev,
             "log_time_ms": self._log_time_ms,
-            "kv": [[k, *self._kv[k]] for k in self._keys],
+            "kv": [[k, *_fields(self._kv[k])] for k in self._keys],
             "nodes": [
                 [i, r.name, r.endpoint.addr, r.endpoint.port, r.grpc_api_advertise_address]
                 for i, r in self.nodes()
@@ -461,8 +497,8 @@ class KVStateMachine:
                         if last_key is not None and key <= last_key:
                             raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
                         last_key = key
-                        kv[key] = value
-                        total += _key_hash(key, value)
+                        kv[key] = stored = _stored(*value)
+                        total += _key_hash(key, stored)
                         if value[2] is not None:
                             expiry.append((value[2], key))
                     doc["kv"] = True
@@ -494,8 +530,8 @@ class KVStateMachine:
                 if last_key is not None and key <= last_key:
                     raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
                 last_key = key
-                kv[key] = value
-                total += _key_hash(key, value)
+                kv[key] = stored = _stored(*value)
+                total += _key_hash(key, stored)
                 if value[2] is not None:
                     expiry.append((value[2], key))
         sm._kv = kv
@@ -526,7 +562,7 @@ class KVStateMachine:
 
 _DIGEST_MOD = 1 << 128
 _SEQ_MIX = 0x9E3779B97F4A7C15F39CC0605CEDC835  # an odd constant: mixes the last seq in
-_ENTRY = struct.Struct("<QQq")
+_KEY_LEN = struct.Struct("<Q")
 
 
 def _digest_bytes(digest: int) -> bytes:
@@ -534,27 +570,31 @@ def _digest_bytes(digest: int) -> bytes:
 
 
 def _key_hash(key: str, v: _Value | None) -> int:
-    """A stable 128-bit hash of one key's value (0 for an absent key)."""
+    """A stable 128-bit hash of one key's value (0 for an absent key): blake2b-128 of
+    len(key) (u64), seq (u64), expire_at_ms (i64, -1 for none), key, data."""
     if v is None:
         return 0
-    seq, data, expire_at_ms = v
     k = key.encode()
-    h = hashlib.blake2b(_ENTRY.pack(len(k), seq, -1 if expire_at_ms is None else expire_at_ms), digest_size=16)
+    h = hashlib.blake2b(_KEY_LEN.pack(len(k)) + v[:_HEAD], digest_size=16)
     h.update(k)
-    h.update(data)
+    h.update(memoryview(v)[_HEAD:])
     return int.from_bytes(h.digest(), "little")
 
 
 class SnapshotBuilder:
     """`KVStateMachine.snapshot()` of one moment, built a slice at a time.
 
-    At the start it copies what is small (the header, the node records) and the key
-    list (pointers only); then each `step(n)` packs the next `n` keys, into parts of
-    PART_KEYS keys (~1 MB at 100-byte values: fewer, larger pieces than small steps
-    would leave, which malloc gives back to the system when freed). A key changed
-    since the start has its old value in the machine's copy-on-write table, so the
-    bytes are those of the start whatever was applied in between. Reference: the Raft
-    thesis §5.2 (snapshotting concurrently with the state machine by copy-on-write).
+    At the start it copies what is small (the header, the node records); then each
+    `step(n)` packs the next `n` keys in key order, into parts of PART_KEYS keys (~1 MB
+    at 100-byte values: fewer, larger pieces than small steps would leave, which malloc
+    gives back to the system when freed). The keys of the start are the live ones
+    after the last key packed, less those added since, plus those removed since: a key
+    changed since the start has its old value (None when it was absent) in the
+    machine's copy-on-write table, and a key removed since is in its ``_gone`` list.
+    So the bytes are those of the start whatever was applied in between, and nothing
+    of the size of the machine is copied at the start (a copy of the key list held the
+    event loop ~20 ms at 1M keys). Reference: the Raft thesis §5.2 (snapshotting
+    concurrently with the state machine by copy-on-write).
     """
 
     PART_KEYS = 8192
@@ -562,8 +602,11 @@ class SnapshotBuilder:
     def __init__(self, sm: KVStateMachine) -> None:
         self._sm = sm
         sm._frozen = {}
-        self._keys = list(sm._keys)
-        self._pos = 0
+        sm._gone = SortedList()
+        self.keys = len(sm._keys)  # the keys of the start: what the snapshot holds
+        self._packed = 0
+        self._after: str | None = None  # the last key looked at
+        self._done = self.keys == 0
         self._packer = msgpack.Packer(use_bin_type=True)
         self._body = msgpack.Packer(use_bin_type=True, autoreset=False)  # the current part
         self._in_part = 0
@@ -577,33 +620,48 @@ class SnapshotBuilder:
             ("rev", sm._rev), ("log_time_ms", sm._log_time_ms),
         ):
             head += [p.pack(name), p.pack(value)]
-        head += [p.pack("kv"), p.pack_array_header(len(self._keys))]
+        head += [p.pack("kv"), p.pack_array_header(self.keys)]
         self._parts: list[bytes] = head
         self._tail = p.pack("nodes") + p.pack(
             [[i, r.name, r.endpoint.addr, r.endpoint.port, r.grpc_api_advertise_address] for i, r in sm.nodes()]
         ) + p.pack("digest")
-        self.keys = len(self._keys)
 
     @property
     def done(self) -> bool:
-        return self._pos >= len(self._keys)
+        return self._done
 
     def step(self, n: int) -> None:
-        """Pack the next `n` keys."""
-        sm, frozen = self._sm, self._sm._frozen
-        assert frozen is not None, "the builder was closed"
-        kv, body = sm._kv, self._body
-        pack = body.pack
-        end = min(self._pos + n, len(self._keys))
-        for key in self._keys[self._pos:end]:
+        """Pack the keys of the start among the next `n` keys."""
+        sm, frozen, gone = self._sm, self._sm._frozen, self._sm._gone
+        assert frozen is not None and gone is not None, "the builder was closed"
+        if self._done:
+            return
+        after = self._after
+        live = iter(sm._keys) if after is None else sm._keys.irange(after, None, inclusive=(False, False))
+        batch = list(itertools.islice(live, n))
+        last = batch[-1] if len(batch) == n else None  # None: no live key is left
+        if gone:
+            back = list(gone.irange(after, last, inclusive=(False, True)))
+            if back:
+                batch = sorted(batch + back)
+        kv, pack, unpack_head = sm._kv, self._body.pack, _VALUE_HEAD.unpack_from
+        packed = 0
+        for key in batch:
             v = frozen[key] if key in frozen else kv[key]
-            assert v is not None  # present at the start
-            pack([key, *v])
-        self._in_part += end - self._pos
-        self._pos = end
-        if self._in_part >= self.PART_KEYS or self.done:
-            self._parts.append(body.bytes())
-            body.reset()
+            if v is not None:  # else added since the start
+                seq, expire = unpack_head(v)
+                pack([key, seq, v[_HEAD:], None if expire < 0 else expire])
+                packed += 1
+        self._packed += packed
+        self._in_part += packed
+        self._after = last
+        if last is None:
+            self._done = True
+            if self._packed != self.keys:  # our bug; never a snapshot with a wrong count
+                raise RuntimeError(f"snapshot builder packed {self._packed} keys of {self.keys}")
+        if self._in_part >= self.PART_KEYS or self._done:
+            self._parts.append(self._body.bytes())
+            self._body.reset()
             self._in_part = 0
 
     def result(self) -> bytes:
@@ -620,11 +678,9 @@ class SnapshotBuilder:
         return parts
 
     def close(self) -> None:
-        if self._sm._frozen is not None:
-            self._sm._frozen = None
+        self._sm._frozen = self._sm._gone = None
         self._parts = []
-        self._keys = []  # the copy of the key list goes now, not with the builder
-        self._pos = 0
+        self._done = True
 
 
 def _field_int(doc: dict[str, Any], name: str) -> int:
@@ -634,7 +690,7 @@ def _field_int(doc: dict[str, Any], name: str) -> int:
     return value
 
 
-def _parse_entry(i: int, entry: object, last_seq: int) -> tuple[str, _Value]:
+def _parse_entry(i: int, entry: object, last_seq: int) -> tuple[str, tuple[int, bytes, int | None]]:
     if not isinstance(entry, list) or len(entry) != 4:
         raise ValueError(f"snapshot kv entry {i} must be [key, seq, data, expire_at_ms]")
     key, seq, data, expire_at_ms = entry

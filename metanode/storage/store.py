@@ -332,7 +332,9 @@ class RaftStorage:
             self._recovered = None
             self._snapshot_id = sid
             log.info("saved snapshot %s", sid)
-            self._remove_older_snapshots(sid)
+        # Outside the lock: removing a large file takes a while (its pages are freed),
+        # and the WAL must not wait for it. Only files older than a durable snapshot go.
+        self._remove_older_snapshots(sid)
 
     def purge(self, upto: int) -> None:
         """Forget entries up to `upto` (they are behind the latest snapshot).

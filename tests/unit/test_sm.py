@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from metanode.sm import (
@@ -674,6 +674,39 @@ def test_a_snapshot_built_in_slices_is_the_state_when_it_began():
     assert sm.snapshot() != want
     assert sm.snapshot_builder().result() == sm.snapshot()  # the copy-on-write table is gone
     assert len(KVStateMachine.restore(want)) == 1000
+
+
+@given(
+    start=st.sets(st.integers(0, 40), max_size=30),
+    script=st.lists(
+        st.one_of(
+            st.tuples(st.just("step"), st.integers(1, 12)),
+            st.tuples(st.sampled_from(["put", "delete"]), st.integers(0, 40)),
+        ),
+        max_size=60,
+    ),
+)
+@example(start={1, 2, 3}, script=[("delete", 2), ("put", 2), ("step", 12)])  # removed, then back
+@example(start={1, 2, 3}, script=[("step", 1), ("delete", 1), ("delete", 3), ("put", 0), ("step", 5)])
+@settings(max_examples=300, deadline=None)
+def test_a_snapshot_built_in_slices_equals_the_state_of_its_start(start, script):
+    """Any mix of slices and writes (inserts of new keys, deletes, and keys deleted
+    then written again, before or after the builder passed them) packs exactly the
+    keys and values of the start."""
+    from metanode.sm import KVStateMachine, Upsert
+
+    sm = KVStateMachine()
+    for i in sorted(start):
+        sm.apply(Upsert(f"k{i:02d}", b"%d" % i), 1)
+    want = sm.snapshot()
+    builder = sm.snapshot_builder()
+    for n, (what, arg) in enumerate(script):
+        if what == "step":
+            builder.step(arg)
+        else:
+            sm.apply(Upsert(f"k{arg:02d}", None if what == "delete" else b"w%d" % n), 2)
+    assert builder.result() == want
+    assert KVStateMachine.restore(want).state_digest() != "" and sm._frozen is None and sm._gone is None
 
 
 def test_the_state_digest_is_kept_up_to_date_and_equal_on_equal_state():
