@@ -655,10 +655,9 @@ class SnapshotBuilder:
         self._packed += packed
         self._in_part += packed
         self._after = last
-        if last is None:
-            self._done = True
-            if self._packed != self.keys:  # our bug; never a snapshot with a wrong count
-                raise RuntimeError(f"snapshot builder packed {self._packed} keys of {self.keys}")
+        if last is None and self._packed != self.keys:  # our bug; never a snapshot with a wrong count
+            raise RuntimeError(f"snapshot builder packed {self._packed} keys of {self.keys}")
+        self._done = self._packed == self.keys  # the keys left, if any, were added since
         if self._in_part >= self.PART_KEYS or self._done:
             self._parts.append(self._body.bytes())
             self._body.reset()
