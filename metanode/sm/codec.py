@@ -3,6 +3,11 @@
 An entry's `data` is `encode_command(cmd, time_ms)`: a `LogCommand` through the one
 wire codec. The leader stamps `time_ms` when it proposes; every replica applies the
 command at that log time (contract §5: TTL is decided by the leader's clock on the entry).
+
+The hot path: a plain `Upsert` (no `match_seq`) is encoded and decoded by hand, without
+the converter (every write crosses both on every replica). The bytes are the
+converter's, and the decoder takes only what the strict path accepts; anything else
+takes the strict path, with its error messages.
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ from typing import Any
 
 import attrs
 
-from metanode.sm.commands import Command, TxnCondition, TxnOp
+from metanode.sm.commands import Command, TxnCondition, TxnOp, Upsert
 from metanode.sm.types import MatchSeq, NodeRecord
 from metanode.wire import (
     DecodeError,
     converter,
     decode,
     encode,
+    pack,
     register_class,
     register_tagged_union,
+    structure,
+    unpack,
 )
 from metanode.wire.codec import INT64_MAX, INT64_MIN
 
@@ -56,13 +64,46 @@ class LogCommand:
 register_class(LogCommand, unsigned=True)
 
 
+_INT64_LIMIT = INT64_MAX + 1
+_UPSERT_KEYS = frozenset(("t", "key", "value"))
+_UPSERT_OPTIONAL = ("ttl_ms", "expire_at_ms")
+
+
 def encode_command(cmd: Command, time_ms: int) -> bytes:
+    if type(cmd) is Upsert and cmd.match_seq is None and type(time_ms) is int and 0 <= time_ms < _INT64_LIMIT:
+        body: dict[str, Any] = {"t": "upsert", "key": cmd.key, "value": cmd.value}
+        if cmd.ttl_ms is not None:
+            body["ttl_ms"] = cmd.ttl_ms
+        if cmd.expire_at_ms is not None:
+            body["expire_at_ms"] = cmd.expire_at_ms
+        return pack({"time_ms": time_ms, "cmd": body})
     return encode(LogCommand(time_ms, cmd), LogCommand)
+
+
+def _fast_upsert(doc: Any) -> LogCommand | None:
+    """The `LogCommand` of a well-formed plain upsert, or None (then the strict path)."""
+    if type(doc) is not dict or doc.keys() != {"time_ms", "cmd"}:
+        return None
+    time_ms, body = doc["time_ms"], doc["cmd"]
+    if type(time_ms) is not int or not 0 <= time_ms < _INT64_LIMIT or type(body) is not dict:
+        return None
+    if body.get("t") != "upsert" or not body.keys() - _UPSERT_OPTIONAL == _UPSERT_KEYS:
+        return None
+    key, value = body["key"], body["value"]
+    if type(key) is not str or not (value is None or type(value) is bytes):
+        return None
+    ttl_ms, expire_at_ms = body.get("ttl_ms"), body.get("expire_at_ms")
+    for v in (ttl_ms, expire_at_ms):
+        if v is not None and (type(v) is not int or not INT64_MIN <= v <= INT64_MAX):
+            return None
+    return LogCommand(time_ms, Upsert(key, value, None, ttl_ms, expire_at_ms))
 
 
 def decode_command(data: bytes) -> LogCommand:
     """Raises `DecodeError` naming what is wrong (an entry from another version, say)."""
-    return decode(data, LogCommand)
+    doc = unpack(data)
+    fast = _fast_upsert(doc)
+    return fast if fast is not None else structure(doc, LogCommand)
 
 
 __all__ = ["DecodeError", "LogCommand", "decode_command", "encode_command"]

@@ -3,6 +3,8 @@ wire codec with the leader's time stamp; anything else is a DecodeError."""
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metanode.sm import (
     Endpoint,
@@ -18,7 +20,8 @@ from metanode.sm import (
     TxnPut,
     Upsert,
 )
-from metanode.sm.codec import DecodeError, LogCommand, decode_command, encode_command
+from metanode.sm.codec import DecodeError, LogCommand, _fast_upsert, decode_command, encode_command
+from metanode.wire import decode, encode
 
 COMMANDS = [
     Upsert("k", b"v"),
@@ -111,3 +114,55 @@ def test_a_tick_round_trips():
     from metanode.sm import Tick
 
     assert decode_command(encode_command(Tick(), 5)) == LogCommand(5, Tick())
+
+
+# ---------------------------------------------------------------- the upsert fast path
+
+_ints = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1))
+
+
+@given(
+    key=st.text(max_size=8),
+    value=st.one_of(st.none(), st.binary(max_size=8)),
+    ttl_ms=_ints,
+    expire_at_ms=_ints,
+    time_ms=st.integers(0, 2**63 - 1),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_plain_upsert_takes_the_fast_path_with_the_converters_bytes(key, value, ttl_ms, expire_at_ms, time_ms):
+    """The hand-written encoder and decoder of a plain upsert (the hot path) give the
+    converter's bytes and the converter's object."""
+    cmd = Upsert(key, value, None, ttl_ms, expire_at_ms)
+    data = encode_command(cmd, time_ms)
+    assert data == encode(LogCommand(time_ms, cmd), LogCommand)
+    assert _fast_upsert(msgpack.unpackb(data, raw=False)) == LogCommand(time_ms, cmd)
+    assert decode_command(data) == decode(data, LogCommand)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"time_ms": 1, "cmd": {"t": "upsert", "key": "k", "value": b"v", "ttl_ms": True}},
+        {"time_ms": 1, "cmd": {"t": "upsert", "key": "k", "value": b"v", "ttl_ms": 2**63}},
+        {"time_ms": 1, "cmd": {"t": "upsert", "key": "k", "value": "v"}},
+        {"time_ms": 1, "cmd": {"t": "upsert", "key": b"k", "value": b"v"}},
+        {"time_ms": 1, "cmd": {"t": "upsert", "key": "k"}},
+        {"time_ms": 1, "cmd": {"t": "upsert", "key": "k", "value": None, "extra": 1}},
+        {"time_ms": -1, "cmd": {"t": "upsert", "key": "k", "value": None}},
+        {"time_ms": 1, "cmd": {"t": "upsert", "key": "k", "value": None}, "more": 1},
+        {"time_ms": 1, "cmd": {"t": "upsert", "key": "k", "value": None, "match_seq": {"exact": 1}}},
+    ],
+)
+def test_the_fast_path_leaves_anything_unusual_to_the_strict_one(doc):
+    """It accepts nothing the converter refuses: such payloads get the strict path's
+    answer (an error naming the problem, or the object for a match_seq)."""
+    assert _fast_upsert(doc) is None
+    data = msgpack.packb(doc, use_bin_type=True)
+    try:
+        want = decode(data, LogCommand)
+    except DecodeError as e:
+        with pytest.raises(DecodeError) as got:
+            decode_command(data)
+        assert str(got.value) == str(e)
+    else:
+        assert decode_command(data) == want
