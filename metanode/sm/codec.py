@@ -21,7 +21,6 @@ from metanode.sm.types import MatchSeq, NodeRecord
 from metanode.wire import (
     DecodeError,
     converter,
-    decode,
     encode,
     pack,
     register_class,
