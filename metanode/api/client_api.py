@@ -489,9 +489,10 @@ class ClientSession:
         await self._send_replies([reply])
 
     def _record(self, name: str, started: float, ok: bool) -> None:
+        seconds = time.perf_counter() - started
         if self.stats is not None and name in KIND_OF_OP:
-            self.stats.record(KIND_OF_OP[name], time.perf_counter() - started, ok)
-        self.metrics.request_done(name, time.perf_counter() - started, ok)
+            self.stats.record(KIND_OF_OP[name], seconds, ok)
+        self.metrics.request_done(name, seconds, ok)
 
     async def _send_replies(self, replies: list[dict]) -> None:
         """Replies ready together leave as one message (one map, or an array)."""

@@ -228,7 +228,8 @@ class RaftLoop:
             return
         start = time.perf_counter()
         self.storage.append(entries=ready.entries, hard_state=ready.hard_state, snapshot=ready.snapshot, sync=True)
-        self._sync_s += (time.perf_counter() - start - self._sync_s) * _SYNC_EWMA
+        if ready.snapshot is None:  # an install writes a whole file: not the disk's fsync time
+            self._sync_s += (time.perf_counter() - start - self._sync_s) * _SYNC_EWMA
 
     def _send(self, msg: Message) -> None:
         link = self._links.get(msg.dst)

@@ -68,13 +68,15 @@ class WatchHub:
         self.watchers: set[Watcher] = set()
 
     def on_changes(self, changes: Iterable[KeyChange]) -> None:
+        history = self.history
         for change in changes:
-            if len(self.history) == HISTORY:
-                self.base = self.history[0].rev
-            self.history.append(change)
-            for w in list(self.watchers):
-                if w.wants(change):
-                    w.push(change)
+            if len(history) == HISTORY:
+                self.base = history[0].rev
+            history.append(change)
+            if self.watchers:
+                for w in list(self.watchers):  # a push may unsubscribe its watcher
+                    if w.wants(change):
+                        w.push(change)
 
     def reset(self, rev: int) -> None:
         """A snapshot from the leader replaced the state: history is discontinuous."""

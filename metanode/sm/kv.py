@@ -56,6 +56,7 @@ from sortedcontainers import SortedList
 
 from metanode.sm.commands import (
     COMMAND_TYPES,
+    MAX_TIME_MS,
     Command,
     RemoveNode,
     SetNode,
@@ -461,7 +462,8 @@ class KVStateMachine:
 
         Raises ``ValueError`` naming the problem when ``data`` is not a well-formed
         snapshot of a supported version (bad msgpack, missing or mistyped fields, keys
-        not strictly ascending, a key seq above the last seq). Keys already expired at
+        not strictly ascending, a key seq above the last seq, keys that do not add up
+        to the snapshot's digest). Keys already expired at
         the snapshot's log time are dropped, so the invariant holds; a snapshot taken
         by ``snapshot()`` never has any, and restores to identical bytes.
         """
@@ -601,7 +603,8 @@ class SnapshotBuilder:
 
     def __init__(self, sm: KVStateMachine) -> None:
         self._sm = sm
-        sm._frozen = {}
+        self._table: dict[str, _Value | None] = {}
+        sm._frozen = self._table
         sm._gone = SortedList()
         self.keys = len(sm._keys)  # the keys of the start: what the snapshot holds
         self._packed = 0
@@ -632,10 +635,10 @@ class SnapshotBuilder:
 
     def step(self, n: int) -> None:
         """Pack the keys of the start among the next `n` keys."""
-        sm, frozen, gone = self._sm, self._sm._frozen, self._sm._gone
-        assert frozen is not None and gone is not None, "the builder was closed"
-        if self._done:
+        if self._done or n < 1:  # a closed builder is done
             return
+        sm, frozen, gone = self._sm, self._sm._frozen, self._sm._gone
+        assert frozen is not None and gone is not None
         after = self._after
         live = iter(sm._keys) if after is None else sm._keys.irange(after, None, inclusive=(False, False))
         batch = list(itertools.islice(live, n))
@@ -677,15 +680,19 @@ class SnapshotBuilder:
         return parts
 
     def close(self) -> None:
-        self._sm._frozen = self._sm._gone = None
+        if self._sm._frozen is self._table:  # not a later builder's
+            self._sm._frozen = self._sm._gone = None
         self._parts = []
         self._done = True
 
 
+_INT63 = 2**63 - 1  # seq and times are stored in signed 64-bit fields
+
+
 def _field_int(doc: dict[str, Any], name: str) -> int:
     value = doc.get(name)
-    if not is_int(value) or value < 0:
-        raise ValueError(f"snapshot field {name!r} must be a non-negative int, got {value!r}")
+    if not is_int(value) or not 0 <= value <= _INT63:
+        raise ValueError(f"snapshot field {name!r} must be an int in 0..{_INT63}, got {value!r}")
     return value
 
 
@@ -699,7 +706,7 @@ def _parse_entry(i: int, entry: object, last_seq: int) -> tuple[str, tuple[int, 
         raise ValueError(f"snapshot kv entry {i} ({key!r}): seq {seq!r} not in 1..{last_seq}")
     if not isinstance(data, bytes):
         raise ValueError(f"snapshot kv entry {i} ({key!r}): data must be bytes")
-    if expire_at_ms is not None and (not is_int(expire_at_ms) or expire_at_ms < 0):
+    if expire_at_ms is not None and (not is_int(expire_at_ms) or not 0 <= expire_at_ms <= MAX_TIME_MS):
         raise ValueError(f"snapshot kv entry {i} ({key!r}): bad expire_at_ms {expire_at_ms!r}")
     return key, (seq, data, expire_at_ms)
 

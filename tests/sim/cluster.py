@@ -322,13 +322,13 @@ class SimNode:
             return
         self.building = None
         snapshot, purge_to = build.finish(), build.purge_to
-        current = self.disk.snapshot
-        superseded = current is not None and current.meta.last_log_id.index >= snapshot.meta.last_log_id.index
-        if not superseded:  # the daemon's store ignores a snapshot older than its own
+        current = -1 if self.disk.snapshot is None else self.disk.snapshot.meta.last_log_id.index
+        built = snapshot.meta.last_log_id.index
+        if current < built:  # the daemon's store ignores a snapshot not newer than its own
             self.disk.snapshot = snapshot  # written to a temp file and renamed: atomic
         driver.snapshot_saved(snapshot)
-        if superseded:  # one from the leader was installed while this one was built
-            return
+        if current > built:  # a newer one from the leader was installed meanwhile: the
+            return  # daemon finds its file gone and does not compact
         req_id = next(self.cluster.ctx_ids)
         self.callbacks[req_id] = ("compact", self.disk.purge)
         driver.handle(Compact(req_id, snapshot, purge_to))

@@ -431,6 +431,8 @@ def _doc(**override) -> bytes:
         _doc(kv=[["a", 6, b"", None]]),
         _doc(kv=[["a", 1, "text", None]]),
         _doc(kv=[["a", 1, b"", -3]]),
+        _doc(kv=[["a", 1, b"", 2**62 + 1]]),  # past MAX_TIME_MS: a value could not store it
+        _doc(seq=2**63, kv=[["a", 2**63, b"", None]]),  # seq is a signed 64-bit field
         _doc(kv=[["b", 1, b"", None], ["a", 2, b"", None]]),
         _doc(kv=[["a", 1, b"", None], ["a", 2, b"", None]]),
         "not bytes",
