@@ -16,6 +16,7 @@ from functools import partial
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from metanode.errors import ClientError, NotLeader, Timeout, TransportError, Unauthenticated
 from metanode.raft.messages import AppendRequest, Heartbeat, TimeoutNow, VoteRequest
@@ -185,6 +186,64 @@ async def test_many_queued_messages_are_batched_in_few_writes() -> None:
             assert got == [hb(i) for i in range(n)]
             assert link.stats.sent == n
             assert link.stats.batches <= 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_link_waiting_for_messages_writes_the_next_one_itself() -> None:
+    """The first message while the writer waits goes out from `send_nowait` itself (one
+    write, no task switch); the rest of a burst is batched by the writer, in order."""
+    with trio.fail_after(LIMIT):
+        async with running_server() as server, trio.open_nursery() as nursery:
+            link = PeerLink(SERVER_ID, lambda: server.address, lambda: ident())
+            nursery.start_soon(link.run)
+            await link.wait_connected()
+            await trio.testing.wait_all_tasks_blocked()
+            assert link.send_nowait(hb(1))
+            assert link.stats.sent == 1  # written already, before any checkpoint
+            for i in range(2, 6):
+                assert link.send_nowait(hb(i))
+            assert [await server.messages.receive() for _ in range(5)] == [hb(i) for i in range(1, 6)]
+            assert link.stats.sent == 5 and link.stats.batches == 2
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("failure", ["partial", "full", "broken"])
+async def test_a_direct_write_the_socket_does_not_take_goes_through_the_writer(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame written in part (the socket buffer full), not at all, or refused is
+    finished by the writer task, and what follows comes after it: every message
+    arrives whole and in order."""
+    import os
+
+    from metanode.transport import tcp
+
+    calls: list[int] = []
+
+    def flaky(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            if failure == "partial":
+                return os.write(fd, data[:3])
+            raise BlockingIOError if failure == "full" else BrokenPipeError
+        return os.write(fd, data)
+
+    monkeypatch.setattr(tcp, "_write_fd", flaky)
+    with trio.fail_after(LIMIT):
+        async with running_server() as server, trio.open_nursery() as nursery:
+            link = PeerLink(SERVER_ID, lambda: server.address, lambda: ident())
+            nursery.start_soon(link.run)
+            await link.wait_connected()
+            await trio.testing.wait_all_tasks_blocked()
+            big = AppendRequest(4, PEER_ID, SERVER_ID, LogId(3, 9), (Entry(4, 10, EntryKind.NORMAL, b"x" * 5000),), 9)
+            msgs = [big, hb(1), hb(2)]
+            for msg in msgs:
+                assert link.send_nowait(msg)
+            assert [await server.messages.receive() for _ in msgs] == msgs
+            await trio.testing.wait_all_tasks_blocked()
+            assert link.send_nowait(hb(3))  # the writer waits again: direct once more
+            assert await server.messages.receive() == hb(3)
+            assert len(calls) == 2 and link.stats.dropped == 0
             nursery.cancel_scope.cancel()
 
 
