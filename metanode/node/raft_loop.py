@@ -11,9 +11,9 @@ durable, and the thread hop (a wake-up, a GIL hand-over and a wake-up back) cost
 as much as the fsync itself at one write in flight: it fsyncs in the loop while its
 disk is fast (the recent fsyncs took under INLINE_SYNC_MAX_S), in a thread otherwise,
 so a slow disk never freezes its other work (client reads, status, heartbeats' answers).
-While a snapshot is packed in the event loop, every node fsyncs in the loop, whatever
-its disk: a thread back from its syscall waits for the GIL behind the packing (writes
-waited tens of ms at 1M keys, up to the whole build).
+While a snapshot is packed in the event loop, every node fsyncs in the loop unless its
+fsyncs take over BUILD_INLINE_SYNC_MAX_S: a thread back from its syscall waits for the
+GIL behind the packing (writes waited tens of ms at 1M keys, up to the whole build).
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ INSTALL_WARN_S = 10.0
 
 #: A follower fsyncs in its event loop while its recent fsyncs took less than this.
 INLINE_SYNC_MAX_S = 0.002
+#: While a snapshot is packed, any node does, unless its disk is this slow.
+BUILD_INLINE_SYNC_MAX_S = 0.02
 _SYNC_EWMA = 0.2  # weight of the newest fsync in the running estimate
 
 
@@ -214,14 +216,14 @@ class RaftLoop:
     def _sync_inline(self, ready: Ready) -> bool:
         """Fsync this Ready in the event loop? (See the module doc.) Never for a
         snapshot install (a large file); while a snapshot is packed, yes, on a leader
-        and whatever the disk (a thread would wait for the GIL behind the packing;
-        the leader's estimate, taken in threads, counts such waits); while one is
-        saved or purged, never (the store may be held in a thread); else on a
-        follower whose disk is fast."""
+        too, unless the disk is very slow (a thread would wait for the GIL behind the
+        packing; a leader's estimate, taken in threads, counts such waits, hence the
+        higher bar); while one is saved or purged, never (the store may be held in a
+        thread); else on a follower whose disk is fast."""
         if ready.snapshot is not None:
             return False
         if self._snapshot_lock.locked():
-            return self.snapshot_building
+            return self.snapshot_building and self._sync_s < BUILD_INLINE_SYNC_MAX_S
         return self._sync_s < INLINE_SYNC_MAX_S and not self.core.is_leader
 
     def _persist(self, ready: Ready, sync: bool) -> None:

@@ -96,6 +96,14 @@ _MAX_BATCH_BYTES = 4 << 20
 
 _write_fd = os.write  # PeerLink's direct write of a frame (tests replace it)
 
+
+@attrs.frozen
+class _Rest:
+    """What the socket did not take of a frame `PeerLink.send_nowait` wrote itself."""
+
+    data: bytes
+    append: bool  # of an AppendEntries (for the append latency samples)
+
 _RAFT_TYPES = frozenset(MESSAGE_TYPES)
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: The first two bytes of a TLS handshake record, read as a frame length's high half.
@@ -951,8 +959,8 @@ class PeerLink:
         self._backoff_max = backoff_max
         self._connect_timeout = connect_timeout
         self._max_frame_size = max_frame_size
-        # Messages, and the rest of a frame `send_nowait` wrote in part (bytes).
-        self._send_channel, self._receive_channel = trio.open_memory_channel[Message | bytes](queue_size)
+        # Messages, and the rest of a frame `send_nowait` wrote in part.
+        self._send_channel, self._receive_channel = trio.open_memory_channel[Message | _Rest](queue_size)
         self.stats = PeerLinkStats()
         # Accept messages while connecting or connected; drop them while backing off.
         self._accepting = True
@@ -980,7 +988,7 @@ class PeerLink:
         if not self._accepting:
             self.stats.dropped += 1
             return False
-        item: Message | bytes = msg
+        item: Message | _Rest = msg
         fd, self._idle_fd = self._idle_fd, None  # what follows goes through the writer
         if fd is not None:
             # The writer waits with nothing queued on a plain TCP connection: write
@@ -992,16 +1000,20 @@ class PeerLink:
             frame = self._encode(msg)
             if frame is None:
                 return False
+            started = trio.current_time()
             try:
                 n = _write_fd(fd, frame)
             except OSError:  # full (BlockingIOError) or broken: the writer finds out
                 n = 0
+            self.stats.sent_bytes += n
+            is_append = isinstance(msg, AppendRequest)
             if n == len(frame):
                 self.stats.sent += 1
                 self.stats.batches += 1
-                self.stats.sent_bytes += n
+                if is_append and len(self.stats.append_seconds) < MAX_APPEND_SAMPLES:
+                    self.stats.append_seconds.append(trio.current_time() - started)
                 return True
-            item = frame[n:]
+            item = _Rest(frame[n:], is_append)
         try:
             self._send_channel.send_nowait(item)
         except trio.WouldBlock:
@@ -1012,6 +1024,7 @@ class PeerLink:
     def reconnect_nowait(self) -> None:
         """Drop the current connection (if any) and connect again without backoff,
         re-reading the address: call it when the peer's address changed."""
+        self._idle_fd = None  # the writer may be cancelled before it runs again
         if self._connection_scope is not None:
             self._connection_scope.cancel()
         self._wake.set()
@@ -1113,6 +1126,7 @@ class PeerLink:
                 reason.append(await self._read_error(conn))
             except TransportError as exc:
                 reason.append(str(exc))
+            self._idle_fd = None  # the connection ends: no more direct writes on it
             cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -1156,8 +1170,12 @@ class PeerLink:
             size = 0
             appends = False
             while True:
-                appends = appends or isinstance(msg, AppendRequest)
-                frame = msg if isinstance(msg, bytes) else self._encode(msg)
+                if isinstance(msg, _Rest):
+                    appends = appends or msg.append
+                    frame: bytes | None = msg.data
+                else:
+                    appends = appends or isinstance(msg, AppendRequest)
+                    frame = self._encode(msg)
                 if frame is not None:
                     parts.append(frame)
                     size += len(frame)
