@@ -189,15 +189,21 @@ async def test_many_queued_messages_are_batched_in_few_writes() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def idle_link(server: Server, nursery: trio.Nursery) -> PeerLink:
+    """A link to `server`, connected, its writer waiting for messages."""
+    link = PeerLink(SERVER_ID, lambda: server.address, lambda: ident())
+    nursery.start_soon(link.run)
+    await link.wait_connected()
+    await trio.testing.wait_all_tasks_blocked()
+    return link
+
+
 async def test_a_link_waiting_for_messages_writes_the_next_one_itself() -> None:
     """The first message while the writer waits goes out from `send_nowait` itself (one
     write, no task switch); the rest of a burst is batched by the writer, in order."""
     with trio.fail_after(LIMIT):
         async with running_server() as server, trio.open_nursery() as nursery:
-            link = PeerLink(SERVER_ID, lambda: server.address, lambda: ident())
-            nursery.start_soon(link.run)
-            await link.wait_connected()
-            await trio.testing.wait_all_tasks_blocked()
+            link = await idle_link(server, nursery)
             assert link.send_nowait(hb(1))
             assert link.stats.sent == 1  # written already, before any checkpoint
             for i in range(2, 6):
@@ -231,10 +237,7 @@ async def test_a_direct_write_the_socket_does_not_take_goes_through_the_writer(
     monkeypatch.setattr(tcp, "_write_fd", flaky)
     with trio.fail_after(LIMIT):
         async with running_server() as server, trio.open_nursery() as nursery:
-            link = PeerLink(SERVER_ID, lambda: server.address, lambda: ident())
-            nursery.start_soon(link.run)
-            await link.wait_connected()
-            await trio.testing.wait_all_tasks_blocked()
+            link = await idle_link(server, nursery)
             big = AppendRequest(4, PEER_ID, SERVER_ID, LogId(3, 9), (Entry(4, 10, EntryKind.NORMAL, b"x" * 5000),), 9)
             msgs = [big, hb(1), hb(2)]
             for msg in msgs:
