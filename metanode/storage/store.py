@@ -132,6 +132,18 @@ class RaftStorage:
             )
         snapshot = None
         if state.snapshot is not None:
+            newer = sorted(i for i in snap_files if i.index > state.snapshot.index)
+            if state.snapshot not in snap_files and newer:
+                # The WAL lost the SNAPSHOT record of a newer file with its tail (a
+                # disk that lost synced writes): an older file goes only once the
+                # newer one's record is durable, and a file is complete before its
+                # record is written. It holds committed entries only: use it (the log,
+                # if it does not reach it, is reset to it at start).
+                log.warning(
+                    "%s: the WAL names snapshot %s, whose file is gone: it lost the record"
+                    " of snapshot %s, which is used", wal_dir, state.snapshot, newer[-1],
+                )
+                state.snapshot = newer[-1]
             snapshot = snapshots.read_snapshot(snap_dir, state.snapshot)
         covered = snapshot.meta.last_log_id.index if snapshot is not None else 0
         if state.purged.index > covered:

@@ -9,6 +9,7 @@ at the end of the log is cut off; any other damage stops the node with a
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -213,6 +214,31 @@ def test_segments_of_discarded_entries_are_purged(
         store.close()
     state = reopen(tmp_path)
     assert (state.purged, state.entries) == (LogId(2, 12), ())
+
+
+def test_a_lost_snapshot_record_falls_back_to_the_newer_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk that lost the WAL's tail, with the SNAPSHOT record of the newest file
+    in it, after the older file was removed (robustness: a torn tail cut into synced
+    records): the WAL names a file that is gone, and the newer one, complete, is used."""
+    with RaftStorage.open(tmp_path) as store:
+        store.append(entries=ents(1, 1, 8), hard_state=HardState(1, None, 8))
+        store.save_snapshot(snap(1, 4, b"older"))
+        [seg] = segments(tmp_path)
+        before = seg.read_bytes()
+        store.save_snapshot(snap(1, 6, b"newer"))  # removes snap-1-4.bin
+    seg.write_bytes(before)  # the tail with the SNAPSHOT 1-6 record is lost
+    assert sorted(p.name for p in (tmp_path / "snapshot").iterdir()) == ["snap-1-6.bin"]
+    with caplog.at_level(logging.WARNING, "metanode.storage"):
+        state = reopen(tmp_path)
+    assert state.snapshot is not None and state.snapshot.meta.last_log_id == LogId(1, 6)
+    assert bytes(state.snapshot.data) == b"newer" and indexes(state)[-1] == (1, 8)
+    assert "lost the record of snapshot 1-6" in caplog.text
+    seg.write_bytes(before)
+    (tmp_path / "snapshot" / "snap-1-6.bin").unlink()  # and without a newer file: fatal
+    with pytest.raises(FatalError, match="snapshot 1-4 is missing"):
+        reopen(tmp_path)
 
 
 def test_load_after_writes_reads_the_dir_again(tmp_path: Path) -> None:
