@@ -194,7 +194,7 @@ class RaftLoop:
                 else:
                     await trio.to_thread.run_sync(self._persist, ready, True)
             elif ready.hard_state is not None:
-                if self._snapshot_lock.locked() and not self.snapshot_building:
+                if self._store_maybe_held():
                     # A snapshot's save or purge may hold the store in a thread: do not
                     # block the loop waiting for it.
                     await trio.to_thread.run_sync(self._persist, ready, False)
@@ -220,11 +220,15 @@ class RaftLoop:
         packing; a leader's estimate, taken in threads, counts such waits, hence the
         higher bar); while one is saved or purged, never (the store may be held in a
         thread); else on a follower whose disk is fast."""
-        if ready.snapshot is not None:
+        if ready.snapshot is not None or self._store_maybe_held():
             return False
-        if self._snapshot_lock.locked():
-            return self.snapshot_building and self._sync_s < BUILD_INLINE_SYNC_MAX_S
+        if self.snapshot_building:
+            return self._sync_s < BUILD_INLINE_SYNC_MAX_S
         return self._sync_s < INLINE_SYNC_MAX_S and not self.core.is_leader
+
+    def _store_maybe_held(self) -> bool:
+        """A snapshot is being saved or purged: a thread may hold the store's lock."""
+        return self._snapshot_lock.locked() and not self.snapshot_building
 
     def _persist(self, ready: Ready, sync: bool) -> None:
         if not sync:

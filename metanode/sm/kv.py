@@ -54,6 +54,7 @@ import struct
 import msgpack
 from sortedcontainers import SortedList
 
+from metanode.wire.codec import INT64_MAX
 from metanode.sm.commands import (
     COMMAND_TYPES,
     MAX_TIME_MS,
@@ -376,6 +377,7 @@ class KVStateMachine:
         """
         old = self._kv.get(key)
         value = None if new is None else _stored(new.seq, new.data, new.expire_at_ms)
+        new_expiry = None if new is None else new.expire_at_ms
         frozen = self._frozen
         if frozen is not None:
             if key not in frozen:
@@ -400,9 +402,8 @@ class KVStateMachine:
                 self._keys.remove(key)
         if value is not None:
             self._kv[key] = value
-            expire_at_ms = _expiry_of(value)
-            if expire_at_ms is not None:
-                self._expiry.add((expire_at_ms, key))
+            if new_expiry is not None:
+                self._expiry.add((new_expiry, key))
         self._rev += 1
         self._changes.append(KeyChange(key, None if old is None else _seqv(old), new, self._rev))
 
@@ -652,7 +653,7 @@ class SnapshotBuilder:
         for key in batch:
             v = frozen[key] if key in frozen else kv[key]
             if v is not None:  # else added since the start
-                seq, expire = unpack_head(v)
+                seq, expire = unpack_head(v)  # `_fields`, inlined: ~10% of a build
                 pack([key, seq, v[_HEAD:], None if expire < 0 else expire])
                 packed += 1
         self._packed += packed
@@ -686,13 +687,10 @@ class SnapshotBuilder:
         self._done = True
 
 
-_INT63 = 2**63 - 1  # seq and times are stored in signed 64-bit fields
-
-
 def _field_int(doc: dict[str, Any], name: str) -> int:
     value = doc.get(name)
-    if not is_int(value) or not 0 <= value <= _INT63:
-        raise ValueError(f"snapshot field {name!r} must be an int in 0..{_INT63}, got {value!r}")
+    if not is_int(value) or not 0 <= value <= INT64_MAX:  # stored in signed 64-bit fields
+        raise ValueError(f"snapshot field {name!r} must be an int in 0..{INT64_MAX}, got {value!r}")
     return value
 
 
