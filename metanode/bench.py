@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -688,6 +689,15 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     })
 
 
+def _interrupted() -> int:
+    """Say so; exit code 130. An interrupt that lands inside `nursery.start_soon`
+    abandons the coroutine just made, and Python would warn "coroutine ... was never
+    awaited" at exit: that says nothing to the user, so it is silenced."""
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    print(f"{PROG}: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: Sequence[str]) -> int:
     """`metanode bench ARGS`; the exit code."""
     try:
@@ -710,15 +720,13 @@ def main(argv: Sequence[str]) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except BaseExceptionGroup as group:
         # Interrupted while the workers ran: their requests end with the client (as
         # unknown outcomes) beside the KeyboardInterrupt, all in one group.
         if group.subgroup(lambda e: isinstance(e, KeyboardInterrupt)) is None:
             raise
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.format == "json":
