@@ -924,7 +924,7 @@ class PeerLink:
     identity read at each connection: a joining node learns its cluster id late),
     and writes every queued message in one ``send_all`` (concatenated frames); on a
     plain TCP connection whose writer waits with nothing queued, `send_nowait` writes
-    the next frame itself (see there). When the
+    each frame itself (see there). When the
     connection fails it reconnects after a capped exponential backoff (`backoff_min`
     doubling to `backoff_max`, times a jitter in [0.5, 1) drawn from `rng`), re-reading
     `address` at each attempt (the peer's address can change; `reconnect_nowait`
@@ -989,16 +989,18 @@ class PeerLink:
             self.stats.dropped += 1
             return False
         item: Message | _Rest = msg
-        fd, self._idle_fd = self._idle_fd, None  # what follows goes through the writer
+        fd, self._idle_fd = self._idle_fd, None  # set again below once this frame is out whole
         if fd is not None:
             # The writer waits with nothing queued on a plain TCP connection: write
             # the frame now, from the caller (the raft loop), a pass of the event loop
             # before the writer task would (at one write in flight that pass is ~a
-            # quarter of a write's latency). Whatever the socket does not take, and
-            # every message after it until the writer waits again, goes through the
-            # writer, in order, batched as before.
+            # quarter of a write's latency), and the next frames too while each goes out
+            # whole. Whatever the socket does not take, and every message after it
+            # until the writer waits again, goes through the writer, in order, batched
+            # as before.
             frame = self._encode(msg)
             if frame is None:
+                self._idle_fd = fd  # nothing written, nothing queued
                 return False
             started = trio.current_time()
             try:
@@ -1008,6 +1010,8 @@ class PeerLink:
             self.stats.sent_bytes += n
             is_append = isinstance(msg, AppendRequest)
             if n == len(frame):
+                # Still nothing queued and the writer still waits: so may the next frame.
+                self._idle_fd = fd
                 self.stats.sent += 1
                 self.stats.batches += 1
                 if is_append and len(self.stats.append_seconds) < MAX_APPEND_SAMPLES:
