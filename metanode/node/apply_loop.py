@@ -45,25 +45,42 @@ class ApplyLoop:
     _snapshot_retry_at: float = 0.0  # after a snapshot that could not be written
     #: A snapshot is being packed (in slices, in the event loop): the store is not in use.
     snapshot_building: bool = False
+    #: The apply loop waits with nothing queued (the raft loop clears it when it queues).
+    apply_idle: bool = False
 
     # ------------------------------------------------------------------ apply loop
     async def _run_apply_loop(self) -> None:
-        driver = self.driver
-        async for batch in self._apply_recv:
+        recv = self._apply_recv
+        while True:
+            try:
+                batch = recv.receive_nowait()
+            except trio.WouldBlock:
+                self.apply_idle = True  # the raft loop may apply the next batch itself
+                try:
+                    batch = await recv.receive()
+                except trio.EndOfChannel:
+                    return
             restored = None
             if batch.snapshot is not None:
                 # In a thread (~1 s at 1M keys): the raft loop meanwhile answers the
                 # leader, which is waiting to promote a joiner that caught up.
                 restored = await trio.to_thread.run_sync(restore_snapshot, batch.snapshot)
-            driver.apply(batch.snapshot, batch.committed, batch.read_states, batch.dropped_reads, restored)
-            self._dispatch(driver.take_replies())
-            if driver.removed and not self.removed.is_set():
-                self.removed.set()
-            self._check_watchers()
-            if (driver.snapshot_due() and not self._snapshot_lock.locked()
-                    and trio.current_time() >= self._snapshot_retry_at):
-                assert self._nursery is not None
-                self._nursery.start_soon(self._build_snapshot)
+            self.apply_batch(batch, restored)
+
+    def apply_batch(self, batch: Any, restored: Any = None) -> None:
+        """Apply what one Ready committed, answer its writes and reads, start a
+        snapshot when one is due: in the apply loop, or in the raft loop itself when
+        the apply loop has nothing queued (raft_loop.py)."""
+        driver = self.driver
+        driver.apply(batch.snapshot, batch.committed, batch.read_states, batch.dropped_reads, restored)
+        self._dispatch(driver.take_replies())
+        if driver.removed and not self.removed.is_set():
+            self.removed.set()
+        self._check_watchers()
+        if (driver.snapshot_due() and not self._snapshot_lock.locked()
+                and trio.current_time() >= self._snapshot_retry_at):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._build_snapshot)
 
     async def _build_snapshot(self, force: bool = False) -> None:
         """Snapshot the applied state, save it, then compact the core and purge the
