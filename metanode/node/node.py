@@ -102,6 +102,9 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         self.driver: NodeDriver  # set in _start_core
         self.watch_hub = WatchHub(0)
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[Event](INBOX_SIZE)
+        # Held by whoever steps the core: the raft loop, or a task stepping it itself
+        # while the raft loop is idle (raft_loop.py).
+        self._core_lock = trio.Lock()
         self._apply_send, self._apply_recv = trio.open_memory_channel[_Applied](APPLY_QUEUE)
         self._links: dict[int, PeerLink] = {}
         self.raft_port_stats = RaftPortStats()  # bytes received on the raft port (metrics)

@@ -6,6 +6,14 @@ queued and a Ready committed few entries (no snapshot), the raft loop applies th
 itself: the same order, one task switch less per write. Requests from other tasks are
 typed events answered by `Reply`s with their `req_id`.
 
+Stepping in the caller. While the raft loop waits on an empty inbox, a task with an
+event for it (a raft port connection with a peer's message, a client session with its
+writes) does that step itself: the event, then the Readys, exactly as the raft loop
+would, under `_core_lock` (which the raft loop takes for each of its own steps) and
+shielded from cancellation (a Ready is always finished). Nothing is queued before it,
+so the order is the same; it saves one task switch per hop (a c1 write crosses three).
+A failure there is raised by the raft loop at its next event, as its own would be.
+
 Where the fsync runs. A leader fsyncs in a thread: its event loop meanwhile reads the
 next requests (they make the next batch) and sends the AppendEntries already out
 (§10.2.1). A follower's loop has nothing to do for the raft core until its append is
@@ -23,7 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -88,18 +96,59 @@ class RaftLoop:
 
     _install_warned_at: float = float("-inf")
     _sync_s: float = 0.0  # running estimate of one synced append's duration
+    #: The raft loop waits on an empty inbox and nothing was queued since (every send
+    #: clears it): a caller may step the core itself (`_step_here`).
+    _raft_parked: bool = False
+    _core_failure: BaseException | None = None  # raised by the raft loop
 
     # ------------------------------------------------------------------ raft loop
     async def _run_ticker(self) -> None:
         tick = Tick()
         while True:
             await trio.sleep(self.tick_s)
-            await self._inbox_send.send(tick)
+            await self._queue(tick)
 
-    def on_message(self, msg: Message) -> None:
+    def on_message(self, msg: Message) -> Awaitable[None] | None:
+        """A peer's message, from its connection's task: queued for the raft loop, or,
+        when the raft loop is idle, an awaitable that steps it here (the module doc)."""
         if isinstance(msg, SnapshotRequest) and not self._room_for_install(msg):
-            return  # the leader sends it again (§5.1): nothing changed here
+            return None  # the leader sends it again (§5.1): nothing changed here
+        if self._can_step_here():
+            return self._step_here(Receive(msg))
         self._event_nowait(Receive(msg))
+        return None
+
+    def _can_step_here(self) -> bool:
+        return self._raft_parked and not self._core_lock.locked()
+
+    async def _deliver(self, event: Event) -> None:
+        """Give `event` to the raft core: stepped here if the raft loop is idle, else
+        queued (waiting for room)."""
+        if self._can_step_here():
+            await self._step_here(event)
+        else:
+            await self._queue(event)
+
+    async def _step_here(self, event: Event) -> None:
+        if not self._can_step_here():  # (never, as called: checked in the same step)
+            self._event_nowait(event)
+            return
+        self._core_lock.acquire_nowait()
+        try:
+            with trio.CancelScope(shield=True):
+                self._handle(event)
+                await self._process_ready()
+        except BaseException as exc:  # noqa: BLE001 - the raft loop raises it
+            log.debug("%d stepping %s outside the raft loop failed: %r", self.id, event, exc)
+            self._core_failure = exc
+            self._raft_parked = False
+        finally:
+            self._core_lock.release()
+        # Still parked: nothing was queued meanwhile, the raft loop is idle again.
+
+    async def _queue(self, event: Event) -> None:
+        self._raft_parked = False
+        await self._inbox_send.send(event)
 
     def _room_for_install(self, msg: SnapshotRequest) -> bool:
         """A snapshot from the leader is installed with the Ready that steps its last
@@ -127,6 +176,7 @@ class RaftLoop:
         return False
 
     def _event_nowait(self, event: Event) -> None:
+        self._raft_parked = False
         try:
             self._inbox_send.send_nowait(event)
         except trio.WouldBlock:
@@ -149,7 +199,7 @@ class RaftLoop:
         for pos, req_id in enumerate(ids):
             self._pending[req_id] = (batch, pos)
         try:
-            await self._inbox_send.send(make(ids))
+            await self._deliver(make(ids))
             with trio.move_on_after(timeout if timeout is not None else self.wait_s()):
                 await batch.event.wait()
             if batch.left:
@@ -173,15 +223,30 @@ class RaftLoop:
 
     async def _run_raft_loop(self) -> None:
         recv = self._inbox_recv
+        lock = self._core_lock
         while True:
-            self._handle(await recv.receive())
-            while True:
-                try:
-                    event = recv.receive_nowait()
-                except trio.WouldBlock:
-                    break
+            try:
+                event = recv.receive_nowait()
+            except trio.WouldBlock:
+                self._raft_parked = True  # callers may step the core themselves
+                event = await recv.receive()  # (whoever sent it cleared the flag)
+            try:
+                lock.acquire_nowait()
+            except trio.WouldBlock:  # a caller is stepping the core: after it
+                await lock.acquire()
+            try:
+                if self._core_failure is not None:
+                    raise self._core_failure
                 self._handle(event)
-            await self._process_ready()
+                while True:
+                    try:
+                        event = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self._handle(event)
+                await self._process_ready()
+            finally:
+                lock.release()
 
     def _handle(self, event: Event) -> None:
         self.driver.handle(event)

@@ -295,7 +295,7 @@ class _Server:
     """State shared by the connections of one `serve_raft`."""
 
     identity: Callable[[], Identity]
-    on_message: Callable[[Message], None]
+    on_message: Callable[[Message], Awaitable[None] | None]
     on_call: Callable[[str, bytes, Hello], Awaitable[bytes]]
     on_peer: Callable[[int, str], None]
     on_stream: Callable[[int], None]
@@ -417,7 +417,9 @@ class _ServerConnection:
         elif type(frame) in _RAFT_TYPES:
             self._check_raft(frame)
             try:
-                self.server.on_message(frame)
+                stepping = self.server.on_message(frame)
+                if stepping is not None:  # the node steps its core in this task
+                    await stepping
             except Exception:
                 log.exception("%d raft port: on_message failed for %s", self.node_id, frame)
                 raise _Refuse("internal", "internal error", linger=False) from None
@@ -572,7 +574,7 @@ async def serve_raft(
     port: int,
     *,
     identity: Callable[[], Identity],
-    on_message: Callable[[Message], None],
+    on_message: Callable[[Message], Awaitable[None] | None],
     on_call: Callable[[str, bytes, Hello], Awaitable[bytes]],
     on_peer: Callable[[int, str], None] = lambda node_id, address: None,
     on_stream: Callable[[int], None] = lambda node_id: None,
@@ -592,9 +594,11 @@ async def serve_raft(
     ours; otherwise an `ErrorFrame` answers and the connection closes. The bytes of
     the frames received are counted in `stats`, by the dialer's node id. Then:
 
-    * raft messages go to `on_message` (sync and non-blocking: the node puts them in
-      a bounded inbox). They need a cluster id in the hello, and must come from the
-      hello's node and be addressed to us. A node without a cluster id (an empty
+    * raft messages go to `on_message`, in order: it queues them (the node's bounded
+      inbox) or returns an awaitable, awaited before the connection's next frame (the
+      node steps its raft core in this task while its raft loop is idle). They need
+      a cluster id in the hello, and must come from the hello's node and be
+      addressed to us. A node without a cluster id (an empty
       data dir, until its join reply) refuses them: it never adopts a dialer's;
     * each `Call` runs ``await on_call(method, payload, hello)`` in its own task, so
       calls on one connection run concurrently; the answer carries the call's id. A

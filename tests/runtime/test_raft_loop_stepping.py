@@ -1,0 +1,97 @@
+"""A task with an event for an idle raft loop steps the raft core itself
+(metanode/node/raft_loop.py, "Stepping in the caller"): in its own task, in order,
+and a failure there still stops the node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from metanode.node.events import Propose
+from metanode.sm import Upsert
+from tests.net import until
+from tests.runtime.test_node import Ports, node
+
+pytestmark = pytest.mark.runtime
+LIMIT = 20
+
+
+def record_handlers(n: Any) -> list[tuple[str, Any]]:
+    """(event type, the task that handled it), for every event the core is given."""
+    seen: list[tuple[str, Any]] = []
+    handle = n.driver.handle
+
+    def recording(event: Any) -> None:
+        seen.append((type(event).__name__, trio.lowlevel.current_task()))
+        handle(event)
+
+    n.driver.handle = recording
+    return seen
+
+
+async def test_a_write_to_an_idle_raft_loop_is_stepped_by_its_caller(tmp_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with node(tmp_path, Ports(), 1, "--single") as n:
+            await until(lambda: n.core.is_leader, "leader")
+            seen = record_handlers(n)
+            await until(lambda: n._can_step_here(), "an idle raft loop")
+            seen.clear()
+            await n.propose(Upsert("k", b"v"))
+            me = trio.lowlevel.current_task()
+            assert ("Propose", me) in seen
+            assert n.sm.get("k") is not None and n.sm.get("k").data == b"v"
+
+
+async def test_while_the_core_is_stepped_elsewhere_events_wait_their_turn(tmp_path: Path) -> None:
+    """Held by someone else, the lock sends the next write through the raft loop,
+    after the holder: nothing overtakes, nothing is lost."""
+    with trio.fail_after(LIMIT):
+        async with node(tmp_path, Ports(), 1, "--single") as n:
+            await until(lambda: n.core.is_leader, "leader")
+            seen = record_handlers(n)
+            await until(lambda: n._can_step_here(), "an idle raft loop")
+            n._core_lock.acquire_nowait()
+            done = trio.Event()
+            results: list[Any] = []
+
+            async def write(i: int) -> None:
+                results.append(await n.propose(Upsert(f"k{i}", b"v")))
+                if len(results) == 3:
+                    done.set()
+
+            seen.clear()
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(write, i)
+                await trio.sleep(0.2)
+                assert not results and not [s for s in seen if s[0] == "Propose"]  # all wait for the lock
+                n._core_lock.release()
+                await done.wait()
+            proposers = {task for kind, task in seen if kind == "Propose"}
+            assert len(proposers) == 1 and "raft_loop" in next(iter(proposers)).name
+            assert [n.sm.get(f"k{i}") is not None for i in range(3)] == [True] * 3
+
+
+async def test_a_failure_stepping_in_the_caller_stops_the_node(tmp_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        with pytest.raises(BaseException) as caught:
+            async with node(tmp_path, Ports(), 1, "--single") as n:
+                await until(lambda: n.core.is_leader, "leader")
+                handle = n.driver.handle
+
+                def failing(event: Any) -> None:
+                    if isinstance(event, Propose):
+                        raise RuntimeError("boom in the core")
+                    handle(event)
+
+                n.driver.handle = failing
+                await until(lambda: n._can_step_here(), "an idle raft loop")
+                with pytest.raises(Exception):
+                    await n.propose(Upsert("k", b"v"), timeout=5)
+                await trio.sleep(LIMIT)  # the node stops: its nursery cancels this
+        assert "boom in the core" in repr(caught.value) or "boom in the core" in str(
+            getattr(caught.value, "exceptions", "")
+        )
