@@ -1,5 +1,5 @@
-"""The raft loop of a node (docs/architecture/node.md): the only task that touches the
-`RaftCore` (through the `NodeDriver`). It waits for one event, drains the rest of its
+"""The raft loop of a node (docs/architecture/node.md): the task that steps the
+`RaftCore` (through the `NodeDriver`; see "Stepping in the caller"). It waits for one event, drains the rest of its
 inbox without waiting, then for each `Ready`: persist (one WAL append, one fsync), send,
 hand committed entries to the apply loop, advance. When the apply loop has nothing
 queued and a Ready committed few entries (no snapshot), the raft loop applies them
@@ -14,13 +14,14 @@ shielded from cancellation (a Ready is always finished). Nothing is queued befor
 so the order is the same; it saves one task switch per hop (a c1 write crosses three).
 A failure there is raised by the raft loop at its next event, as its own would be.
 
-Where the fsync runs. A leader fsyncs in a thread: its event loop meanwhile reads the
-next requests (they make the next batch) and sends the AppendEntries already out
-(§10.2.1). A follower's loop has nothing to do for the raft core until its append is
-durable, and the thread hop (a wake-up, a GIL hand-over and a wake-up back) cost about
-as much as the fsync itself at one write in flight: it fsyncs in the loop while its
-disk is fast (the recent fsyncs took under INLINE_SYNC_MAX_S), in a thread otherwise,
-so a slow disk never freezes its other work (client reads, status, heartbeats' answers).
+Where the fsync runs. In the event loop while the disk is fast (the recent fsyncs
+took under INLINE_SYNC_MAX_S), in a thread otherwise, so a slow disk never freezes the
+node's other work (client reads, status, heartbeats' answers). The thread hop (a
+wake-up, a GIL hand-over and a wake-up back) cost about as much as the fsync itself at
+one write in flight. A leader's AppendEntries are written before its fsync (§10.2.1,
+straight to the socket), so its followers work meanwhile; in a thread, the hop back
+came after the followers' answers, which waited for it (the core is stepped by one
+task at a time), so the leader's own fsync was on a write's path.
 While a snapshot is packed in the event loop, every node fsyncs in the loop unless its
 fsyncs take over BUILD_INLINE_SYNC_MAX_S: a thread back from its syscall waits for the
 GIL behind the packing (writes waited tens of ms at 1M keys, up to the whole build).
@@ -59,7 +60,7 @@ _MISSING = object()
 INSTALL_HEADROOM = 1 << 20  # free bytes left after a snapshot from the leader is written
 INSTALL_WARN_S = 10.0
 
-#: A follower fsyncs in its event loop while its recent fsyncs took less than this.
+#: A node fsyncs in its event loop while its recent fsyncs took less than this.
 INLINE_SYNC_MAX_S = 0.002
 #: While a snapshot is packed, any node does, unless its disk is this slow.
 BUILD_INLINE_SYNC_MAX_S = 0.02
@@ -292,12 +293,12 @@ class RaftLoop:
         too, unless the disk is very slow (a thread would wait for the GIL behind the
         packing; a leader's estimate, taken in threads, counts such waits, hence the
         higher bar); while one is saved or purged, never (the store may be held in a
-        thread); else on a follower whose disk is fast."""
+        thread); else when the disk is fast."""
         if ready.snapshot is not None or self._store_maybe_held():
             return False
         if self.snapshot_building:
             return self._sync_s < BUILD_INLINE_SYNC_MAX_S
-        return self._sync_s < INLINE_SYNC_MAX_S and not self.core.is_leader
+        return self._sync_s < INLINE_SYNC_MAX_S
 
     def _store_maybe_held(self) -> bool:
         """A snapshot is being saved or purged: a thread may hold the store's lock."""
