@@ -29,7 +29,7 @@ import msgpack
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from metanode import __version__
+from metanode import __version__, wsfast
 from metanode.config import parse_address
 from metanode.api.reqstats import KIND_OF_OP, stats_for
 from metanode.errors import BadRequest, ClientError, TooLarge, Unauthenticated
@@ -498,7 +498,7 @@ class ClientSession:
         """Replies ready together leave as one message (one map, or an array)."""
         try:
             data = msgpack.packb(replies[0] if len(replies) == 1 else replies, use_bin_type=True)
-            await self.ws.send_message(data)
+            await wsfast.send_message(self.ws, data)
             self.metrics.sent(replies, len(data))
         except ConnectionClosed:
             pass
@@ -524,7 +524,7 @@ class ClientSession:
 
     async def _send(self, message: dict) -> None:
         data = msgpack.packb(message, use_bin_type=True)
-        await self.ws.send_message(data)
+        await wsfast.send_message(self.ws, data)
         self.metrics.sent([message], len(data))
 
     async def _watch(self, rid: int, req: dict) -> None:

@@ -56,6 +56,7 @@ from metanode.client.errors import (
     Unavailable,
     error_from_wire,
 )
+from metanode import wsfast
 from metanode.trio_util import single_errors
 
 log = logging.getLogger("metanode.client")
@@ -798,7 +799,7 @@ class MetaClient:
                 del conn.outbox[:take]
                 data = batch[0][0] if len(batch) == 1 else _array_header(len(batch)) + b"".join(p for p, _ in batch)
                 try:
-                    await ws.send_message(data)
+                    await wsfast.send_message(ws, data)
                 except ConnectionClosed as e:
                     # A message is written whole or not at all (a failed write breaks
                     # the socket before its end): the server never saw these.

@@ -621,3 +621,37 @@ async def test_the_sync_client_blocks_in_its_own_thread(tmp_path: Path) -> None:
             with pytest.raises(Unavailable):
                 await trio.to_thread.run_sync(unreachable)
     assert not [t for t in threading.enumerate() if t.name == "metanode-client"]
+
+
+async def test_a_message_sent_while_another_is_written_waits_its_turn() -> None:
+    """wsfast.send_message with the stream lock free writes at once; with it held it
+    waits (trio-websocket's own path): the server receives both messages whole, in
+    order."""
+    from trio_websocket import open_websocket_url, serve_websocket
+
+    from metanode import wsfast
+
+    got: list[bytes] = []
+    done = trio.Event()
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        for _ in range(3):
+            got.append(await ws.get_message())
+        done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
+                await wsfast.send_message(ws, b"first")
+                await ws._stream_lock.acquire()  # someone else is writing
+                nursery.start_soon(wsfast.send_message, ws, b"second")
+                await trio.sleep(0.05)
+                assert got == [b"first"]
+                ws._stream_lock.release()
+                await trio.sleep(0.05)
+                await wsfast.send_message(ws, b"third" * 10_000)
+                await done.wait()
+            assert got == [b"first", b"second", b"third" * 10_000]
+            nursery.cancel_scope.cancel()
