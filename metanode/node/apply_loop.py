@@ -56,10 +56,9 @@ class ApplyLoop:
                 batch = recv.receive_nowait()
             except trio.WouldBlock:
                 self.apply_idle = True  # the raft loop may apply the next batch itself
-                try:
-                    batch = await recv.receive()
-                except trio.EndOfChannel:
-                    return
+                batch = await recv.receive()
+            else:
+                await trio.lowlevel.checkpoint()  # let others run between queued batches
             restored = None
             if batch.snapshot is not None:
                 # In a thread (~1 s at 1M keys): the raft loop meanwhile answers the

@@ -6,22 +6,25 @@ queued and a Ready committed few entries (no snapshot), the raft loop applies th
 itself: the same order, one task switch less per write. Requests from other tasks are
 typed events answered by `Reply`s with their `req_id`.
 
-Stepping in the caller. While the raft loop waits on an empty inbox, a task with an
-event for it (a raft port connection with a peer's message, a client session with its
-writes) does that step itself: the event, then the Readys, exactly as the raft loop
+Stepping in the caller. While the raft loop waits on an empty inbox (and the apply
+loop on its own), a task with an event for it (a raft port connection with a peer's
+message; any `request`: a client session's writes or read barrier, the snapshot task's
+compaction, a join or a transfer) does that step itself: the event, then the Readys, exactly as the raft loop
 would, under `_core_lock` (which the raft loop takes for each of its own steps) and
 shielded from cancellation (a Ready is always finished). Nothing is queued before it,
 so the order is the same; it saves one task switch per hop (a c1 write crosses three).
-A failure there is raised by the raft loop at its next event, as its own would be.
+A failure there is logged, and raised by the raft loop, woken for it at once.
 
 Where the fsync runs. In the event loop while the disk is fast (the recent fsyncs
-took under INLINE_SYNC_MAX_S), in a thread otherwise, so a slow disk never freezes the
-node's other work (client reads, status, heartbeats' answers). The thread hop (a
-wake-up, a GIL hand-over and a wake-up back) cost about as much as the fsync itself at
-one write in flight. A leader's AppendEntries are written before its fsync (§10.2.1,
-straight to the socket), so its followers work meanwhile; in a thread, the hop back
-came after the followers' answers, which waited for it (the core is stepped by one
-task at a time), so the leader's own fsync was on a write's path.
+took under INLINE_SYNC_MAX_S), in a thread otherwise, so a disk that turns slow holds
+the node's other work (client reads, status, heartbeats' answers) for the one fsync
+that shows it, not longer. The thread hop (a wake-up, a GIL hand-over and a wake-up
+back) cost about as much as the fsync itself at one write in flight. A leader's
+AppendEntries go out before its fsync (§10.2.1); when each was written straight to its
+socket, the leader fsyncs in the loop too (its followers work meanwhile; in a thread,
+the hop back came after their answers, which waited for it: the core is stepped by
+one task at a time). When one waits for its link's task (TLS, a busy link), the
+leader fsyncs in a thread, so that the task sends it meanwhile.
 While a snapshot is packed in the event loop, every node fsyncs in the loop unless its
 fsyncs take over BUILD_INLINE_SYNC_MAX_S: a thread back from its syscall waits for the
 GIL behind the packing (writes waited tens of ms at 1M keys, up to the whole build).
@@ -29,6 +32,7 @@ GIL behind the packing (writes waited tens of ms at 1M keys, up to the whole bui
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -120,7 +124,10 @@ class RaftLoop:
         return None
 
     def _can_step_here(self) -> bool:
-        return self._raft_parked and not self._core_lock.locked()
+        """The raft loop waits on an empty inbox, nobody steps the core, and the apply
+        loop has nothing queued: a shielded step here then never waits on a full apply
+        queue (a dying apply loop would leave it waiting forever)."""
+        return self._raft_parked and self.apply_idle and not self._core_lock.locked()
 
     async def _deliver(self, event: Event) -> None:
         """Give `event` to the raft core: stepped here if the raft loop is idle, else
@@ -140,9 +147,12 @@ class RaftLoop:
                 self._handle(event)
                 await self._process_ready()
         except BaseException as exc:  # noqa: BLE001 - the raft loop raises it
-            log.debug("%d stepping %s outside the raft loop failed: %r", self.id, event, exc)
+            # Said here too: a stop under way may cancel the raft loop before it does.
+            log.error("%d stepping %s outside the raft loop failed: %r", self.id, event, exc)
             self._core_failure = exc
             self._raft_parked = False
+            with contextlib.suppress(trio.WouldBlock):  # (full: the raft loop is awake)
+                self._inbox_send.send_nowait(Tick())  # wake it: it raises `exc` at once
         finally:
             self._core_lock.release()
         # Still parked: nothing was queued meanwhile, the raft loop is idle again.
@@ -257,10 +267,11 @@ class RaftLoop:
         while core.has_ready():
             ready = core.take_ready()
             early, late = self.driver.split_messages(ready)
+            written = True  # every early message is on its socket already
             for msg in early:
-                self._send(msg)
+                written = self._send(msg) and written
             if self.driver.must_sync(ready):
-                if self._sync_inline(ready):
+                if self._sync_inline(ready, written):
                     self._persist(ready, True)
                 else:
                     await trio.to_thread.run_sync(self._persist, ready, True)
@@ -287,18 +298,19 @@ class RaftLoop:
         self._dispatch(self.driver.take_replies())
         self._check_watchers()
 
-    def _sync_inline(self, ready: Ready) -> bool:
+    def _sync_inline(self, ready: Ready, written: bool) -> bool:
         """Fsync this Ready in the event loop? (See the module doc.) Never for a
-        snapshot install (a large file); while a snapshot is packed, yes, on a leader
-        too, unless the disk is very slow (a thread would wait for the GIL behind the
-        packing; a leader's estimate, taken in threads, counts such waits, hence the
-        higher bar); while one is saved or purged, never (the store may be held in a
-        thread); else when the disk is fast."""
+        snapshot install (a large file); while a snapshot is packed, yes, unless the
+        disk is very slow (a thread would wait for the GIL behind the packing; an
+        estimate taken in threads counts such waits, hence the higher bar); while one
+        is saved or purged, never (the store may be held in a thread); else when the
+        disk is fast and the messages sent before the fsync are `written` (on their
+        sockets, not waiting for a link's task)."""
         if ready.snapshot is not None or self._store_maybe_held():
             return False
         if self.snapshot_building:
             return self._sync_s < BUILD_INLINE_SYNC_MAX_S
-        return self._sync_s < INLINE_SYNC_MAX_S
+        return self._sync_s < INLINE_SYNC_MAX_S and written
 
     def _store_maybe_held(self) -> bool:
         """A snapshot is being saved or purged: a thread may hold the store's lock."""
@@ -313,15 +325,17 @@ class RaftLoop:
         if ready.snapshot is None:  # an install writes a whole file: not the disk's fsync time
             self._sync_s += (time.perf_counter() - start - self._sync_s) * _SYNC_EWMA
 
-    def _send(self, msg: Message) -> None:
+    def _send(self, msg: Message) -> bool:
+        """Send `msg`; True when its bytes are on the socket already (written by
+        `send_nowait` itself), False when a link task will write it (or nobody)."""
         link = self._links.get(msg.dst)
         if link is None:
             if self._nursery is None:
-                return
+                return False
             link = PeerLink(msg.dst, lambda peer=msg.dst: self.address_of(peer), self.identity)
             self._links[msg.dst] = link
             self._nursery.start_soon(link.run)
-        link.send_nowait(msg)
+        return link.send_nowait(msg) and link.wrote_last
 
     # ------------------------------------------------------------------ watchers
     def _check_watchers(self) -> None:

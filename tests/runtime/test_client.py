@@ -644,7 +644,24 @@ async def test_a_message_sent_while_another_is_written_waits_its_turn() -> None:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
             async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
+                # With the lock free, the bytes are written before any other task runs
+                # (trio-websocket's own send_message yields first).
+                stream_send = ws._stream.send_all
+                others_ran: list[bool] = []
+                ran: list[int] = []
+
+                async def spy(data: Any) -> None:
+                    others_ran.append(bool(ran))
+                    await stream_send(data)
+
+                async def other() -> None:
+                    ran.append(1)
+
+                ws._stream.send_all = spy  # type: ignore[method-assign]
+                nursery.start_soon(other)
                 await wsfast.send_message(ws, b"first")
+                assert others_ran == [False]
+                ws._stream.send_all = stream_send  # type: ignore[method-assign]
                 await ws._stream_lock.acquire()  # someone else is writing
                 nursery.start_soon(wsfast.send_message, ws, b"second")
                 await trio.sleep(0.05)

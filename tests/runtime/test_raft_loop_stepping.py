@@ -76,22 +76,62 @@ async def test_while_the_core_is_stepped_elsewhere_events_wait_their_turn(tmp_pa
 
 
 async def test_a_failure_stepping_in_the_caller_stops_the_node(tmp_path: Path) -> None:
+    """The caller's task fails to step; the node stops at once with that error (the
+    raft loop, woken for it, raises it), not at its next tick or never."""
+    handled_by: list[Any] = []
+    me = trio.lowlevel.current_task()
     with trio.fail_after(LIMIT):
         with pytest.raises(BaseException) as caught:
             async with node(tmp_path, Ports(), 1, "--single") as n:
                 await until(lambda: n.core.is_leader, "leader")
+                n.tick_s = 3600.0  # after the tick under way, no tick wakes the raft loop
+                await trio.sleep(0.1)
                 handle = n.driver.handle
 
                 def failing(event: Any) -> None:
                     if isinstance(event, Propose):
+                        handled_by.append(trio.lowlevel.current_task())
                         raise RuntimeError("boom in the core")
                     handle(event)
 
                 n.driver.handle = failing
                 await until(lambda: n._can_step_here(), "an idle raft loop")
-                with pytest.raises(Exception):
-                    await n.propose(Upsert("k", b"v"), timeout=5)
-                await trio.sleep(LIMIT)  # the node stops: its nursery cancels this
-        assert "boom in the core" in repr(caught.value) or "boom in the core" in str(
-            getattr(caught.value, "exceptions", "")
-        )
+                await n.propose(Upsert("k", b"v"), timeout=LIMIT)  # cancelled as the node stops
+                pytest.fail("the node kept running")
+        assert handled_by == [me]
+    errors = caught.value.exceptions if isinstance(caught.value, BaseExceptionGroup) else [caught.value]
+    assert any(isinstance(e, RuntimeError) and "boom in the core" in str(e) for e in errors), caught.value
+
+
+async def test_no_step_in_the_caller_while_the_apply_loop_has_work(tmp_path: Path) -> None:
+    """A shielded step must never wait on a full apply queue: while the apply loop
+    is busy, events go to the raft loop (cancellable) instead."""
+    with trio.fail_after(LIMIT):
+        async with node(tmp_path, Ports(), 1, "--single") as n:
+            await until(lambda: n.core.is_leader, "leader")
+            seen = record_handlers(n)
+            await until(lambda: n._can_step_here(), "an idle raft loop")
+            n.apply_idle = False  # as when a batch is queued or a restore runs
+            assert not n._can_step_here()
+            seen.clear()
+            await n.propose(Upsert("k", b"v"))
+            assert [task.name for kind, task in seen if kind == "Propose"][0].endswith("_run_raft_loop")
+
+
+async def test_a_leader_fsyncs_in_its_loop_only_once_its_appends_are_on_their_sockets(tmp_path: Path) -> None:
+    """An AppendEntries left to a link's task (TLS, a busy link) could only be sent
+    after an fsync in the loop: then the fsync goes to a thread."""
+    from metanode.raft import Ready
+    from metanode.raft.types import Entry, EntryKind
+
+    with trio.fail_after(LIMIT):
+        async with node(tmp_path, Ports(), 1, "--single") as n:
+            await until(lambda: n.core.is_leader, "leader")
+            ready = Ready(entries=(Entry(1, 99, EntryKind.NORMAL, b"x"),))
+            n._sync_s = 0.0  # a fast disk
+            assert n._sync_inline(ready, True) and not n._sync_inline(ready, False)
+            n.snapshot_building = True  # while a snapshot is packed: in the loop anyway
+            try:
+                assert n._sync_inline(ready, False)
+            finally:
+                n.snapshot_building = False

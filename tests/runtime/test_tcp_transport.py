@@ -173,14 +173,26 @@ async def test_peer_link_delivers_raft_messages() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_many_queued_messages_are_batched_in_few_writes() -> None:
+@pytest.mark.parametrize("when", ["connecting", "connected"])
+async def test_many_queued_messages_are_batched_in_few_writes(when: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued while the link connects, or while connected with a socket that takes no
+    direct write (full): the writer sends them in a write or two."""
+    from metanode.transport import tcp
+
+    def full(fd: int, data: bytes) -> int:
+        raise BlockingIOError
+
+    monkeypatch.setattr(tcp, "_write_fd", full)
     with trio.fail_after(LIMIT):
         async with running_server() as server, trio.open_nursery() as nursery:
             link = PeerLink(SERVER_ID, lambda: server.address, lambda: ident(), queue_size=2000)
             nursery.start_soon(link.run)
+            if when == "connected":
+                await link.wait_connected()
+                await trio.testing.wait_all_tasks_blocked()  # the writer waits: direct writes tried
             n = 1000
-            for i in range(n):  # no checkpoint: all queued before the sender connects
-                assert link.send_nowait(hb(i))
+            for i in range(n):  # no checkpoint: all queued before the writer runs
+                assert link.send_nowait(hb(i)) and not link.wrote_last
             got = [await server.messages.receive() for _ in range(n)]
             assert got == [hb(i) for i in range(n)]
             assert link.stats.sent == n
@@ -204,7 +216,7 @@ async def test_a_link_waiting_for_messages_writes_the_next_one_itself() -> None:
         async with running_server() as server, trio.open_nursery() as nursery:
             link = await idle_link(server, nursery)
             for i in range(1, 6):
-                assert link.send_nowait(hb(i))
+                assert link.send_nowait(hb(i)) and link.wrote_last
                 assert link.stats.sent == i  # written already, before any checkpoint
             assert [await server.messages.receive() for _ in range(5)] == [hb(i) for i in range(1, 6)]
             assert link.stats.sent == 5 and link.stats.batches == 5

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 
-import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection
 
@@ -19,6 +18,8 @@ def test_trio_websocket_still_has_what_wsfast_reads() -> None:
     # wsfast.send_message repeats these steps of `_send`: frame, lock, send_all.
     assert "self._wsproto.send(event)" in send and "async with self._stream_lock" in send
     assert "self._stream.send_all(data)" in send
+    # ... and `send_message` checks nothing more before `_send` than wsfast does.
+    public = inspect.getsource(WebSocketConnection.send_message)
+    assert "if self._close_reason:" in public and "await self._send(event)" in public
+    assert public.count("raise ") == 2  # ConnectionClosed, and ValueError for a non-str/bytes
     assert trio_websocket.__version__.startswith("0.12"), trio_websocket.__version__
-    lock = trio.StrictFIFOLock()
-    assert hasattr(lock, "acquire_nowait") and not lock.locked()
