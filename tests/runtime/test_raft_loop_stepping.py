@@ -135,3 +135,26 @@ async def test_a_leader_fsyncs_in_its_loop_only_once_its_appends_are_on_their_so
                 assert n._sync_inline(ready, False)
             finally:
                 n.snapshot_building = False
+
+
+async def test_peer_messages_are_stepped_by_their_connection_task(tmp_path: Path) -> None:
+    """A follower steps an AppendEntries in the raft port connection's task, the
+    leader the answer in its own: in both, the write applies once, everywhere."""
+    ports = Ports()
+    with trio.fail_after(LIMIT):
+        async with node(tmp_path, ports, 1, "--single") as n1, node(tmp_path, ports, 2, "--join", ports.address(1)) as n2:
+            await until(lambda: len(n2.cluster_nodes()) == 2, "2 members")
+            await n1.propose(Upsert("warm", b"up"))
+            on_leader, on_follower = record_handlers(n1), record_handlers(n2)
+            await until(lambda: n1._can_step_here() and n2._can_step_here(), "idle raft loops")
+            on_leader.clear()
+            on_follower.clear()
+            await n1.propose(Upsert("k", b"v"))
+            await until(lambda: n2.sm.get("k") is not None, "the follower applied it")
+
+            follower_steps = [task.name for k, task in on_follower if k == "Receive"]
+            leader_steps = [task.name for k, task in on_leader if k == "Receive"]
+            # A raft port connection's task (trio's serve_listeners runs each in `_run_handler`).
+            assert any(name.endswith("._run_handler") for name in follower_steps), follower_steps
+            assert any(name.endswith("._run_handler") for name in leader_steps), leader_steps
+            assert n1.sm.get("k") == n2.sm.get("k")
