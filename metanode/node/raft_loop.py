@@ -1,19 +1,21 @@
 """The raft loop of a node (docs/architecture/node.md): the task that steps the
-`RaftCore` (through the `NodeDriver`; see "Stepping in the caller"). It waits for one event, drains the rest of its
-inbox without waiting, then for each `Ready`: persist (one WAL append, one fsync), send,
-hand committed entries to the apply loop, advance. When the apply loop has nothing
-queued and a Ready committed few entries (no snapshot), the raft loop applies them
-itself: the same order, one task switch less per write. Requests from other tasks are
+`RaftCore` (through the `NodeDriver`; see "Stepping in the caller"). It waits for one
+event, drains the rest of its inbox without waiting, then for each `Ready`: persist
+(one WAL append, one fsync), send, hand committed entries to the apply loop, advance.
+When the apply loop has nothing queued and a Ready committed few entries (no
+snapshot), the raft loop applies them itself: the same order, one task switch less per
+write. Requests from other tasks are
 typed events answered by `Reply`s with their `req_id`.
 
 Stepping in the caller. While the raft loop waits on an empty inbox (and the apply
 loop on its own), a task with an event for it (a raft port connection with a peer's
 message; any `request`: a client session's writes or read barrier, the snapshot task's
-compaction, a join or a transfer) does that step itself: the event, then the Readys, exactly as the raft loop
-would, under `_core_lock` (which the raft loop takes for each of its own steps) and
-shielded from cancellation (a Ready is always finished). Nothing is queued before it,
-so the order is the same; it saves one task switch per hop (a c1 write crosses three).
-A failure there is logged, and raised by the raft loop, woken for it at once.
+compaction, a join or a transfer) does that step itself: the event, then the Readys,
+exactly as the raft loop would, under `_core_lock` (which the raft loop takes for each
+of its own steps) and shielded from cancellation (a Ready is always finished). Nothing
+is queued before it, so the order is the same; it saves one task switch per hop (a c1
+write crosses three). A failure there is logged, and raised by the raft loop, woken
+for it at once.
 
 Where the fsync runs. In the event loop while the disk is fast (the recent fsyncs
 took under INLINE_SYNC_MAX_S), in a thread otherwise, so a disk that turns slow holds
@@ -138,9 +140,8 @@ class RaftLoop:
             await self._queue(event)
 
     async def _step_here(self, event: Event) -> None:
-        if not self._can_step_here():  # (never, as called: checked in the same step)
-            self._event_nowait(event)
-            return
+        """Step `event` in this task; only right after `_can_step_here()` held, with
+        no checkpoint between (the lock is then free: taken at once)."""
         self._core_lock.acquire_nowait()
         try:
             with trio.CancelScope(shield=True):
@@ -335,7 +336,7 @@ class RaftLoop:
             link = PeerLink(msg.dst, lambda peer=msg.dst: self.address_of(peer), self.identity)
             self._links[msg.dst] = link
             self._nursery.start_soon(link.run)
-        return link.send_nowait(msg) and link.wrote_last
+        return link.send_nowait(msg) and link.flushed
 
     # ------------------------------------------------------------------ watchers
     def _check_watchers(self) -> None:

@@ -977,12 +977,15 @@ class PeerLink:
         # The socket's fd while the writer task waits for messages on a plain TCP
         # connection: `send_nowait` then writes a frame itself (see there).
         self._idle_fd: int | None = None
-        #: The last message `send_nowait` accepted is on the socket already (written
-        #: by it, whole); False when the writer task has it to write.
-        self.wrote_last = False
 
     def __repr__(self) -> str:
         return f"<PeerLink to {self.peer_id} {'up' if self._connected else 'down'} {self.stats}>"
+
+    @property
+    def flushed(self) -> bool:
+        """Everything accepted so far is on the socket: the writer waits with nothing
+        queued, on a plain TCP connection (so `send_nowait` writes the next frame)."""
+        return self._idle_fd is not None
 
     @property
     def connected(self) -> bool:
@@ -992,7 +995,6 @@ class PeerLink:
     def send_nowait(self, msg: Message) -> bool:
         """Queue `msg` for the peer; False (and counted in ``stats.dropped``) when the
         queue is full or the link is down."""
-        self.wrote_last = False
         if not self._accepting:
             self.stats.dropped += 1
             return False
@@ -1020,7 +1022,6 @@ class PeerLink:
             if n == len(frame):
                 # Still nothing queued and the writer still waits: so may the next frame.
                 self._idle_fd = fd
-                self.wrote_last = True
                 self.stats.sent += 1
                 self.stats.batches += 1
                 if is_append and len(self.stats.append_seconds) < MAX_APPEND_SAMPLES:

@@ -192,7 +192,7 @@ async def test_many_queued_messages_are_batched_in_few_writes(when: str, monkeyp
                 await trio.testing.wait_all_tasks_blocked()  # the writer waits: direct writes tried
             n = 1000
             for i in range(n):  # no checkpoint: all queued before the writer runs
-                assert link.send_nowait(hb(i)) and not link.wrote_last
+                assert link.send_nowait(hb(i)) and not link.flushed
             got = [await server.messages.receive() for _ in range(n)]
             assert got == [hb(i) for i in range(n)]
             assert link.stats.sent == n
@@ -216,7 +216,7 @@ async def test_a_link_waiting_for_messages_writes_the_next_one_itself() -> None:
         async with running_server() as server, trio.open_nursery() as nursery:
             link = await idle_link(server, nursery)
             for i in range(1, 6):
-                assert link.send_nowait(hb(i)) and link.wrote_last
+                assert link.send_nowait(hb(i)) and link.flushed
                 assert link.stats.sent == i  # written already, before any checkpoint
             assert [await server.messages.receive() for _ in range(5)] == [hb(i) for i in range(1, 6)]
             assert link.stats.sent == 5 and link.stats.batches == 5
