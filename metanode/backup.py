@@ -24,7 +24,7 @@ import msgpack
 from metanode.errors import ConfigError, FatalError
 from metanode.exportfmt import ExportedState
 from metanode.raft.types import EntryKind, HardState, LogId, Membership, Snapshot, SnapshotMeta
-from metanode.sm import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, KVStateMachine
+from metanode.sm import SNAPSHOT_FORMAT, SNAPSHOT_LIST_VERSION, KVStateMachine
 from metanode.sm.codec import DecodeError, decode_command
 from metanode.storage import NodeMeta, RaftStorage
 
@@ -94,7 +94,7 @@ def build_state_machine(
     grpc = {i: r.grpc_api_advertise_address for i, r in exported.nodes}
     doc = {
         "format": SNAPSHOT_FORMAT,
-        "version": SNAPSHOT_VERSION,
+        "version": SNAPSHOT_LIST_VERSION,
         "seq": exported.seq,
         "rev": 0,  # watch revisions restart with the restored cluster
         "log_time_ms": exported.log_time_ms,

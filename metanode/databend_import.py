@@ -45,7 +45,7 @@ import msgpack
 
 from metanode.exportfmt import ExportedState
 from metanode.raft.types import LogId
-from metanode.sm import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, KVStateMachine
+from metanode.sm import SNAPSHOT_FORMAT, SNAPSHOT_LIST_VERSION, KVStateMachine
 from metanode.sm.commands import Upsert, validate_key
 from metanode.sm.types import Endpoint, MatchSeq, NodeRecord, SeqV, is_int
 
@@ -216,7 +216,7 @@ def load_databend_lines(
     # The state machine, then the committed entries it had not applied, as databend-meta
     # replays them on start.
     sm = KVStateMachine.restore(msgpack.packb({
-        "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": seq, "rev": 0, "log_time_ms": 0,
+        "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_LIST_VERSION, "seq": seq, "rev": 0, "log_time_ms": 0,
         "kv": [[k, v.seq, v.data, v.expire_at_ms] for k, v in sorted(kv.items())], "nodes": [],
         "digest": None,
     }, use_bin_type=True))

@@ -26,7 +26,7 @@ from metanode.sm.commands import (
     Upsert,
     validate_key,
 )
-from metanode.sm.kv import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, KVStateMachine
+from metanode.sm.kv import SNAPSHOT_FORMAT, SNAPSHOT_LIST_VERSION, SNAPSHOT_VERSION, KVStateMachine
 from metanode.sm.types import (
     ApplyError,
     ApplyResult,
@@ -53,6 +53,7 @@ __all__ = [
     "TXN_OP_TYPES",
     "TXN_TARGETS",
     "SNAPSHOT_FORMAT",
+    "SNAPSHOT_LIST_VERSION",
     "SNAPSHOT_VERSION",
     "ApplyError",
     "ApplyResult",

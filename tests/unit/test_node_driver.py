@@ -27,6 +27,6 @@ def test_a_snapshot_whose_keys_do_not_match_its_digest_stops_the_node_naming_the
     good = sm.snapshot()
     assert len(NodeDriver(RaftConfig(1), _state(good), random.Random(0)).sm) == 1
     doc = msgpack.unpackb(good, raw=False)
-    doc["kv"][0][2] = b"2"
+    doc["kv"]["a"] = doc["kv"]["a"][:-1] + b"2"  # the data of its stored value
     with pytest.raises(FatalError, match=r"snapshot 2-7 \(snapshot/snap-2-7.bin\) is unreadable: .*does not match"):
         NodeDriver(RaftConfig(1), _state(msgpack.packb(doc, use_bin_type=True)), random.Random(0))

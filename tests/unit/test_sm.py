@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import msgpack
 import pytest
 from hypothesis import example, given, settings
@@ -386,7 +388,13 @@ def test_snapshot_layout():
     doc = msgpack.unpackb(_sample().snapshot(), raw=False)
     assert list(doc) == ["format", "version", "seq", "rev", "log_time_ms", "kv", "nodes", "digest"]
     assert doc["format"] == SNAPSHOT_FORMAT and doc["version"] == SNAPSHOT_VERSION
-    assert doc["kv"] == [["a", 2, b"", 106], ["b", 1, b"\x00\xff", None], ["c/é", 4, b"u", 10_000]]
+    # key -> seq (u64) and expire_at_ms (i64, -1: none), little-endian, then the data;
+    # in the order the keys were first written.
+    assert list(doc["kv"].items()) == [
+        ("b", struct.pack("<Qq", 1, -1) + b"\x00\xff"),
+        ("a", struct.pack("<Qq", 2, 106)),
+        ("c/é", struct.pack("<Qq", 4, 10_000) + b"u"),
+    ]
 
 
 def test_empty_snapshot_round_trip():
@@ -396,7 +404,8 @@ def test_empty_snapshot_round_trip():
 
 
 def _doc(**override) -> bytes:
-    doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "seq": 5, "rev": 5, "log_time_ms": 10, "kv": [],
+    """A hand-made document; version 4 (kv as a list) unless overridden."""
+    doc = {"format": SNAPSHOT_FORMAT, "version": 4, "seq": 5, "rev": 5, "log_time_ms": 10, "kv": [],
            "nodes": [], "digest": None}
     doc.update(override)
     return msgpack.packb(doc, use_bin_type=True)
@@ -412,7 +421,18 @@ def _doc(**override) -> bytes:
         msgpack.packb({1: 2}),
         _doc() + b"\x00",
         _doc(format="other"),
-        _doc(version=5),
+        _doc(version=6),
+        _doc(version=5),  # kv must then be a map
+        _doc(version=5, kv={"a": b"short"}),
+        _doc(version=5, kv={"a": "not bytes" * 3}),
+        _doc(version=5, kv={b"a": struct.pack("<Qq", 1, -1)}),  # a bytes key
+        _doc(version=5, kv={"a": struct.pack("<Qq", 0, -1)}),  # seq 0
+        _doc(version=5, kv={"a": struct.pack("<Qq", 6, -1)}),  # above the last seq
+        _doc(version=5, kv={"a": struct.pack("<Qq", 1, -2)}),
+        _doc(version=5, kv={"a": struct.pack("<Qq", 1, 2**62 + 1)}),  # past MAX_TIME_MS
+        _doc(version=5, kv={"a": struct.pack("<Qq", 1, -1)}, digest=bytes(16)),  # wrong digest
+        _doc(kv=True),
+        _doc(version=5, kv=True),
         _doc(digest=b"short"),
         _doc(digest=7),
         _doc(rev=-1),
@@ -470,21 +490,54 @@ def test_a_snapshot_whose_keys_do_not_match_its_digest_is_refused():
     """A snapshot packed wrong (here: one value changed after the digest was taken)
     must not install as if it were right: the restore names the mismatch."""
     doc = msgpack.unpackb(_sample().snapshot(), raw=False)
-    key, seq, _, expire = doc["kv"][0]
-    doc["kv"][0] = [key, seq, b"not what was hashed", expire]
+    key, value = next(iter(doc["kv"].items()))
+    doc["kv"][key] = value[:16] + b"not what was hashed"
     with pytest.raises(ValueError, match=r"does not match its 3 keys.*corrupt"):
         KVStateMachine.restore(msgpack.packb(doc, use_bin_type=True))
     doc["digest"] = None  # a hand-made document: nothing to check against
     assert len(KVStateMachine.restore(msgpack.packb(doc, use_bin_type=True))) == 3
 
 
+def _list_doc(data: bytes, version: int) -> dict:
+    """The document of `data` (version 5) as an older version: kv as a list of
+    [key, seq, data, expire_at_ms | nil] in key order."""
+    doc = msgpack.unpackb(data, raw=False)
+    rows = []
+    for key, value in sorted(doc["kv"].items()):
+        seq, expire = struct.unpack_from("<Qq", value)
+        rows.append([key, seq, value[16:], None if expire < 0 else expire])
+    return {**doc, "version": version, "kv": rows}
+
+
+def test_version_4_snapshots_with_a_kv_list_are_still_read():
+    sm = KVStateMachine.restore(msgpack.packb(_list_doc(_sample().snapshot(), 4), use_bin_type=True))
+    assert list(sm.items()) == list(_sample().items())
+    assert sm.state_digest() == _sample().state_digest() and sm.rev == _sample().rev
+
+
 def test_version_3_snapshots_without_a_digest_are_still_read():
-    doc = {**msgpack.unpackb(_sample().snapshot(), raw=False), "version": 3}
+    doc = _list_doc(_sample().snapshot(), 3)
     del doc["digest"]
     sm = KVStateMachine.restore(msgpack.packb(doc, use_bin_type=True))
     built = KVStateMachine.restore(sm.snapshot_builder().result())
     assert sm.state_digest() == _sample().state_digest() == built.state_digest()
-    assert KVStateMachine.restore(sm.snapshot()).snapshot() == _sample().snapshot()
+    # Restored from a key-ordered list, the machine's order is the key order.
+    assert list(msgpack.unpackb(sm.snapshot(), raw=False)["kv"]) == ["a", "b", "c/é"]
+    assert KVStateMachine.restore(sm.snapshot()).snapshot() == sm.snapshot()
+
+
+def test_a_version_5_kv_map_holding_a_key_twice_is_refused():
+    """A dict cannot hold a key twice, but msgpack bytes can: the restore names it."""
+    p = msgpack.Packer()
+    value = struct.pack("<Qq", 1, -1) + b"x"
+    data = b"".join([
+        p.pack_map_header(8),
+        *(p.pack(x) for x in ("format", SNAPSHOT_FORMAT, "version", 5, "seq", 1, "rev", 1, "log_time_ms", 0)),
+        p.pack("kv"), p.pack_map_header(2), p.pack("a"), p.pack(value), p.pack("a"), p.pack(value),
+        p.pack("nodes"), p.pack([]), p.pack("digest"), p.pack(None),
+    ])
+    with pytest.raises(ValueError, match=r"kv entry 1: key 'a' appears twice"):
+        KVStateMachine.restore(data)
 
 
 def test_restore_drops_keys_already_expired_at_its_log_time():
@@ -656,9 +709,9 @@ def test_every_key_change_gets_the_next_revision_and_snapshots_keep_it():
 
 
 def test_a_snapshot_built_in_slices_is_the_state_when_it_began():
-    """The builder packs a frozen view (copy on write): updates, deletes, inserts and
-    expiries applied between its slices do not reach its bytes, which equal
-    `snapshot()` taken when it began; afterwards the machine snapshots normally."""
+    """The builder packs a frozen view: updates, deletes, inserts and expiries applied
+    between its slices do not reach its bytes, which equal `snapshot()` taken when it
+    began; afterwards the machine snapshots normally."""
     from metanode.sm import KVStateMachine, Upsert
 
     sm = KVStateMachine()
@@ -674,41 +727,72 @@ def test_a_snapshot_built_in_slices_is_the_state_when_it_began():
     sm.apply(Upsert("k0001", b"changed", None, None, None), 6000)  # and the TTL keys expire
     assert builder.result() == want
     assert sm.snapshot() != want
-    assert sm.snapshot_builder().result() == sm.snapshot()  # the copy-on-write table is gone
+    assert sm.snapshot_builder().result() == sm.snapshot()
     assert len(KVStateMachine.restore(want)) == 1000
 
 
 @given(
-    start=st.sets(st.integers(0, 40), max_size=30),
+    start=st.lists(st.integers(0, 40), max_size=40),
     script=st.lists(
         st.one_of(
             st.tuples(st.just("step"), st.integers(1, 12)),
-            st.tuples(st.sampled_from(["put", "delete"]), st.integers(0, 40)),
+            st.tuples(st.sampled_from(["put", "delete", "ttl"]), st.integers(0, 40)),
+            st.tuples(st.just("close"), st.just(0)),
         ),
         max_size=60,
     ),
 )
-@example(start={1, 2, 3}, script=[("delete", 2), ("put", 2), ("step", 12)])  # removed, then back
-@example(start={1, 2, 3}, script=[("step", 1), ("delete", 1), ("delete", 3), ("put", 0), ("step", 5)])
-@settings(max_examples=300, deadline=None)
+@example(start=[1, 2, 3], script=[("delete", 2), ("put", 2), ("step", 12)])  # removed, then back
+@example(start=[1, 2, 3], script=[("step", 1), ("delete", 1), ("delete", 3), ("put", 0), ("step", 5)])
+@example(start=[1, 2, 3], script=[("put", 4), ("delete", 4), ("put", 4), ("put", 1), ("step", 1)])
+@example(start=[3, 1, 2], script=[("delete", 1), ("put", 1), ("delete", 1), ("put", 5), ("put", 1), ("close", 0)])
+@settings(max_examples=400, deadline=None)
 def test_a_snapshot_built_in_slices_equals_the_state_of_its_start(start, script):
-    """Any mix of slices and writes (inserts of new keys, deletes, and keys deleted
-    then written again, before or after the builder passed them) packs exactly the
-    keys and values of the start."""
+    """Any mix of slices and writes (updates, inserts of new keys, deletes, keys
+    deleted then written again, keys that expire, before or after the builder passed
+    them) packs exactly the keys and values of the start. Meanwhile and afterwards the
+    machine reads, and snapshots (its map's order included), exactly as a twin fed the
+    same writes without a build."""
     from metanode.sm import KVStateMachine, Upsert
 
-    sm = KVStateMachine()
-    for i in sorted(start):
-        sm.apply(Upsert(f"k{i:02d}", b"%d" % i), 1)
+    sm, twin = KVStateMachine(), KVStateMachine()
+    for m in (sm, twin):
+        for i in start:  # unsorted, repeated: the map's order is not the key order
+            m.apply(Upsert(f"k{i:02d}", b"%d" % i), 1)
     want = sm.snapshot()
     builder = sm.snapshot_builder()
     for n, (what, arg) in enumerate(script):
         if what == "step":
             builder.step(arg)
+        elif what == "close":
+            builder.close()
         else:
-            sm.apply(Upsert(f"k{arg:02d}", None if what == "delete" else b"w%d" % n), 2)
-    assert builder.result() == want
-    assert KVStateMachine.restore(want).state_digest() != "" and sm._frozen is None and sm._gone is None
+            cmd = Upsert(f"k{arg:02d}", None if what == "delete" else b"w%d" % n, ttl_ms=3 if what == "ttl" else None)
+            assert sm.apply(cmd, 2 + n) == twin.apply(cmd, 2 + n)
+            assert sm.last_changes == twin.last_changes
+        assert list(sm.items()) == list(twin.items()) and len(sm) == len(twin)
+        assert sm.list("k1") == twin.list("k1") and sm.get(f"k{arg:02d}") == twin.get(f"k{arg:02d}")
+        assert sm.state_digest() == twin.state_digest()
+        assert sm.snapshot() == twin.snapshot()  # during the build too
+    closed = ("close", 0) in script
+    if not closed:
+        assert builder.result() == want
+    assert sm.snapshot() == twin.snapshot()
+    assert KVStateMachine.restore(want).state_digest() != ""
+    # Built and packed again: the next build works on the merged map.
+    assert sm.snapshot_builder().result() == twin.snapshot()
+
+
+def test_one_build_at_a_time():
+    from metanode.sm import KVStateMachine, Upsert
+
+    sm = KVStateMachine()
+    sm.apply(Upsert("a", b"1"), 1)
+    builder = sm.snapshot_builder()
+    with pytest.raises(RuntimeError, match="being built already"):
+        sm.snapshot_builder()
+    builder.close()
+    assert sm.snapshot_builder().result() == sm.snapshot()
 
 
 def test_the_state_digest_is_kept_up_to_date_and_equal_on_equal_state():
