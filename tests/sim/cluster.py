@@ -309,8 +309,8 @@ class SimNode:
 
     def _maybe_snapshot(self) -> None:
         """The daemon's rule (the driver's). Built a few keys per Ready while entries
-        keep being applied (the daemon yields between slices), so the copy-on-write
-        view is exercised; then saved and compacted (the daemon's order)."""
+        keep being applied (the daemon yields between slices), so the state machine's
+        write overlay is exercised; then saved and compacted (the daemon's order)."""
         driver = self.driver
         if self.building is None:
             if not driver.snapshot_due():
