@@ -347,16 +347,12 @@ class NodeDriver:
         since = self.applied.index - self.last_snapshot_index
         return since >= self.snapshot_logs_since_last and since * SNAPSHOT_AMORTIZE >= len(self.sm)
 
-    def build_snapshot(self) -> tuple[Snapshot, int]:
-        """The applied state as a snapshot, and the index to purge the log to (keeping
-        `max_applied_log_to_keep` entries behind it for slow followers)."""
-        build = self.begin_snapshot()
-        return build.finish(), build.purge_to
-
     def begin_snapshot(self) -> SnapshotBuild:
         """A snapshot of the applied state as of now, built a slice at a time
         (`step`) while entries keep being applied: a large state machine is never
-        serialized in one go (the runtime yields between slices)."""
+        serialized in one go (the runtime yields between slices). Its `purge_to` is
+        the index to purge the log to once it is saved (keeping
+        `max_applied_log_to_keep` entries behind it for slow followers)."""
         self.stats_snapshot_entries += len(self.sm)
         return SnapshotBuild(
             SnapshotMeta(self.applied, self.applied_membership),

@@ -30,14 +30,17 @@ a walk from its front and never a scan of all keys. Expired keys go in
 ``(expire_at_ms, key)`` order, which is deterministic.
 
 Snapshots. A snapshot packs the map in its own order (a dict's: by first insertion,
-a key removed and written again comes last), which follows from the writes applied,
-so replicas pack the same bytes, and a restore inserts in that order. While a
+a key removed and written again comes last), and a restore inserts in that order. The
+order follows from the writes applied since the machine was empty, or since it
+restored a snapshot, so replicas with the same history pack the same bytes; one that
+restored a version 1-4 snapshot (a list in key order: after an upgrade) may hold the
+same state in another order, and ``state_digest`` is what compares replicas. While a
 ``SnapshotBuilder`` packs the map in slices, the map stays as it was: writes go to an
-overlay (key -> value, ``b""`` for removed, in the order a plain dict would hold them)
-that every read consults first, and the keys of the map removed and written again are
-noted. When the build ends, the overlay goes into the map, which is then exactly what
-the same writes made directly would have left, order included. ``_keys`` and
-``_expiry`` are always live.
+overlay (key -> value, ``b""`` for removed; keys new to the map in the order a plain
+dict would hold them) that every read consults first, and the keys of the map removed
+and written again are noted. When the build ends, the overlay goes into the map, which
+is then exactly what the same writes made directly would have left, order included.
+``_keys`` and ``_expiry`` are always live.
 
 Watch hook. Every key modification made by an apply, including removals by expiry, is
 recorded as a ``KeyChange(key, prev, current)`` in apply order; ``last_changes`` holds
@@ -484,9 +487,9 @@ class KVStateMachine:
 
         Insertion order, not key order: packing a slice is then one C call over values
         laid out in order (~0.15 us a key, against ~1.4 us walking the sorted keys and
-        looking each up), and it is still the same on every replica, because a dict's
-        order follows from the writes applied to it and a restore inserts in the
-        snapshot's order.
+        looking each up). It follows from the writes applied, and a restore inserts in
+        the snapshot's order, so replicas with the same history pack the same bytes
+        (see "Snapshots" in the module doc).
         """
         kv = self._kv
         if self._overlay is not None:  # a build is running: pack the state as it is now
@@ -506,16 +509,16 @@ class KVStateMachine:
 
         Raises ``ValueError`` naming the problem when ``data`` is not a well-formed
         snapshot of a supported version (bad msgpack, missing or mistyped fields, a
-        malformed stored value, keys of a version 1-4 list not strictly ascending, a key
-        seq above the last seq, keys that do not add up to the snapshot's digest). Keys
+        malformed stored value, a key twice, keys of a version 1-4 list not strictly
+        ascending, a key seq above the last seq, keys that do not add up to the
+        snapshot's digest). Keys
         already expired at the snapshot's log time are dropped, so the invariant holds;
         a snapshot taken by ``snapshot()`` never has any, and restores to identical bytes.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError(f"snapshot must be bytes, got {type(data).__name__}")
-        # Version 5's kv map is decoded in one C call into the dict the machine keeps.
-        # A version 1-4 list is streamed: one entry is decoded at a time, so a million
-        # keys never sit in the memory twice (as msgpack lists and as values).
+        # Streamed: one kv entry is decoded at a time, so a million keys never sit in
+        # the memory twice (as msgpack objects and as stored values).
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(data), 1))
         unpacker.feed(data)
         sm = cls()
@@ -532,36 +535,34 @@ class KVStateMachine:
                 name = unpacker.unpack()
                 if name in doc:
                     raise ValueError(f"snapshot field {name!r} appears twice")
-                if (name == "kv" and "seq" in doc and doc.get("format") == SNAPSHOT_FORMAT
-                        and doc.get("version") in _LIST_VERSIONS):
-                    try:
-                        n = unpacker.read_array_header()
-                    except msgpack.UnpackValueError:
-                        raise ValueError("snapshot field 'kv' must be a list") from None
+                if name == "kv" and "seq" in doc and doc.get("format") == SNAPSHOT_FORMAT:
+                    version = _version(doc)
                     seq = _field_int(doc, "seq")
-                    last_key: str | None = None
-                    for i in range(n):
-                        key, value = _parse_entry(i, unpacker.unpack(), seq)
-                        if last_key is not None and key <= last_key:
-                            raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
-                        last_key = key
-                        kv[key] = stored = _stored(*value)
-                        total += _key_hash(key, stored)
-                        if value[2] is not None:
-                            expiry.append((value[2], key))
-                    doc["kv"] = _STREAMED
-                elif (name == "kv" and "seq" in doc and doc.get("format") == SNAPSHOT_FORMAT
-                        and doc.get("version") == SNAPSHOT_VERSION):
-                    # Pair by pair: msgpack interns the keys of a map it decodes whole,
-                    # and the interpreter's table of them cost ~45 MB at 1M keys.
-                    try:
-                        n = unpacker.read_map_header()
-                    except msgpack.UnpackValueError:
-                        raise ValueError("snapshot field 'kv' must be a map") from None
-                    seq = _field_int(doc, "seq")
-                    for i in range(n):
-                        key = unpacker.unpack()
-                        total += _take_value(i, key, unpacker.unpack(), seq, kv, expiry)
+                    if version == SNAPSHOT_VERSION:
+                        # Pair by pair: msgpack interns the keys of a map it decodes
+                        # whole, and the interpreter's table of them cost ~45 MB at 1M.
+                        try:
+                            n = unpacker.read_map_header()
+                        except msgpack.UnpackValueError:
+                            raise ValueError("snapshot field 'kv' must be a map") from None
+                        for i in range(n):
+                            key = unpacker.unpack()
+                            total += _take_value(i, key, unpacker.unpack(), seq, kv, expiry)
+                    else:
+                        try:
+                            n = unpacker.read_array_header()
+                        except msgpack.UnpackValueError:
+                            raise ValueError("snapshot field 'kv' must be a list") from None
+                        last_key: str | None = None
+                        for i in range(n):
+                            key, value = _parse_entry(i, unpacker.unpack(), seq)
+                            if last_key is not None and key <= last_key:
+                                raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
+                            last_key = key
+                            kv[key] = stored = _stored(*value)
+                            total += _key_hash(key, stored)
+                            if value[2] is not None:
+                                expiry.append((value[2], key))
                     doc["kv"] = _STREAMED
                 else:
                     doc[name] = unpacker.unpack()
@@ -574,22 +575,15 @@ class KVStateMachine:
             raise ValueError("snapshot is not valid msgpack: extra data after the document")
         if doc.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"not a KV snapshot: format is {doc.get('format')!r}")
-        if doc.get("version") not in (*_LIST_VERSIONS, SNAPSHOT_VERSION):
-            raise ValueError(
-                f"unsupported KV snapshot version {doc.get('version')!r} "
-                f"(this build reads version {SNAPSHOT_VERSION})"
-            )
+        _version(doc)
         seq = _field_int(doc, "seq")
         log_time_ms = _field_int(doc, "log_time_ms")
         entries = doc.get("kv")
         if entries is _STREAMED:
             pass
-        elif doc["version"] == SNAPSHOT_VERSION:  # not streamed (fields in another order)
-            if not isinstance(entries, dict):
-                raise ValueError("snapshot field 'kv' must be a map")
-            for i, (key, value) in enumerate(entries.items()):
-                total += _take_value(i, key, value, seq, kv, expiry)
-        else:
+        elif doc["version"] == SNAPSHOT_VERSION:  # as `snapshot()` lays it out, or refused
+            raise ValueError("snapshot field 'kv' must be a map after 'format', 'version' and 'seq'")
+        else:  # a list, before the fields it needs (a document made by hand)
             if not isinstance(entries, list):
                 raise ValueError("snapshot field 'kv' must be a list")
             last_key = None
@@ -644,6 +638,14 @@ def _merge(kv: dict[str, _Value], overlay: dict[str, _Value], moved: set[str]) -
 
 _LIST_VERSIONS = tuple(range(1, SNAPSHOT_LIST_VERSION + 1))
 _STREAMED = object()  # `restore`: the kv field was read as it was decoded
+
+
+def _version(doc: dict[str, Any]) -> int:
+    """The snapshot's version, if this build reads it."""
+    version = doc.get("version")
+    if type(version) is not int or version not in (*_LIST_VERSIONS, SNAPSHOT_VERSION):
+        raise ValueError(f"unsupported KV snapshot version {version!r} (this build reads version {SNAPSHOT_VERSION})")
+    return version
 
 
 def _take_value(i: int, key: object, v: object, last_seq: int, kv: dict[str, _Value],
@@ -704,9 +706,6 @@ class SnapshotBuilder:
     """
 
     def __init__(self, sm: KVStateMachine, kv: dict[str, _Value], *, freeze: bool) -> None:
-        self._sm = sm if freeze and kv else None  # the machine whose map is frozen
-        if self._sm is not None:
-            sm._overlay = {}
         self._items = iter(kv.items())
         self.keys = len(kv)  # the keys of the start: what the snapshot holds
         self._at = 0  # pairs packed so far
@@ -726,6 +725,9 @@ class SnapshotBuilder:
         self._tail = p.pack("nodes") + p.pack(
             [[i, r.name, r.endpoint.addr, r.endpoint.port, r.grpc_api_advertise_address] for i, r in sm.nodes()]
         ) + p.pack("digest")
+        self._sm = sm if freeze and kv else None  # the machine whose map is frozen
+        if self._sm is not None:
+            sm._overlay = {}  # last: nothing above can leave the machine frozen
 
     @property
     def done(self) -> bool:

@@ -432,6 +432,11 @@ def _doc(**override) -> bytes:
         _doc(version=5, kv={"a": struct.pack("<Qq", 1, 2**62 + 1)}),  # past MAX_TIME_MS
         _doc(version=5, kv={"a": struct.pack("<Qq", 1, -1)}, digest=bytes(16)),  # wrong digest
         _doc(kv=True),
+        _doc(version=True),  # == 1, but not an int version
+        _doc(version=4.0),
+        # version 5 with kv before the fields it needs (snapshot() never lays it out so)
+        msgpack.packb({"kv": {}, "format": SNAPSHOT_FORMAT, "version": 5, "seq": 5, "rev": 5, "log_time_ms": 10,
+                       "nodes": [], "digest": None}),
         _doc(version=5, kv=True),
         _doc(digest=b"short"),
         _doc(digest=7),
