@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from metanode.errors import ClientError, FatalError, SnapshotFailed, Unavailable
+from metanode.node import heap
 from metanode.node.driver import restore_snapshot
 from metanode.node.events import (
     Compact,
@@ -67,6 +68,8 @@ class ApplyLoop:
                 # leader, which is waiting to promote a joiner that caught up.
                 restored = await trio.to_thread.run_sync(restore_snapshot, batch.snapshot)
             self.apply_batch(batch, restored)
+            if restored is not None:
+                heap.settle(len(restored))  # installed from the leader: long-lived
 
     def apply_batch(self, batch: Any, restored: Any = None) -> None:
         """Apply what one Ready committed, answer its writes and reads, start a
@@ -152,6 +155,7 @@ class ApplyLoop:
                 "%d built snapshot %s (%d bytes), log purged to %d",
                 self.id, snapshot.meta.last_log_id, len(snapshot.data), purged,
             )
+            heap.settle(len(self.driver.sm))  # what the machine grew since: long-lived
 
     async def trigger_snapshot(self) -> None:
         await self._build_snapshot(force=True)

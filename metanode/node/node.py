@@ -35,6 +35,7 @@ from metanode.errors import (
     FatalError,
 )
 from metanode.trio_util import InFlight, single_errors
+from metanode.node import heap
 from metanode.node.driver import NodeDriver
 from metanode.node.events import (
     Event,
@@ -205,6 +206,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         self.watch_hub = WatchHub(self.sm.rev)
         self.driver.on_changes = self.watch_hub.on_changes
         self.driver.on_restore = self.watch_hub.reset
+        heap.settle(len(self.sm))  # the state machine as loaded: out of full collections
 
     def bootstrap(self) -> None:
         """`single = true` on an empty dir: a one-voter cluster with a new cluster id."""
