@@ -553,16 +553,7 @@ class KVStateMachine:
                             n = unpacker.read_array_header()
                         except msgpack.UnpackValueError:
                             raise ValueError("snapshot field 'kv' must be a list") from None
-                        last_key: str | None = None
-                        for i in range(n):
-                            key, value = _parse_entry(i, unpacker.unpack(), seq)
-                            if last_key is not None and key <= last_key:
-                                raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
-                            last_key = key
-                            kv[key] = stored = _stored(*value)
-                            total += _key_hash(key, stored)
-                            if value[2] is not None:
-                                expiry.append((value[2], key))
+                        total += _take_rows((unpacker.unpack() for _ in range(n)), seq, kv, expiry)
                     doc["kv"] = _STREAMED
                 else:
                     doc[name] = unpacker.unpack()
@@ -586,16 +577,7 @@ class KVStateMachine:
         else:  # a list, before the fields it needs (a document made by hand)
             if not isinstance(entries, list):
                 raise ValueError("snapshot field 'kv' must be a list")
-            last_key = None
-            for i, entry in enumerate(entries):
-                key, value = _parse_entry(i, entry, seq)
-                if last_key is not None and key <= last_key:
-                    raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
-                last_key = key
-                kv[key] = stored = _stored(*value)
-                total += _key_hash(key, stored)
-                if value[2] is not None:
-                    expiry.append((value[2], key))
+            total += _take_rows(entries, seq, kv, expiry)
         sm._kv = kv
         sm._keys = SortedList(kv)
         sm._expiry = SortedList(expiry)
@@ -646,6 +628,25 @@ def _version(doc: dict[str, Any]) -> int:
     if type(version) is not int or version not in (*_LIST_VERSIONS, SNAPSHOT_VERSION):
         raise ValueError(f"unsupported KV snapshot version {version!r} (this build reads version {SNAPSHOT_VERSION})")
     return version
+
+
+def _take_rows(rows: Iterable[object], last_seq: int, kv: dict[str, _Value],
+               expiry: builtins.list[tuple[int, str]]) -> int:
+    """Check the rows of a version 1-4 kv list (``[key, seq, data, expire_at_ms]``,
+    keys strictly ascending), keep them in `kv` (and their expiries in `expiry`);
+    return the sum of their key hashes."""
+    total = 0
+    last_key: str | None = None
+    for i, row in enumerate(rows):
+        key, value = _parse_entry(i, row, last_seq)
+        if last_key is not None and key <= last_key:
+            raise ValueError(f"snapshot kv entry {i}: keys not strictly ascending at {key!r}")
+        last_key = key
+        kv[key] = stored = _stored(*value)
+        total += _key_hash(key, stored)
+        if value[2] is not None:
+            expiry.append((value[2], key))
+    return total
 
 
 def _take_value(i: int, key: object, v: object, last_seq: int, kv: dict[str, _Value],
