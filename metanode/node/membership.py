@@ -178,7 +178,7 @@ class MembershipOps:
         self._adopt_cluster_id(reply.cluster_id, reply.joined_at)
         for member in reply.members:
             self._learn_address(member.node_id, member.address)
-        await self._queue(Trust(frozenset(reply.member_ids)))
+        await self._inbox_send.send(Trust(frozenset(reply.member_ids)))
 
     async def publish_record(self) -> None:
         """(Re)publish this node's record when it is missing or stale (contract §3)."""
@@ -228,7 +228,7 @@ class MembershipOps:
                     log.debug("%d could not ask %d about %s: %s", self.id, peer, sorted(strangers), e)
                     continue
                 log.info("%d asked %d about senders %s: members are %s", self.id, peer, sorted(strangers), sorted(ids))
-                await self._queue(Trust(ids))
+                await self._inbox_send.send(Trust(ids))
                 strangers -= ids
                 if not strangers:
                     break

@@ -103,9 +103,6 @@ class RaftLoop:
 
     _install_warned_at: float = float("-inf")
     _sync_s: float = 0.0  # running estimate of one synced append's duration
-    #: The raft loop waits on an empty inbox and nothing was queued since (every send
-    #: clears it): a caller may step the core itself (`_step_here`).
-    _raft_parked: bool = False
     _core_failure: BaseException | None = None  # raised by the raft loop
 
     # ------------------------------------------------------------------ raft loop
@@ -113,7 +110,7 @@ class RaftLoop:
         tick = Tick()
         while True:
             await trio.sleep(self.tick_s)
-            await self._queue(tick)
+            await self._inbox_send.send(tick)
 
     def on_message(self, msg: Message) -> Awaitable[None] | None:
         """A peer's message, from its connection's task: queued for the raft loop, or,
@@ -126,10 +123,14 @@ class RaftLoop:
         return None
 
     def _can_step_here(self) -> bool:
-        """The raft loop waits on an empty inbox, nobody steps the core, and the apply
-        loop has nothing queued: a shielded step here then never waits on a full apply
-        queue (a dying apply loop would leave it waiting forever)."""
-        return self._raft_parked and self.apply_idle and not self._core_lock.locked()
+        """The raft loop waits on its inbox (it is the only task that receives from
+        it, and a send to a waiting receiver hands the event over: the inbox is
+        empty), nobody steps the core, and the apply loop has nothing queued: a
+        shielded step here then never waits on a full apply queue (a dying apply loop
+        would leave it waiting forever)."""
+        if not self.apply_idle or self._core_lock.locked():
+            return False
+        return self._inbox_recv.statistics().tasks_waiting_receive > 0
 
     async def _deliver(self, event: Event) -> None:
         """Give `event` to the raft core: stepped here if the raft loop is idle, else
@@ -137,7 +138,7 @@ class RaftLoop:
         if self._can_step_here():
             await self._step_here(event)
         else:
-            await self._queue(event)
+            await self._inbox_send.send(event)
 
     async def _step_here(self, event: Event) -> None:
         """Step `event` in this task; only right after `_can_step_here()` held, with
@@ -151,16 +152,10 @@ class RaftLoop:
             # Said here too: a stop under way may cancel the raft loop before it does.
             log.error("%d stepping %s outside the raft loop failed: %r", self.id, event, exc)
             self._core_failure = exc
-            self._raft_parked = False
             with contextlib.suppress(trio.WouldBlock):  # (full: the raft loop is awake)
                 self._inbox_send.send_nowait(Tick())  # wake it: it raises `exc` at once
         finally:
             self._core_lock.release()
-        # Still parked: nothing was queued meanwhile, the raft loop is idle again.
-
-    async def _queue(self, event: Event) -> None:
-        self._raft_parked = False
-        await self._inbox_send.send(event)
 
     def _room_for_install(self, msg: SnapshotRequest) -> bool:
         """A snapshot from the leader is installed with the Ready that steps its last
@@ -188,7 +183,6 @@ class RaftLoop:
         return False
 
     def _event_nowait(self, event: Event) -> None:
-        self._raft_parked = False
         try:
             self._inbox_send.send_nowait(event)
         except trio.WouldBlock:
@@ -240,8 +234,7 @@ class RaftLoop:
             try:
                 event = recv.receive_nowait()
             except trio.WouldBlock:
-                self._raft_parked = True  # callers may step the core themselves
-                event = await recv.receive()  # (whoever sent it cleared the flag)
+                event = await recv.receive()  # meanwhile callers may step the core themselves
             try:
                 lock.acquire_nowait()
             except trio.WouldBlock:  # a caller is stepping the core: after it
