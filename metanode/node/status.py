@@ -125,14 +125,14 @@ def replication(node: Any, log_id: Any) -> dict[str, Any]:
 
 def raft_log(node: Any) -> dict[str, Any]:
     """databend-meta's `RaftLogStatus` from the in-memory log and the WAL segments."""
-    entries = node.core.log.entries
+    lg = node.core.log
     segments = node.storage.wal_segments()
     closed, open_ = segments[:-1], segments[-1:]
     closed_total = sum(size for _, size in closed)
     open_size = sum(size for _, size in open_)
     return {
-        "cache_items": len(entries),
-        "cache_used_size": sum(len(e.data) for e in entries),
+        "cache_items": len(lg.entries),
+        "cache_used_size": lg.data_bytes,
         "wal_total_size": closed_total + open_size,
         "wal_open_chunk_size": open_size,
         # databend-meta counts from the WAL's creation; metanode from its oldest

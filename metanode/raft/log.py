@@ -3,7 +3,8 @@
 The live log is bounded by compaction (`snapshot_logs_since_last`,
 `max_applied_log_to_keep`), so the core holds it whole; storage only has to make it
 durable. Indexes: `purged` is the id of the last entry removed from the front (or
-`0-0`), `entries[i]` has index `purged.index + 1 + i`.
+`0-0`), `entries[i]` has index `purged.index + 1 + i`. `data_bytes` is the sum of
+their payload sizes, kept as entries come and go (a status poll reads it: O(1)).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class RaftLog:
                 raise RaftInvariantError(f"log entries out of order: {a} then {b}")
         self.purged = purged
         self.entries = entries
+        self.data_bytes = sum(len(e.data) for e in entries)
         self.stable = self.last_index  # everything handed to us at start is on disk
         self.commit = min(commit, self.last_index)
         self.applied = max(applied, purged.index)
@@ -116,8 +118,12 @@ class RaftLog:
             )
         if first <= self.commit:
             raise RaftInvariantError(f"truncating committed entry {first} (commit {self.commit})")
-        del self.entries[first - self.purged.index - 1 :]
+        cut = first - self.purged.index - 1
+        if cut < len(self.entries):
+            self.data_bytes -= sum(len(e.data) for e in self.entries[cut:])
+            del self.entries[cut:]
         self.entries.extend(entries)
+        self.data_bytes += sum(len(e.data) for e in entries)
         self.stable = min(self.stable, first - 1)
 
     def stable_to(self, log_id: LogId) -> None:
@@ -132,7 +138,9 @@ class RaftLog:
             raise RaftInvariantError(f"purging {upto} beyond applied {self.applied}")
         term = self.term_at(upto)
         assert term is not None
-        del self.entries[: upto - self.purged.index]
+        cut = upto - self.purged.index
+        self.data_bytes -= sum(len(e.data) for e in self.entries[:cut])
+        del self.entries[:cut]
         self.purged = LogId(term, upto)
 
     def restore(self, snapshot: Snapshot) -> None:
@@ -140,6 +148,7 @@ class RaftLog:
         last = snapshot.meta.last_log_id
         self.purged = last
         self.entries = []
+        self.data_bytes = 0
         self.stable = self.commit = self.applied = last.index
         self.snapshot = snapshot
 

@@ -156,6 +156,28 @@ def test_purge_drops_applied_entries_and_remembers_the_last_id():
         lg.purge(4)
 
 
+def test_data_bytes_follows_appends_truncates_purges_and_restores():
+    """The payload bytes a status poll reports are kept up to date, not summed per
+    poll: after each change they equal the sum over the entries held."""
+    lg = RaftLog(ZERO_LOG_ID, [entry(1, i, b"x" * i) for i in range(1, 6)], 0, 0)
+
+    def held() -> int:
+        return sum(len(e.data) for e in lg.entries)
+
+    assert lg.data_bytes == held() == 15
+    lg.append([entry(1, 6, b"y" * 10), entry(1, 7, b"")])
+    assert lg.data_bytes == held() == 25
+    lg.append([entry(2, 4, b"z" * 3)])  # a conflicting suffix from 4 on is cut
+    assert lg.data_bytes == held() == 1 + 2 + 3 + 3
+    lg.commit = lg.applied = 3
+    lg.purge(2)
+    assert lg.data_bytes == held() == 3 + 3
+    lg.restore(Snapshot(SnapshotMeta(LogId(4, 9), Membership.of((1, 2))), b"s"))
+    assert lg.data_bytes == held() == 0
+    lg.append([entry(4, 10, b"abc")])
+    assert lg.data_bytes == held() == 3
+
+
 def test_restore_resets_the_log_to_a_snapshot():
     """§5.1 (Figure 5.3): a follower installing a snapshot discards its log; everything up to the
     snapshot's last entry is committed and applied."""
