@@ -27,9 +27,17 @@ restates what the older ones established, and older segments can be deleted once
 all their entries are purged (`WalWriter.delete_through`). A segment is sealed (a new
 one started) by the first write that finds it holding `segment_bytes` or more.
 
+Preallocated space. A segment file may go on past its last record with zero bytes:
+the writer reserves the space ahead of its appends, up to the next multiple of
+PREALLOC_BYTES and never past `segment_bytes` (`posix_fallocate`), so that an append does not change
+the file's size and its `fdatasync` has no inode to write (on ext4 here: 115-140 µs
+against 170-210 µs for an append that grows the file). A record length is never
+0, so a zero header followed only by zero bytes is where the records end.
+
 Replay and recovery (contract §8)
 -----------------------------
-`replay` reads the segments in order and applies each record to a `WalState`. The
+`replay` reads the segments in order and applies each record to a `WalState`; in
+any segment, zero bytes after the last record are preallocated space (above). The
 last segment may end in a torn write: a record cut short, or failing its checksum,
 with no intact record after it. That tail is cut off (`WalWriter.open`, warning).
 Anything else is `FatalError` naming the file and the byte offset: a damaged record
@@ -63,6 +71,8 @@ log = logging.getLogger("metanode.storage")
 FORMAT_VERSION = 1
 SUFFIX = ".wal"
 _SEGMENT_NAME = re.compile(r"(\d{20})\.wal")
+#: The writer reserves file space this many bytes at a time (module doc).
+PREALLOC_BYTES = 4 << 20
 # Every body is a msgpack fixarray of 3 or 4 items whose first item is the kind 0..5:
 # what `records.find_intact` looks for when it checks for intact records after damage.
 _BODY_START = re.compile(rb"[\x93\x94][\x00-\x05]")
@@ -265,7 +275,7 @@ class Replayed:
     state: WalState
     segments: list[Segment]
     torn: records.Damage | None = None  # in the last segment
-    torn_bytes: int = 0
+    torn_bytes: int = 0  # of the torn write (not the preallocated zeros after it)
 
 
 # Plain ints: comparing with IntEnum members costs an attribute lookup per record.
@@ -368,7 +378,7 @@ def replay(wal_dir: Path) -> Replayed:
     for i, seg in enumerate(segments):
         is_last = i == len(segments) - 1
         buf = seg.path.read_bytes()
-        found, damage = records.split(buf)
+        found, damage, end = split_segment(buf)
         if damage is not None:
             where = f"{seg.path}: corrupt record at byte offset {damage.offset}: {damage.reason}"
             if not is_last:
@@ -377,20 +387,34 @@ def replay(wal_dir: Path) -> Replayed:
             if intact is not None:
                 raise FatalError(f"{where}, followed by an intact record at byte offset {intact}")
             result.torn = damage
-            result.torn_bytes = len(buf) - damage.offset
+            # Up to its last byte that is not zero: what follows is preallocated space.
+            result.torn_bytes = len(buf.rstrip(b"\0")) - damage.offset
         elif not found and not is_last:
             raise FatalError(f"{seg.path}: empty sealed segment")
-        seg.size = damage.offset if damage is not None else len(buf)
+        seg.size = end
         _replay_segment(state, segments, seg, found)
     state.finish(wal_dir)
     return result
+
+
+def split_segment(buf: bytes) -> tuple[list[tuple[int, memoryview]], records.Damage | None, int]:
+    """The intact records of a segment's bytes (`records.split`), the damage that
+    stopped them (None when they end cleanly) and where they end: zero bytes after
+    the last record are preallocated space (or a write none of which landed)."""
+    found, damage = records.split(buf)
+    if damage is None:
+        return found, None, len(buf)
+    if buf.count(0, damage.offset) == len(buf) - damage.offset:
+        return found, None, damage.offset
+    return found, damage, damage.offset
 
 
 # ------------------------------------------------------------------------ writing
 
 
 class WalWriter:
-    """Appends records to the last segment, one `writev` and one `fdatasync` per call."""
+    """Appends records to the last segment, one `writev` and one `fdatasync` per call,
+    at the end of its records (space past it is preallocated: module doc)."""
 
     def __init__(
         self, wal_dir: Path, segments: list[Segment], segment_bytes: int, stats: StorageStats
@@ -399,7 +423,16 @@ class WalWriter:
         self.segments = segments
         self.segment_bytes = segment_bytes
         self.stats = stats
-        self._fd: int | None = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND)
+        seg = segments[-1]
+        fd = os.open(seg.path, os.O_WRONLY)
+        try:
+            self._allocated = os.fstat(fd).st_size  # the file's size: records, then zeros
+            os.lseek(fd, seg.size, os.SEEK_SET)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+        self._prealloc_warned = False
         self._update_stats()
 
     @classmethod
@@ -486,6 +519,7 @@ class WalWriter:
         if seg.size >= self.segment_bytes:
             self._roll(parts, checkpoint(), first_hint)
             return
+        self._reserve(self._fd, seg, sum(map(len, parts)))
         try:
             n = write_parts(self._fd, parts)
             if sync:
@@ -495,6 +529,8 @@ class WalWriter:
                 f"{seg.path}: cannot append to the WAL: {describe_os_error(exc)}"
             ) from exc
         seg.size += n
+        if seg.size > self._allocated:  # (the reservation failed or stopped at segment_bytes)
+            self._allocated = seg.size
         seg.records += len(bodies)
         self.stats.wal_bytes_written += n
         if sync:
@@ -507,12 +543,15 @@ class WalWriter:
         path = segment_path(self.dir, number)
         head = records.frame_parts([encode_header(number), *checkpoint])
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             raise FatalError(
                 f"{path}: cannot create a WAL segment: {describe_os_error(exc)}"
             ) from exc
+        self._allocated = 0
+        self._prealloc_warned = False
         try:
+            self._reserve(fd, Segment(number, path), sum(map(len, head + parts)))
             n = write_parts(fd, head + parts)
             fdatasync(fd)
             fsync_dir(self.dir)
@@ -527,11 +566,35 @@ class WalWriter:
         self.segments.append(
             Segment(number, path, n, records=len(head) // 2 + len(parts) // 2, checkpointed=True)
         )
+        self._allocated = max(self._allocated, n)
         log.debug("started WAL segment %s", path)
         self.stats.wal_bytes_written += n
         self.stats.wal_fsyncs += 1
         self.stats.dir_fsyncs += 1
         self._update_stats()
+
+    def _reserve(self, fd: int, seg: Segment, n: int) -> None:
+        """Make room for `n` more bytes after `seg`'s records without growing the file
+        at the write: up to the next multiple of PREALLOC_BYTES past them, at most
+        `segment_bytes` (a write past that grows the file itself). If the file system refuses (full, or no such call),
+        appends grow the file as they go: slower syncs, said once per segment."""
+        need = seg.size + n
+        if need <= self._allocated:
+            return
+        end = min((need // PREALLOC_BYTES + 1) * PREALLOC_BYTES, self.segment_bytes)
+        if end < need:
+            return
+        try:
+            os.posix_fallocate(fd, self._allocated, end - self._allocated)
+        except OSError as exc:
+            if not self._prealloc_warned:
+                self._prealloc_warned = True
+                log.warning(
+                    "%s: cannot preallocate WAL space (%s): appends grow the file",
+                    seg.path, describe_os_error(exc),
+                )
+            return
+        self._allocated = end
 
     def note_entries(self, first: int, last: int, prev_last: int) -> None:
         """Entries first..last were appended (replacing any from `first` on)."""

@@ -7,13 +7,14 @@ import json
 import os
 import random
 import struct
+import zlib
 from pathlib import Path
 
 import msgpack
 import trio
 
 from metanode.client import MetaClient
-from metanode.storage import records
+from metanode.storage import records, wal
 
 
 def segments(raft_dir: Path) -> list[Path]:
@@ -43,17 +44,23 @@ def entry_records(segment: Path) -> list[tuple[int, int, int]]:
 
 
 def append_torn_record(segment: Path, rng: random.Random) -> str:
-    """A write cut by a crash before its sync: a record header announcing more body
-    than follows (or a zero-filled tail). Nothing acknowledged is in it."""
-    kind = rng.choice(["short body", "zeros", "short header"])
-    with open(segment, "ab") as f:
-        if kind == "short body":
-            body = os.urandom(rng.randint(40, 400))
-            f.write(struct.pack("<II", len(body) + rng.randint(1, 500), 0x12345678) + body)
-        elif kind == "zeros":
-            f.write(b"\0" * rng.choice([512, 4096]))
-        else:
-            f.write(os.urandom(rng.randint(1, 7)))
+    """A write cut by a crash before its sync, where the next append would go (the end
+    of the records; the file may go on with preallocated zeros): a record header
+    announcing more body than follows, a whole record failing its checksum, or a
+    partial header. Nothing acknowledged is in it."""
+    kind = rng.choice(["short body", "bad checksum", "short header"])
+    end = wal.split_segment(segment.read_bytes())[2]
+    if kind == "short body":
+        body = os.urandom(rng.randint(40, 400))
+        torn = struct.pack("<II", len(body) + rng.randint(1, 500), 0x12345678) + body
+    elif kind == "bad checksum":
+        body = os.urandom(rng.randint(40, 400))
+        torn = struct.pack("<II", len(body), zlib.crc32(body) ^ 1) + body
+    else:  # a first byte that is not zero: the length it starts is not 0
+        torn = bytes([rng.randint(1, 255)]) + os.urandom(rng.randint(0, 6))
+    with open(segment, "r+b") as f:
+        f.seek(end)
+        f.write(torn)
     return kind
 
 

@@ -148,9 +148,10 @@ async def test_crash_while_installing_a_snapshot(cluster: Cluster) -> None:
 
 @pytest.mark.cluster_options(raft_extra=FREQUENT_SNAPSHOTS)
 async def test_torn_wal_tails(cluster: Cluster) -> None:
-    """1. Power loss of every node with a torn write at the end of each WAL (a record
-    cut short, a zero-filled tail, a partial header: never synced, nothing
-    acknowledged in it): each cuts it off and the cluster goes on.
+    """1. Power loss of every node with a torn write at the end of each WAL's records
+    (a record cut short, one failing its checksum, a partial header: never synced,
+    nothing acknowledged in it; preallocated zeros may follow): each cuts it off and
+    the cluster goes on.
     2. A follower whose WAL lost its last synced records (a disk that lied about a
     sync): it comes back shorter than it acknowledged and must catch up; the others
     hold everything."""

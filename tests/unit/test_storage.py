@@ -9,6 +9,7 @@ at the end of the log is cut off; any other damage stops the node with a
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -66,9 +67,16 @@ def segments(path: Path) -> list[Path]:
 
 
 def record_offsets(seg: Path) -> list[int]:
-    found, damage = records.split(seg.read_bytes())
+    found, damage, _end = wal.split_segment(seg.read_bytes())
     assert damage is None
     return [off for off, _ in found]
+
+
+def records_end(seg: Path) -> int:
+    """Where the records of a segment end (preallocated zeros may follow)."""
+    found, damage, end = wal.split_segment(seg.read_bytes())
+    assert damage is None
+    return end
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
@@ -457,21 +465,28 @@ def test_torn_tail_at_every_byte_offset_of_the_last_record(tmp_path: Path) -> No
     last_seg = _write_log_for_tail_tests(base)
     full = last_seg.read_bytes()
     start = record_offsets(last_seg)[-1]
-    assert len(full) - start > records.HEADER_SIZE
-    for cut in range(start, len(full)):
-        work = tmp_path / f"cut{cut}"
-        shutil.copytree(base, work)
-        seg = work / "wal" / last_seg.name
-        with open(seg, "r+b") as f:
-            f.truncate(cut)
-        with RaftStorage.open(work) as store:
-            state = store.load()
-            assert indexes(state) == [(1, i) for i in range(1, 9)], cut
-            assert state.hard_state == HardState(1, None, 7)
-            assert store.stats.torn_bytes_cut == cut - start
-            store.append(entries=[ent(2, 9)])
-        assert indexes(reopen(work)) == [(1, i) for i in range(1, 9)] + [(2, 9)]
-        shutil.rmtree(work)
+    end = records_end(last_seg)
+    assert end - start > records.HEADER_SIZE
+    for how in ("truncated", "zeroed"):  # the file cut there, or the rest never written
+        for cut in range(start, end):
+            work = tmp_path / f"{how}{cut}"
+            shutil.copytree(base, work)
+            seg = work / "wal" / last_seg.name
+            with open(seg, "r+b") as f:
+                if how == "truncated":
+                    f.truncate(cut)
+                else:  # preallocated space the write only partly reached
+                    f.seek(cut)
+                    f.write(bytes(len(full) - cut))
+            with RaftStorage.open(work) as store:
+                state = store.load()
+                assert indexes(state) == [(1, i) for i in range(1, 9)], (how, cut)
+                assert state.hard_state == HardState(1, None, 7)
+                # The torn write up to its last byte that is not zero.
+                assert store.stats.torn_bytes_cut == len(full[start:cut].rstrip(b"\0")), cut
+                store.append(entries=[ent(2, 9)])
+            assert indexes(reopen(work)) == [(1, i) for i in range(1, 9)] + [(2, 9)]
+            shutil.rmtree(work)
 
 
 def test_torn_first_write_of_a_new_segment(tmp_path: Path) -> None:
@@ -519,7 +534,7 @@ def test_flipped_bit_in_the_last_record_is_a_torn_write(tmp_path: Path) -> None:
     last_seg = _write_log_for_tail_tests(tmp_path)
     start = record_offsets(last_seg)[-1]
     flip_bit(last_seg, start + records.HEADER_SIZE + 5, 3)
-    size = last_seg.stat().st_size
+    size = len(last_seg.read_bytes().rstrip(b"\0"))  # (the record's last byte is not 0)
     with RaftStorage.open(tmp_path) as store:
         assert indexes(store.load()) == [(1, i) for i in range(1, 9)]
         assert store.stats.torn_bytes_cut == size - start
@@ -571,21 +586,74 @@ def test_truncated_sealed_segment_is_fatal(tmp_path: Path) -> None:
     """A sealed segment cut short lost acknowledged records: FatalError."""
     _write_log_for_tail_tests(tmp_path)
     sealed = segments(tmp_path)[0]
-    size = sealed.stat().st_size
     with open(sealed, "r+b") as f:
-        f.truncate(size - 3)
+        f.truncate(records_end(sealed) - 3)
     with pytest.raises(FatalError, match="sealed segment"):
         RaftStorage.open(tmp_path)
 
 
-def test_zero_filled_tail_is_cut(tmp_path: Path) -> None:
-    """A crash may leave the file longer than the data, filled with zeros: cut."""
+def test_zero_bytes_after_the_records_are_free_space(tmp_path: Path) -> None:
+    """Zeros after the last record (preallocated, or a crash left the file longer
+    than the data) are not a torn write: nothing is cut, and appends go right after
+    the records, over the zeros."""
     last_seg = _write_log_for_tail_tests(tmp_path)
+    end = records_end(last_seg)
     with open(last_seg, "ab") as f:
         f.write(bytes(4096))
+    size = last_seg.stat().st_size
     with RaftStorage.open(tmp_path) as store:
         assert indexes(store.load()) == [(1, i) for i in range(1, 11)]
-        assert store.stats.torn_bytes_cut == 4096
+        assert store.stats.torn_bytes_cut == 0
+        store.append(entries=[ent(1, 11)])
+    assert record_offsets(last_seg)[-1] == end and last_seg.stat().st_size == size
+    assert indexes(reopen(tmp_path)) == [(1, i) for i in range(1, 12)]
+
+
+def test_appends_fill_preallocated_space_without_growing_the_file(tmp_path: Path) -> None:
+    """The writer reserves space up to the next multiple of PREALLOC_BYTES (never past
+    the segment size), so an append does not change the file's size (its fdatasync writes no inode); replay
+    finds the records' end before the zeros, and a new segment is preallocated too."""
+    seg_bytes = 8 * wal.PREALLOC_BYTES
+    with RaftStorage.open(tmp_path, segment_bytes=seg_bytes) as store:
+        store.append(entries=[ent(1, 1)])
+        [seg] = segments(tmp_path)
+        assert seg.stat().st_size == wal.PREALLOC_BYTES
+        for i in range(2, 40):
+            store.append(entries=[ent(1, i, b"v" * 1000)])
+        assert seg.stat().st_size == wal.PREALLOC_BYTES
+        assert store.stats.wal_bytes == records_end(seg) < wal.PREALLOC_BYTES
+        store.append(entries=[ent(1, 40, b"w" * (wal.PREALLOC_BYTES + 10))])  # more than reserved
+        assert seg.stat().st_size == 2 * wal.PREALLOC_BYTES  # the next multiple past the records
+    assert [i for _, i in indexes(reopen(tmp_path, segment_bytes=seg_bytes))] == list(range(1, 41))
+    with RaftStorage.open(tmp_path, segment_bytes=100_000) as store:  # past its size: rolls
+        store.append(entries=[ent(1, 41)])
+        new = segments(tmp_path)[-1]
+        assert new != seg and new.stat().st_size == 100_000  # capped at the segment size
+    assert [i for _, i in indexes(reopen(tmp_path))] == list(range(1, 42))
+
+
+def test_a_file_system_refusing_preallocation_only_slows_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """posix_fallocate failing (a full disk, a file system without it): said once per
+    segment, and appends grow the file as they go."""
+    calls = []
+
+    def refuse(fd: int, offset: int, length: int) -> None:
+        calls.append(offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    with caplog.at_level(logging.WARNING, logger="metanode.storage"):
+        with RaftStorage.open(tmp_path) as store:
+            for i in range(1, 6):
+                store.append(entries=[ent(1, i)])
+            [seg] = segments(tmp_path)
+            assert seg.stat().st_size == records_end(seg) == store.stats.wal_bytes
+    said = [r.getMessage() for r in caplog.records if "preallocate" in r.getMessage()]
+    assert len(said) == 1 and "No space left" in said[0] and str(seg) in said[0]
+    assert len(calls) == 5  # tried again at each append: the disk may have room later
+    assert indexes(reopen(tmp_path)) == [(1, i) for i in range(1, 6)]
 
 
 def test_missing_snapshot_file_is_fatal(tmp_path: Path) -> None:
