@@ -103,6 +103,57 @@ async def test_a_failure_stepping_in_the_caller_stops_the_node(tmp_path: Path) -
     assert any(isinstance(e, RuntimeError) and "boom in the core" in str(e) for e in errors), caught.value
 
 
+async def test_a_caller_cancelled_while_its_step_waits_on_the_disk_still_finishes_it(tmp_path: Path) -> None:
+    """The step is shielded at its awaits: a write whose caller is cancelled while its
+    Ready's fsync runs in a thread is still persisted, applied and advanced (a Ready
+    left half-done would break the core), and the node goes on serving."""
+    import threading
+
+    with trio.fail_after(LIMIT):
+        async with node(tmp_path, Ports(), 1, "--single") as n:
+            await until(lambda: n.core.is_leader, "leader")
+            seen = record_handlers(n)
+            await until(lambda: n._can_step_here(), "an idle raft loop")
+            n._sync_s = 1.0  # a slow disk: the fsync goes to a thread
+            in_sync, release = threading.Event(), threading.Event()
+            persist = n._persist
+
+            def slow_persist(ready: Any, sync: bool) -> None:
+                if sync and ready.entries:
+                    in_sync.set()
+                    release.wait(LIMIT)
+                persist(ready, sync)
+
+            n._persist = slow_persist
+            seen.clear()
+            writer: list[Any] = []
+            scope = trio.CancelScope()
+
+            async def write() -> None:
+                writer.append(trio.lowlevel.current_task())
+                with scope:
+                    await n.propose(Upsert("k", b"v"), timeout=LIMIT)
+                    pytest.fail("the cancelled write returned")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                await trio.to_thread.run_sync(in_sync.wait, LIMIT)
+                scope.cancel()
+                try:
+                    await trio.sleep(0.2)  # the cancelled caller is still inside its step
+                    assert n._core_lock.locked() and not scope.cancelled_caught
+                finally:
+                    release.set()
+            assert scope.cancelled_caught
+            assert [task for kind, task in seen if kind == "Propose"] == writer  # stepped by the caller
+            await until(lambda: n.sm.get("k") is not None, "the cancelled write to be applied")
+            assert not n._core_lock.locked() and not n.core.has_ready()
+            n._persist = persist
+            n._sync_s = 0.0
+            await n.propose(Upsert("k2", b"w"))
+            assert n.sm.get("k2") is not None and n.sm.get("k").data == b"v"
+
+
 async def test_no_step_in_the_caller_while_the_apply_loop_has_work(tmp_path: Path) -> None:
     """A shielded step must never wait on a full apply queue: while the apply loop
     is busy, events go to the raft loop (cancellable) instead."""
