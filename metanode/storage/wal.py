@@ -27,19 +27,25 @@ restates what the older ones established, and older segments can be deleted once
 all their entries are purged (`WalWriter.delete_through`). A segment is sealed (a new
 one started) by the first write that finds it holding `segment_bytes` or more.
 
-Preallocated space. A segment file may go on past its last record with zero bytes:
-the writer reserves the space ahead of its appends, up to the next multiple of
-PREALLOC_BYTES and never past `segment_bytes` (`posix_fallocate`), so that an append does not change
-the file's size and its `fdatasync` has no inode to write (on ext4 here: 115-140 µs
-against 170-210 µs for an append that grows the file). A record length is never
-0, so a zero header followed only by zero bytes is where the records end.
+Preallocated space. The last segment may go on past its last record with zero
+bytes: the writer reserves the space ahead of its appends, up to the next multiple of
+PREALLOC_BYTES and never past `segment_bytes` (`posix_fallocate`), so that an append
+does not change the file's size and its `fdatasync` has no size to record (the
+figures: docs/reference/data-dir.md). A record length is never 0, so a zero header (or
+a partial one) followed only by zero bytes is where the records end. A segment is
+sealed tight and durable: before the next one starts, anything past its records is
+cut and its last write synced (it may have been a write without a sync).
 
 Replay and recovery (contract §8)
 -----------------------------
 `replay` reads the segments in order and applies each record to a `WalState`; in
-any segment, zero bytes after the last record are preallocated space (above). The
-last segment may end in a torn write: a record cut short, or failing its checksum,
-with no intact record after it. That tail is cut off (`WalWriter.open`, warning).
+the last segment, zero bytes after the last record are preallocated space (above).
+The last segment may end in a torn write: a record cut short, or failing its
+checksum, with no intact record after it; or with intact records after it when a
+512-byte sector between them reads as zeros (of preallocated space, a sector of the
+write may reach the disk before an earlier one: the records after a write that was
+never synced were never synced either). That tail is cut off (`WalWriter.open`,
+warning).
 Anything else is `FatalError` naming the file and the byte offset: a damaged record
 in a sealed segment, a damaged record followed by intact ones, a record that passes
 its checksum but cannot be decoded, a segment without its HEADER, a gap in the log.
@@ -378,13 +384,17 @@ def replay(wal_dir: Path) -> Replayed:
     for i, seg in enumerate(segments):
         is_last = i == len(segments) - 1
         buf = seg.path.read_bytes()
-        found, damage, end = split_segment(buf)
+        if is_last:
+            found, damage, end = split_segment(buf)
+        else:  # sealed tight (module doc): zeros there are damage
+            found, damage = records.split(buf)
+            end = len(buf)
         if damage is not None:
             where = f"{seg.path}: corrupt record at byte offset {damage.offset}: {damage.reason}"
             if not is_last:
                 raise FatalError(f"{where} (in a sealed segment)")
             intact = records.find_intact(buf, damage.offset, _BODY_START)
-            if intact is not None:
+            if intact is not None and not _lost_sector(buf, damage.offset, intact):
                 raise FatalError(f"{where}, followed by an intact record at byte offset {intact}")
             result.torn = damage
             # Up to its last byte that is not zero: what follows is preallocated space.
@@ -397,10 +407,25 @@ def replay(wal_dir: Path) -> Replayed:
     return result
 
 
+SECTOR = 512  # the unit a disk writes whole
+
+
+def _lost_sector(buf: bytes, start: int, stop: int) -> bool:
+    """Does a sector-aligned piece of `buf[start:stop]` (the first and last clipped)
+    read as zeros: a sector of a write into preallocated space that never landed?"""
+    pos = start
+    while pos < stop:
+        nxt = min((pos // SECTOR + 1) * SECTOR, stop)
+        if buf.count(0, pos, nxt) == nxt - pos:
+            return True
+        pos = nxt
+    return False
+
+
 def split_segment(buf: bytes) -> tuple[list[tuple[int, memoryview]], records.Damage | None, int]:
-    """The intact records of a segment's bytes (`records.split`), the damage that
-    stopped them (None when they end cleanly) and where they end: zero bytes after
-    the last record are preallocated space (or a write none of which landed)."""
+    """The intact records of the last segment's bytes (`records.split`), the damage
+    that stopped them (None when they end cleanly) and where they end: zero bytes
+    after the last record are preallocated space (or a write none of which landed)."""
     found, damage = records.split(buf)
     if damage is None:
         return found, None, len(buf)
@@ -433,6 +458,9 @@ class WalWriter:
             raise
         self._fd: int | None = fd
         self._prealloc_warned = False
+        # The last write had no fdatasync (unknown after a restart: say so, and the
+        # first seal syncs once).
+        self._unsynced = True
         self._update_stats()
 
     @classmethod
@@ -529,6 +557,7 @@ class WalWriter:
                 f"{seg.path}: cannot append to the WAL: {describe_os_error(exc)}"
             ) from exc
         seg.size += n
+        self._unsynced = not sync
         if seg.size > self._allocated:  # (the reservation failed or stopped at segment_bytes)
             self._allocated = seg.size
         seg.records += len(bodies)
@@ -539,6 +568,7 @@ class WalWriter:
 
     def _roll(self, parts: list[bytes], checkpoint: list[bytes], first_hint: int) -> None:
         old = self.active
+        self._seal(old)
         number = max(first_hint, old.number + 1)
         path = segment_path(self.dir, number)
         head = records.frame_parts([encode_header(number), *checkpoint])
@@ -572,6 +602,25 @@ class WalWriter:
         self.stats.wal_fsyncs += 1
         self.stats.dir_fsyncs += 1
         self._update_stats()
+
+    def _seal(self, seg: Segment) -> None:
+        """Before the next segment starts: `seg` ends at its records (space reserved
+        past them is cut: a segment's size only ever reaches `segment_bytes` past
+        them when `segment_bytes` was lowered since) and its last write is durable
+        (a write without a sync may have pushed it over `segment_bytes`)."""
+        assert self._fd is not None
+        cut = self._allocated > seg.size
+        if not (cut or self._unsynced):
+            return
+        try:
+            if cut:
+                os.ftruncate(self._fd, seg.size)
+            fdatasync(self._fd)
+        except OSError as exc:
+            raise FatalError(f"{seg.path}: cannot seal the WAL segment: {describe_os_error(exc)}") from exc
+        self._allocated = seg.size
+        self._unsynced = False
+        self.stats.wal_fsyncs += 1
 
     def _reserve(self, fd: int, seg: Segment, n: int) -> None:
         """Make room for `n` more bytes after `seg`'s records without growing the file

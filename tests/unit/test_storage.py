@@ -611,7 +611,7 @@ def test_zero_bytes_after_the_records_are_free_space(tmp_path: Path) -> None:
 
 def test_appends_fill_preallocated_space_without_growing_the_file(tmp_path: Path) -> None:
     """The writer reserves space up to the next multiple of PREALLOC_BYTES (never past
-    the segment size), so an append does not change the file's size (its fdatasync writes no inode); replay
+    the segment size), so an append does not change the file's size (its fdatasync has no size to record); replay
     finds the records' end before the zeros, and a new segment is preallocated too."""
     seg_bytes = 8 * wal.PREALLOC_BYTES
     with RaftStorage.open(tmp_path, segment_bytes=seg_bytes) as store:
@@ -630,6 +630,72 @@ def test_appends_fill_preallocated_space_without_growing_the_file(tmp_path: Path
         new = segments(tmp_path)[-1]
         assert new != seg and new.stat().st_size == 100_000  # capped at the segment size
     assert [i for _, i in indexes(reopen(tmp_path))] == list(range(1, 42))
+
+
+def test_a_segment_is_sealed_tight_and_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before a new segment starts, the old one ends at its records and its last write
+    is synced: a write without a sync may have filled it (a commit index alone), and
+    a sealed segment is never repaired at open. Zeros in a sealed segment are damage."""
+    synced: list[str] = []
+    real = wal.fdatasync
+
+    def recording(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(wal, "fdatasync", recording)
+    with RaftStorage.open(tmp_path, segment_bytes=200) as store:
+        store.append(entries=ents(1, 1, 4, size=20))
+        [old] = segments(tmp_path)
+        while records_end(old) < 200:  # unsynced hard states fill it
+            store.append(hard_state=HardState(1, None, 4), sync=False)
+        synced.clear()
+        store.append(entries=ents(1, 5, 5))  # rolls
+        new = segments(tmp_path)[-1]
+        assert new != old and synced[0] == old.name and new.name in synced
+        assert old.stat().st_size == records_end(old)
+    # Lowered segment size: the big reservation is cut when the segment is sealed.
+    with RaftStorage.open(tmp_path) as store:
+        store.append(entries=ents(1, 6, 6, size=300))  # past the 200 reserved: 4 MiB more
+        assert new.stat().st_size == wal.PREALLOC_BYTES
+    with RaftStorage.open(tmp_path, segment_bytes=64) as store:
+        store.append(entries=ents(1, 7, 7))
+        assert segments(tmp_path)[-1] != new and new.stat().st_size == records_end(new)
+    assert [i for _, i in indexes(reopen(tmp_path))] == list(range(1, 8))
+    with open(new, "ab") as f:  # a sealed segment never ends in zeros
+        f.write(bytes(100))
+    with pytest.raises(FatalError, match="in a sealed segment"):
+        RaftStorage.open(tmp_path)
+
+
+def test_a_torn_write_whose_later_sector_landed_first_is_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write into preallocated space may reach the disk sector by sector, a later
+    one first: its first sector reads as zeros while records after it are intact.
+    None of it was synced (nor anything after it): cut, not refused. Damage with no
+    zeroed sector before the intact records stays fatal (test above)."""
+    with RaftStorage.open(tmp_path) as store:
+        store.append(entries=ents(1, 1, 5), hard_state=HardState(1, None, 5))
+        [seg] = segments(tmp_path)
+        start = records_end(seg)
+        # One write: entries 6..9 (a record spanning sectors) and a hard state after.
+        store.append(entries=ents(1, 6, 9, size=300), hard_state=HardState(1, None, 9))
+    end = records_end(seg)
+    assert end - start > 2 * wal.SECTOR
+    first = (start // wal.SECTOR + 1) * wal.SECTOR  # the write's first sector, from its start
+    with open(seg, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(first - start))
+    with caplog.at_level(logging.WARNING, logger="metanode.storage"):
+        with RaftStorage.open(tmp_path) as store:
+            state = store.load()
+            assert indexes(state) == [(1, i) for i in range(1, 6)]
+            assert state.hard_state == HardState(1, None, 5)
+            assert store.stats.torn_bytes_cut == end - start  # from the damaged record on
+            store.append(entries=ents(2, 6, 6))
+    assert any("cutting a torn record" in r.getMessage() for r in caplog.records)
+    assert indexes(reopen(tmp_path)) == [(1, i) for i in range(1, 6)] + [(2, 6)]
 
 
 def test_a_file_system_refusing_preallocation_only_slows_appends(
