@@ -112,6 +112,8 @@ async def test_a_caller_cancelled_while_its_step_waits_on_the_disk_still_finishe
     with trio.fail_after(LIMIT):
         async with node(tmp_path, Ports(), 1, "--single") as n:
             await until(lambda: n.core.is_leader, "leader")
+            tick, n.tick_s = n.tick_s, 3600.0
+            await trio.sleep(2 * tick)  # after the tick under way, no tick wakes the raft loop
             seen = record_handlers(n)
             await until(lambda: n._can_step_here(), "an idle raft loop")
             n._sync_s = 1.0  # a slow disk: the fsync goes to a thread
@@ -131,6 +133,7 @@ async def test_a_caller_cancelled_while_its_step_waits_on_the_disk_still_finishe
 
             async def write() -> None:
                 writer.append(trio.lowlevel.current_task())
+                assert n._can_step_here()  # (nothing else wakes the raft loop now)
                 with scope:
                     await n.propose(Upsert("k", b"v"), timeout=LIMIT)
                     pytest.fail("the cancelled write returned")
