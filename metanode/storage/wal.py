@@ -604,15 +604,15 @@ class WalWriter:
         self._update_stats()
 
     def _seal(self, seg: Segment) -> None:
-        """Before the next segment starts: `seg` ends at its records (space reserved
-        past them is cut: a segment's size only ever reaches `segment_bytes` past
-        them when `segment_bytes` was lowered since) and its last write is durable
-        (a write without a sync may have pushed it over `segment_bytes`)."""
+        """Before the next segment starts: `seg` ends at its records (the file is
+        longer only when `segment_bytes` was lowered since its space was reserved)
+        and its last write is durable (a write without a sync may have pushed it
+        over `segment_bytes`)."""
         assert self._fd is not None
-        cut = self._allocated > seg.size
-        if not (cut or self._unsynced):
-            return
         try:
+            cut = os.fstat(self._fd).st_size > seg.size  # the file, not our bookkeeping
+            if not (cut or self._unsynced):
+                return
             if cut:
                 os.ftruncate(self._fd, seg.size)
             fdatasync(self._fd)
@@ -625,8 +625,9 @@ class WalWriter:
     def _reserve(self, fd: int, seg: Segment, n: int) -> None:
         """Make room for `n` more bytes after `seg`'s records without growing the file
         at the write: up to the next multiple of PREALLOC_BYTES past them, at most
-        `segment_bytes` (a write past that grows the file itself). If the file system refuses (full, or no such call),
-        appends grow the file as they go: slower syncs, said once per segment."""
+        `segment_bytes` (a write past that grows the file itself). If the file
+        system refuses (full, or no such call), appends grow the file as they go:
+        slower syncs, said once per segment."""
         need = seg.size + n
         if need <= self._allocated:
             return
