@@ -1,4 +1,5 @@
-"""Sending a WebSocket message without a task switch before the write.
+"""Sending a WebSocket message without a task switch before the write, or without
+awaiting at all.
 
 `trio_websocket.WebSocketConnection.send_message` frames the message, then takes the
 connection's stream lock with ``async with``, which is a checkpoint: the task yields a
@@ -10,6 +11,15 @@ lock is held (a pong, a close, another message being written) it is
 ``ws.send_message`` itself. Either way the frames leave whole and in the order they
 were framed, under the same lock.
 
+`send_now` sends from code that cannot await (a write's reply, from the task that
+applied the write: docs/architecture/node.md). It needs the connection `adopt`ed
+first: its stream lock becomes a `HandOffLock`, which trio-websocket takes with
+``async with`` as before, but which has no owner. `send_now` takes it, writes the frame
+to the socket's file descriptor (non-blocking), and releases it when the socket took
+the frame whole; otherwise a task of the adopted nursery writes the rest and releases
+the lock then, so no other frame (a reply, a pong, a close) can start in between.
+Plain TCP only: over TLS the bytes go through the SSL object, and `send_now` declines.
+
 It reads private attributes of trio-websocket (0.12): ``_close_reason``,
 ``_stream_lock``, ``_wsproto``, ``_stream`` and ``_abort_web_socket``, the same
 steps as its own ``_send``. tests/unit/test_wsfast.py checks that they are there, so
@@ -18,9 +28,87 @@ an upgrade that changes them fails loudly rather than slowly.
 
 from __future__ import annotations
 
+import os
+
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.events import BytesMessage
+
+_write_fd = os.write  # send_now's direct write (tests replace it)
+
+
+class HandOffLock:
+    """A lock with no owner (a semaphore of one, FIFO), with the interface of the
+    trio lock it replaces: ``async with``, `acquire_nowait`, `release`, `locked`."""
+
+    __slots__ = ("_sem",)
+
+    def __init__(self) -> None:
+        self._sem = trio.Semaphore(1)
+
+    def locked(self) -> bool:
+        return self._sem.value == 0
+
+    def acquire_nowait(self) -> None:
+        self._sem.acquire_nowait()
+
+    async def acquire(self) -> None:
+        await self._sem.acquire()
+
+    def release(self) -> None:
+        self._sem.release()
+
+    async def __aenter__(self) -> None:
+        await self._sem.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
+def adopt(ws: WebSocketConnection, nursery: trio.Nursery) -> bool:
+    """Let `send_now` write on `ws` (plain TCP only), finishing partial writes in
+    tasks of `nursery`, which must outlive every `send_now` on `ws`. False (nothing
+    changed) when `ws` is not plain TCP or a frame is being written right now."""
+    if not isinstance(ws._stream, trio.SocketStream) or ws._stream_lock.locked():
+        return False
+    ws._stream_lock = HandOffLock()
+    ws._metanode_nursery = nursery  # type: ignore[attr-defined]
+    return True
+
+
+def send_now(ws: WebSocketConnection, data: bytes) -> bool:
+    """Send `data` as one binary message without awaiting: True when its frame is
+    written, or begun and left to a task that writes the rest under the lock. False,
+    having done nothing, when it cannot start now: `ws` not adopted, closing, or
+    another frame being written; then send it as usual (`send_message`). A broken
+    socket is found by that task (as `send_message` would: the connection aborts)."""
+    lock = ws._stream_lock
+    if not isinstance(lock, HandOffLock) or lock.locked() or ws._close_reason is not None:
+        return False
+    frame = ws._wsproto.send(BytesMessage(data=data))
+    lock.acquire_nowait()
+    try:
+        n = _write_fd(ws._stream.socket.fileno(), frame)
+    except OSError:  # full (BlockingIOError) or broken: the task finds out which
+        n = 0
+    if n == len(frame):
+        lock.release()
+        return True
+    try:
+        ws._metanode_nursery.start_soon(_finish, ws, lock, memoryview(frame)[n:])  # type: ignore[attr-defined]
+    except BaseException:
+        lock.release()
+        raise
+    return True
+
+
+async def _finish(ws: WebSocketConnection, lock: HandOffLock, rest: memoryview) -> None:
+    try:
+        await ws._stream.send_all(rest)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await ws._abort_web_socket()
+    finally:
+        lock.release()
 
 
 async def send_message(ws: WebSocketConnection, data: bytes) -> None:
@@ -42,4 +130,4 @@ async def send_message(ws: WebSocketConnection, data: bytes) -> None:
         lock.release()
 
 
-__all__ = ["send_message"]
+__all__ = ["HandOffLock", "adopt", "send_message", "send_now"]

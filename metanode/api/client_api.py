@@ -75,7 +75,9 @@ class ClientNode(Protocol):
     sm: KVStateMachine
 
     async def client_write(self, cmd: Command) -> Any: ...
-    async def client_write_batch(self, cmds: list[Command]) -> list[Any]: ...
+    async def client_write_batch(
+        self, cmds: list[Command], on_settled: Callable[[list[Any]], None] | None = None
+    ) -> list[Any]: ...
     async def client_read_barrier(self) -> None: ...
     def client_addresses(self) -> list[str]: ...
     def cluster_status(self) -> dict: ...
@@ -273,6 +275,8 @@ class ClientSession:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            # Replies may leave from the task that applied their writes (plain TCP).
+            wsfast.adopt(self.ws, nursery)
             while True:
                 # Backpressure: beyond MAX_IN_FLIGHT requests in flight on this socket
                 # we stop reading and the client's sends block (trio-websocket's
@@ -399,18 +403,38 @@ class ClientSession:
 
     async def _serve_writes(self, writes: list[tuple[int, str, Command]]) -> None:
         started = time.perf_counter()
+        answered = False
+
+        def answer_now(outcomes: list[Any]) -> None:
+            # Called by the task that applied the last of them (the leader's own
+            # writes): the replies leave from there, before this task wakes.
+            nonlocal answered
+            replies = self._write_replies(writes, outcomes)
+            data = msgpack.packb(replies[0] if len(replies) == 1 else replies, use_bin_type=True)
+            if wsfast.send_now(self.ws, data):
+                answered = True
+                self.metrics.sent(replies, len(data))
+                self._record_writes(writes, outcomes, started)
+
         try:
-            outcomes = await self.node.client_write_batch([cmd for _, _, cmd in writes])
+            outcomes = await self.node.client_write_batch([cmd for _, _, cmd in writes], answer_now)
         except ClientError as e:
             outcomes = [e] * len(writes)
         except Exception:
             log.exception("client writes failed")
             await self._send_replies([{"id": rid, "error": INTERNAL} for rid, _, _ in writes])
             return
+        if not answered:
+            self._record_writes(writes, outcomes, started)
+            await self._send_replies(self._write_replies(writes, outcomes))
+
+    def _record_writes(self, writes: list[tuple[int, str, Command]], outcomes: list[Any], started: float) -> None:
+        for (_, name, _), outcome in zip(writes, outcomes):
+            self._record(name, started, not isinstance(outcome, BaseException))
+
+    def _write_replies(self, writes: list[tuple[int, str, Command]], outcomes: list[Any]) -> list[dict]:
         replies = []
         for (rid, name, _), outcome in zip(writes, outcomes):
-            ok = not isinstance(outcome, BaseException)
-            self._record(name, started, ok)
             try:
                 if isinstance(outcome, ClientError):
                     replies.append({"id": rid, "error": self._error(outcome)})
@@ -424,7 +448,7 @@ class ClientSession:
             except Exception:  # our bug: this request gets `internal`, the others their replies
                 log.exception("client write %s: cannot build its reply from %r", name, outcome)
                 replies.append({"id": rid, "error": INTERNAL})
-        await self._send_replies(replies)
+        return replies
 
     async def _serve_reads(self, reads: list[tuple[int, str, dict]]) -> None:
         started = time.perf_counter()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -166,13 +167,17 @@ class ApplyLoop:
         data = encode_command(cmd, self.clock_ms())
         return await self.request(lambda req_id: Propose(((req_id, data),)), timeout, "write")
 
-    async def propose_many(self, cmds: list[Command], timeout: float | None = None) -> list[Any]:
+    async def propose_many(
+        self, cmds: list[Command], timeout: float | None = None,
+        on_done: Callable[[list[Any]], None] | None = None,
+    ) -> list[Any]:
         """Propose commands as one batch (one Ready: one WAL append and fsync, one
-        AppendEntries per peer); each outcome is its apply result or its error."""
+        AppendEntries per peer); each outcome is its apply result or its error.
+        `on_done`: as for `request_many`."""
         now = self.clock_ms()
         datas = [encode_command(cmd, now) for cmd in cmds]
         return await self.request_many(
-            len(cmds), lambda ids: Propose(tuple(zip(ids, datas))), timeout, "write"
+            len(cmds), lambda ids: Propose(tuple(zip(ids, datas))), timeout, "write", on_done
         )
 
     async def read_barrier(self, timeout: float | None = None) -> int:

@@ -33,6 +33,19 @@ def _write_reply(outcome: Any) -> rpc.WriteReply:
         txn=outcome if isinstance(outcome, TxnReply) else None,
     )
 
+_RETRY = object()
+
+
+def _settled(outcome: Any) -> Any:
+    """A local proposal's outcome as a client write's outcome, or _RETRY when it was
+    certainly not applied (not proposed, or overwritten by another term)."""
+    if isinstance(outcome, (NotLeader, Unavailable)):
+        return _RETRY
+    if isinstance(outcome, ApplyError):
+        return BadRequest(outcome.message)
+    return outcome
+
+
 if TYPE_CHECKING:
     from metanode.node.node import Node  # noqa: F401
 
@@ -130,30 +143,46 @@ class Forwarding:
             raise outcome
         return outcome
 
-    async def client_write_batch(self, cmds: list[Command]) -> list[Any]:
+    async def client_write_batch(
+        self, cmds: list[Command], on_settled: Callable[[list[Any]], None] | None = None
+    ) -> list[Any]:
         """Clients' writes as one batch: proposed here as one log append when leading,
         else forwarded to the leader as one call. Each outcome is the apply result or
         a ClientError (BadRequest for a command the state machine refuses; Timeout
         when the outcome is unknown). Writes that were certainly not applied (not
         proposed, or overwritten by another term) are tried again until
-        `wait_leader_timeout`."""
+        `wait_leader_timeout`.
+
+        `on_settled(outcomes)`: when a proposal here of all of them settles them all,
+        it is called with the outcomes this will return, from the task that
+        applied the last of them, before this one wakes (so the replies can leave a
+        pass of the event loop earlier); not called otherwise. It must not raise."""
         outcomes: list[Any] = [None] * len(cmds)
         pending = list(range(len(cmds)))
         deadline = trio.current_time() + self.wait_s()
         last: Exception | None = None
+
+        def settled_early(got: list[Any]) -> None:
+            assert on_settled is not None
+            final = [_settled(o) for o in got]
+            if not any(o is _RETRY for o in final):
+                on_settled(final)
+
         with self.calls:
             while pending and trio.current_time() < deadline:
                 retry: list[int] = []
                 if self.core.is_leader:
-                    got = await self.propose_many([cmds[i] for i in pending], max(0.1, deadline - trio.current_time()))
+                    early = settled_early if on_settled is not None and len(pending) == len(cmds) else None
+                    got = await self.propose_many(
+                        [cmds[i] for i in pending], max(0.1, deadline - trio.current_time()), early
+                    )
                     for i, outcome in zip(pending, got):
-                        if isinstance(outcome, (NotLeader, Unavailable)):
+                        final = _settled(outcome)
+                        if final is _RETRY:
                             retry.append(i)
                             last = outcome
-                        elif isinstance(outcome, ApplyError):
-                            outcomes[i] = BadRequest(outcome.message)
                         else:
-                            outcomes[i] = outcome
+                            outcomes[i] = final
                 else:
                     address = self.leader_address()
                     if address is None:

@@ -80,14 +80,17 @@ INLINE_APPLY_MAX = 256
 
 
 class _Batch:
-    """The requests of one event, waited for together (one trio.Event for them all)."""
+    """The requests of one event, waited for together (one trio.Event for them all);
+    `on_done(outcomes)`, if given, is called once the last outcome came, in the task
+    that dispatched it, before the waiter wakes."""
 
-    __slots__ = ("event", "outcomes", "left")
+    __slots__ = ("event", "outcomes", "left", "on_done")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, on_done: Callable[[list[Any]], None] | None = None) -> None:
         self.event = trio.Event()
         self.outcomes: list[Any] = [_MISSING] * n
         self.left = n
+        self.on_done = on_done
 
 
 @attrs.frozen
@@ -198,12 +201,16 @@ class RaftLoop:
         return outcome
 
     async def request_many(
-        self, n: int, make: Callable[[list[int]], Event], timeout: float | None = None, what: str = "request"
+        self, n: int, make: Callable[[list[int]], Event], timeout: float | None = None, what: str = "request",
+        on_done: Callable[[list[Any]], None] | None = None,
     ) -> list[Any]:
         """Send one event carrying `n` requests (`make(req_ids)`) and wait for their
-        Replies: each outcome is a value or the error (a Timeout when none came)."""
+        Replies: each outcome is a value or the error (a Timeout when none came).
+        `on_done(outcomes)` is called with the outcomes this returns as soon as the
+        last one is dispatched (in that task: not after a timeout or a cancel), for a
+        reply that need not wait for this task to wake; it must not raise."""
         ids = list(itertools.islice(self._req_ids, n))
-        batch = _Batch(n)
+        batch = _Batch(n, on_done)
         for pos, req_id in enumerate(ids):
             self._pending[req_id] = (batch, pos)
         try:
@@ -228,6 +235,11 @@ class RaftLoop:
             batch.left -= 1
             if not batch.left:
                 batch.event.set()
+                if batch.on_done is not None:
+                    try:
+                        batch.on_done(batch.outcomes)
+                    except Exception:  # its waiter still answers, from the outcomes
+                        log.exception("%d an early answer failed", self.id)
 
     async def _run_raft_loop(self) -> None:
         recv = self._inbox_recv

@@ -132,6 +132,41 @@ async def test_many_requests_in_flight_on_one_socket(tmp_path: Path) -> None:
         assert sorted(r["ok"]["result"]["seq"] for r in replies) == list(range(1, 201))
 
 
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_leaders_write_replies_once_from_the_applying_task_or_else_from_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """The replies of a leader's writes leave from the task that applied them
+    (wsfast.send_now); when that declines (another frame being written) the serving
+    task sends them. Either way each request gets exactly one reply."""
+    from metanode import wsfast
+
+    calls: list[bool] = []
+    real = wsfast.send_now
+
+    def spy(ws: Any, data: bytes) -> bool:
+        sent = real(ws, data) if direct else False
+        calls.append(sent)
+        return sent
+
+    monkeypatch.setattr(wsfast, "send_now", spy)
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        r = await ask(ws, id=1, op="upsert", key="a", value=b"1")
+        assert r["id"] == 1 and r["ok"]["result"]["seq"] == 1
+        batch = [{"id": i, "op": "upsert", "key": f"b{i}", "value": b"v"} for i in (2, 3, 4)]
+        await ws.send_message(msgpack.packb(batch))
+        replies = msgpack.unpackb(await ws.get_message())  # one message
+        assert sorted(r["id"] for r in replies) == [2, 3, 4] and all("ok" in r for r in replies)
+        r = await ask(ws, id=6, op="get", key="a")  # the next message is its reply: no duplicates
+        assert r["id"] == 6 and r["ok"]["data"] == b"1"
+        with trio.move_on_after(0.2):
+            extra = await ws.get_message()
+            raise AssertionError(f"a reply too many: {msgpack.unpackb(extra)}")
+    assert calls == [direct, direct]
+
+
 async def test_a_follower_forwards_writes_and_serves_linearizable_reads(tmp_path: Path) -> None:
     c = Cluster(tmp_path)
     async with c.node(1, "--single") as n1:

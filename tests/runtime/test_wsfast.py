@@ -1,0 +1,144 @@
+"""wsfast.send_now on real sockets (loopback): a frame written whole or finished by a
+task under the lock, never interleaved with another; declined when it cannot start."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url, serve_websocket
+
+from metanode import wsfast
+
+END = b"-- end --"
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def _pair(nursery: trio.Nursery, body: Any) -> list[bytes]:
+    """Run `body(server_ws, nursery)` on the server side of a fresh connection; return
+    the messages the client received before the server's END."""
+    got: list[bytes] = []
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        async with trio.open_nursery() as inner:
+            await body(ws, inner)
+        await ws.send_message(END)
+        with trio.move_on_after(5):
+            await ws.get_message()  # until the client closes
+
+    server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+    async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as client:
+        while (message := await client.get_message()) != END:
+            got.append(message)
+    return got
+
+
+async def test_send_now_writes_at_once_without_a_checkpoint() -> None:
+    async def body(ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+        assert not wsfast.send_now(ws, b"not adopted")  # declined: nothing sent
+        assert wsfast.adopt(ws, nursery)
+        assert isinstance(ws._stream_lock, wsfast.HandOffLock)
+        assert wsfast.send_now(ws, b"one")
+        assert not ws._stream_lock.locked()
+        await wsfast.send_message(ws, b"two")  # the usual paths still work with the new lock
+        await ws.send_message(b"three")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            assert await _pair(nursery, body) == [b"one", b"two", b"three"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_send_now_declines_while_another_frame_is_written() -> None:
+    async def body(ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+        assert wsfast.adopt(ws, nursery)
+        ws._stream_lock.acquire_nowait()  # someone else is writing
+        assert not wsfast.send_now(ws, b"declined")
+        ws._stream_lock.release()
+        assert wsfast.send_now(ws, b"after")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            assert await _pair(nursery, body) == [b"after"]
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("taken", [0, 1, 7, 100])
+async def test_a_partial_write_is_finished_by_a_task_before_any_other_frame(
+    taken: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket takes `taken` bytes of the frame (0: EAGAIN): a task writes the rest
+    holding the lock, so a message sent meanwhile (both paths) comes after it, whole."""
+    big = bytes(range(256)) * 400
+
+    def partial(fd: int, frame: bytes) -> int:
+        monkeypatch.setattr(wsfast, "_write_fd", os.write)  # only the first write is cut
+        if taken == 0:
+            raise BlockingIOError
+        return os.write(fd, frame[:taken])
+
+    async def body(ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+        assert wsfast.adopt(ws, nursery)
+        monkeypatch.setattr(wsfast, "_write_fd", partial)
+        assert wsfast.send_now(ws, big)
+        assert ws._stream_lock.locked()  # held for the task finishing the frame
+        assert not wsfast.send_now(ws, b"declined meanwhile")
+        nursery.start_soon(ws.send_message, b"queued behind it")
+        await wsfast.send_message(ws, b"sent behind it")
+        await trio.sleep(0.05)
+        assert not ws._stream_lock.locked()
+        assert wsfast.send_now(ws, b"last")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            got = await _pair(nursery, body)
+            nursery.cancel_scope.cancel()
+    assert got[0] == big and got[-1] == b"last"
+    assert sorted(got[1:3]) == [b"queued behind it", b"sent behind it"]
+    assert len(got) == 4
+
+
+async def test_a_broken_socket_aborts_the_connection_from_the_finishing_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The peer is gone: the direct write fails, the task's send_all finds the broken
+    stream and aborts the WebSocket; later sends see it closed (no exception leaks
+    from send_now, the lock is free again)."""
+    closed: list[Any] = []
+
+    def broken(fd: int, frame: bytes) -> int:
+        raise BrokenPipeError
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        async with trio.open_nursery() as inner:
+            assert wsfast.adopt(ws, inner)
+            monkeypatch.setattr(wsfast, "_write_fd", broken)
+            ws._stream.socket.shutdown(socket.SHUT_WR)  # broken for writing (EPIPE), no checkpoint
+            assert wsfast.send_now(ws, b"lost")
+        assert not ws._stream_lock.locked()
+        closed.append(ws.closed)
+        assert not wsfast.send_now(ws, b"after")  # closed: declined
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            # A bare client: the upgrade request, then nothing (trio-websocket's own
+            # client leaks its socket when the server drops it).
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            try:
+                await stream.send_all(UPGRADE)
+                with trio.move_on_after(2):
+                    while not closed:
+                        await trio.sleep(0.01)
+            finally:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert closed and closed[0] is not None
