@@ -20,6 +20,12 @@ the frame whole; otherwise a task of the adopted nursery writes the rest and rel
 the lock then, so no other frame (a reply, a pong, a close) can start in between.
 Plain TCP only: over TLS the bytes go through the SSL object, and `send_now` declines.
 
+`deliver_to` hands a connection's messages to a function, awaited by its reader
+task, instead of queueing them for `get_message` (another task's wake-up per
+message). trio-websocket's reader task builds its table of event handlers when it
+starts, from the class, so the one handler involved (`_handle_message_event`) is
+replaced on the class; it behaves as before on connections without a sink.
+
 It reads private attributes of trio-websocket (0.12): ``_close_reason``,
 ``_stream_lock``, ``_wsproto``, ``_stream`` and ``_abort_web_socket``, the same
 steps as its own ``_send``. tests/unit/test_wsfast.py checks that they are there, so
@@ -29,10 +35,11 @@ an upgrade that changes them fails loudly rather than slowly.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
-from wsproto.events import BytesMessage
+from wsproto.events import BytesMessage, TextMessage
 
 _write_fd = os.write  # send_now's direct write (tests replace it)
 
@@ -130,4 +137,41 @@ async def send_message(ws: WebSocketConnection, data: bytes) -> None:
         lock.release()
 
 
-__all__ = ["HandOffLock", "adopt", "send_message", "send_now"]
+_queue_message = WebSocketConnection._handle_message_event
+
+
+def deliver_to(ws: WebSocketConnection, sink: Callable[[bytes | str], Awaitable[None]]) -> list[bytes | str]:
+    """From now on, `await sink(message)` in `ws`'s reader task for each message
+    received whole (the size limit as before: over it, the connection closes with
+    1009); `get_message` then only raises ConnectionClosed once the connection ends.
+    Returns the messages queued before, oldest first, for the caller to handle before
+    it awaits anything (they precede every message the sink gets). `sink` must not
+    raise: the reader task would end with it."""
+    ws._metanode_sink = sink  # type: ignore[attr-defined]
+    queued: list[bytes | str] = []
+    while True:
+        try:
+            queued.append(ws._recv_channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return queued
+
+
+async def _handle_message_event(self: WebSocketConnection, event: BytesMessage | TextMessage) -> None:
+    sink = getattr(self, "_metanode_sink", None)
+    if sink is None or not event.message_finished or self._message_size + len(event.data) > self._max_message_size:
+        await _queue_message(self, event)  # no sink; a part; or too large (closes 1009)
+        return
+    message: bytes | str
+    if self._message_parts:
+        parts = [*self._message_parts, event.data]
+        message = b"".join(parts) if isinstance(event, BytesMessage) else "".join(parts)
+        self._message_parts = []
+        self._message_size = 0
+    else:
+        message = bytes(event.data) if isinstance(event, BytesMessage) else event.data
+    await sink(message)
+
+
+WebSocketConnection._handle_message_event = _handle_message_event  # type: ignore[method-assign]
+
+__all__ = ["HandOffLock", "adopt", "deliver_to", "send_message", "send_now"]

@@ -236,6 +236,10 @@ class _AllTooLarge(TooLarge):
         self.reqs = reqs
 
 
+def _valid_id(rid: Any) -> bool:
+    return isinstance(rid, int) and not isinstance(rid, bool) and rid >= 0
+
+
 def _strings(values: Any, name: str) -> list[str]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise BadRequest(f"{name} must be a list of strings")
@@ -260,6 +264,7 @@ class ClientSession:
         self.watches: dict[int, trio.CancelScope] = {}
         self.token = token
         self.authenticated = token is None
+        self._refusal: Unauthenticated | None = None  # why the socket is refused
         self.stats = stats_for(node)  # counts and latencies for the dashboard
         self.metrics = metrics_for(node)  # Prometheus counters (metanode/metrics.py)
         self.ops: dict[str, Callable[[dict], Any]] = {
@@ -277,19 +282,47 @@ class ClientSession:
             self._nursery = nursery
             # Replies may leave from the task that applied their writes (plain TCP).
             wsfast.adopt(self.ws, nursery)
-            while True:
-                # Backpressure: beyond MAX_IN_FLIGHT requests in flight on this socket
-                # we stop reading and the client's sends block (trio-websocket's
-                # queue, then TCP), instead of holding unbounded work and replies.
-                while self.in_flight >= MAX_IN_FLIGHT:
-                    self._room = trio.Event()
-                    await self._room.wait()
-                try:
-                    message = await self.ws.get_message()
-                except ConnectionClosed:
-                    break
-                nursery.start_soon(self.serve, message)
+            # Messages come to `_received` from the connection's reader task.
+            for message in wsfast.deliver_to(self.ws, self._received):
+                await self._received(message)
+            with contextlib.suppress(ConnectionClosed):
+                while True:  # (with the sink, only the end comes here)
+                    await self._received(await self.ws.get_message())
             nursery.cancel_scope.cancel()
+
+    async def _received(self, message: bytes | str) -> None:
+        """One message, in the connection's reader task."""
+        # Backpressure: beyond MAX_IN_FLIGHT requests in flight on this socket we stop
+        # reading and the client's sends block (TCP), instead of holding unbounded
+        # work and replies.
+        while self.in_flight >= MAX_IN_FLIGHT:
+            self._room = trio.Event()
+            await self._room.wait()
+        if not self.authenticated:
+            if self._refusal is not None:
+                return  # refused: the socket is closing (1008)
+            self._check_token(message)
+        self._nursery.start_soon(self.serve, message)
+
+    def _check_token(self, message: bytes | str) -> None:
+        """With a token and no valid handshake yet, the next message decides, here in
+        the order messages come (tasks started together run in any order): a valid
+        handshake as its first request authenticates the socket; anything else
+        refuses it (its serving task answers `unauthenticated` and closes the socket;
+        later messages are dropped). A message that does not parse decides nothing
+        (it is answered `bad_request` or `too_large`)."""
+        try:
+            reqs = self._parse(message)
+        except ClientError:
+            return
+        for req in reqs:
+            if not isinstance(req, dict) or not _valid_id(req.get("id")):
+                continue  # answered bad_request: the next request decides
+            try:
+                self._authenticate(req.get("op"), req)
+            except Unauthenticated as e:
+                self._refusal = e
+            return
 
     def _done(self, n: int) -> None:
         self.in_flight -= n
@@ -348,11 +381,11 @@ class ClientSession:
             try:
                 if not isinstance(req, dict):
                     raise BadRequest("a request must be a msgpack map")
-                if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
+                if not _valid_id(rid):
                     raise BadRequest("a request needs a non-negative integer 'id'")
                 name = req.get("op")
-                if not self.authenticated:
-                    self._authenticate(name, req)
+                if not self.authenticated:  # refused by `_check_token`
+                    raise self._refusal or Unauthenticated("the first request must be a handshake")
                 if not isinstance(name, str):
                     raise BadRequest(f"unknown op {name!r}")
                 if name == "cancel":

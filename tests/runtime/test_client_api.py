@@ -378,6 +378,7 @@ async def test_a_follower_reuses_its_connection_to_the_leader(tmp_path: Path) ->
 
 async def test_with_a_token_the_first_request_must_be_a_valid_handshake(tmp_path: Path) -> None:
     from trio_websocket import ConnectionClosed
+    from wsproto.events import BytesMessage
 
     c = Cluster(tmp_path)
     async with c.node(1, "--single", "--grpc-api-token", "s3cret") as n1:
@@ -393,6 +394,25 @@ async def test_with_a_token_the_first_request_must_be_a_valid_handshake(tmp_path
         async with c.socket(1) as ws:
             assert (await ask(ws, id=1, op="handshake", token="s3cret"))["ok"]["server"] == "metanode"
             assert "ok" in await ask(ws, id=2, op="upsert", key="k", value=b"v")
+        # Messages pipelined in one TCP write are decided in the order they came (the
+        # reader task hands them over together; their serving tasks run in any order).
+        for _ in range(5):
+            async with c.socket(1) as ws:
+                frames = [ws._wsproto.send(BytesMessage(data=msgpack.packb(req))) for req in (
+                    {"id": 1, "op": "handshake", "token": "s3cret"}, {"id": 2, "op": "get", "key": "k"},
+                )]
+                await ws._stream.send_all(b"".join(frames))
+                replies = {r["id"]: r for r in [msgpack.unpackb(await ws.get_message()) for _ in range(2)]}
+                assert "ok" in replies[1] and replies[2]["ok"]["data"] == b"v", replies
+            async with c.socket(1) as ws:
+                frames = [ws._wsproto.send(BytesMessage(data=msgpack.packb(req))) for req in (
+                    {"id": 1, "op": "get", "key": "k"}, {"id": 2, "op": "handshake", "token": "s3cret"},
+                )]
+                await ws._stream.send_all(b"".join(frames))
+                r = msgpack.unpackb(await ws.get_message())
+                assert r["id"] == 1 and r["error"]["code"] == "unauthenticated"
+                with trio.fail_after(5), pytest.raises(ConnectionClosed):
+                    await ws.get_message()  # the handshake after it was not served
     assert n1.config.redacted()["grpc_api_token"] == "***"
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url, serve_websocket
+from wsproto.events import BytesMessage
 
 from metanode import wsfast
 
@@ -142,3 +144,80 @@ async def test_a_broken_socket_aborts_the_connection_from_the_finishing_task(
                 await stream.aclose()
             nursery.cancel_scope.cancel()
     assert closed and closed[0] is not None
+
+
+async def test_deliver_to_hands_messages_to_the_sink_in_order_whole_and_in_the_reader_task() -> None:
+    """Fragmented and text messages arrive whole, in order, from the reader task;
+    messages queued before `deliver_to` come back from it; `get_message` then only
+    reports the end."""
+    got: list[Any] = []
+    tasks: set[str] = set()
+    ended: list[bool] = []
+
+    async def sink(message: bytes | str) -> None:
+        got.append(message)
+        tasks.add(trio.lowlevel.current_task().name)
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        await trio.sleep(0.1)  # the client's first message is queued by then
+        got.extend(wsfast.deliver_to(ws, sink))
+        try:
+            await ws.get_message()
+        except ConnectionClosed:
+            ended.append(True)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as client:
+                await client.send_message(b"queued")
+                await trio.sleep(0.2)
+                await client._send(BytesMessage(data=b"frag", message_finished=False))
+                await client._send(BytesMessage(data=b"mented", message_finished=True))
+                await client.send_message("text")
+                await client.send_message(b"last")
+                with trio.move_on_after(2):
+                    while len(got) < 4:
+                        await trio.sleep(0.01)
+            with trio.move_on_after(2):
+                while not ended:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert got == [b"queued", b"fragmented", "text", b"last"]
+    assert all("reader_task" in name for name in tasks), tasks
+    assert ended == [True]
+
+
+async def test_deliver_to_keeps_the_size_limit() -> None:
+    """A message over the connection's limit closes it with 1009, as without a sink;
+    the sink never sees it."""
+    got: list[Any] = []
+    reasons: list[Any] = []
+
+    async def sink(message: bytes | str) -> None:
+        got.append(message)
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        wsfast.deliver_to(ws, sink)
+        try:
+            await ws.get_message()
+        except ConnectionClosed as e:
+            reasons.append(e.reason.code)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(serve_websocket, handler, "127.0.0.1", 0, None, max_message_size=1000)
+            )
+            async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as client:
+                await client.send_message(b"small")
+                await client._send(BytesMessage(data=b"x" * 600, message_finished=False))
+                await client._send(BytesMessage(data=b"y" * 600, message_finished=True))
+                with trio.move_on_after(2):
+                    while not reasons:
+                        await trio.sleep(0.01)
+            await client._stream.aclose()  # docs/architecture/stack.md: the client leaks it otherwise
+            nursery.cancel_scope.cancel()
+    assert got == [b"small"] and reasons == [1009]
