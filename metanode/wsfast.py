@@ -87,8 +87,9 @@ def send_now(ws: WebSocketConnection, data: bytes) -> bool:
     """Send `data` as one binary message without awaiting: True when its frame is
     written, or begun and left to a task that writes the rest under the lock. False,
     having done nothing, when it cannot start now: `ws` not adopted, closing, or
-    another frame being written; then send it as usual (`send_message`). A broken
-    socket is found by that task (as `send_message` would: the connection aborts)."""
+    another frame being written, or a broken socket (nothing written); then send it
+    as usual (`send_message`). A socket that breaks during the rest is found by that
+    task (as `send_message` would: the connection aborts)."""
     lock = ws._stream_lock
     if not isinstance(lock, HandOffLock) or lock.locked() or ws._close_reason is not None:
         return False
@@ -96,8 +97,11 @@ def send_now(ws: WebSocketConnection, data: bytes) -> bool:
     lock.acquire_nowait()
     try:
         n = _write_fd(ws._stream.socket.fileno(), frame)
-    except OSError:  # full (BlockingIOError) or broken: the task finds out which
+    except BlockingIOError:  # full: the task writes it all
         n = 0
+    except OSError:  # broken, nothing written: the usual path finds out (and aborts)
+        lock.release()
+        return False
     if n == len(frame):
         lock.release()
         return True

@@ -370,6 +370,48 @@ async def test_many_concurrent_requests_share_one_socket(tmp_path: Path) -> None
                 assert len(items) == 300 and len({v.seq for _, v in items}) == 300
 
 
+async def test_a_request_alone_in_flight_is_written_by_its_caller_and_concurrent_ones_batched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone in flight, a request leaves from the calling task (wsfast.send_now);
+    concurrent ones are queued for the sender task and go out as one message."""
+    from metanode import wsfast
+
+    direct: list[bytes] = []
+    batched: list[bytes] = []
+    real_now, real_send = wsfast.send_now, wsfast.send_message
+
+    def spy_now(ws: Any, data: bytes) -> bool:
+        sent = real_now(ws, data)
+        if sent and ws.is_client:  # (the server in this process sends its replies so too)
+            direct.append(data)
+        return sent
+
+    async def spy_send(ws: Any, data: bytes) -> None:
+        if ws.is_client:
+            batched.append(data)
+        await real_send(ws, data)
+
+    with trio.fail_after(15):
+        async with cluster(tmp_path) as c:
+            await c.start(1, "--single")
+            async with MetaClient.connect([c.address(1)]) as cl:
+                monkeypatch.setattr(wsfast, "send_now", spy_now)
+                monkeypatch.setattr(wsfast, "send_message", spy_send)
+                for i in range(3):
+                    await cl.upsert(f"alone/{i}", b"v")
+                assert len(direct) == 3 and not batched
+                direct.clear()
+                async with trio.open_nursery() as nursery:
+                    for i in range(20):
+                        nursery.start_soon(cl.upsert, f"together/{i}", b"v")
+                # The first may go alone (nothing else was waiting yet); the rest wait
+                # for the sender task, which sends them together.
+                assert len(direct) <= 1 and len(batched) == 1
+                assert len(msgpack.unpackb(batched[0])) == 20 - len(direct)
+                assert len(await cl.list("together/")) == 20
+
+
 async def test_too_large_leaves_the_socket_usable(tmp_path: Path) -> None:
     with trio.fail_after(15):
         async with cluster(tmp_path) as c:

@@ -107,24 +107,35 @@ async def test_a_partial_write_is_finished_by_a_task_before_any_other_frame(
     assert len(got) == 4
 
 
-async def test_a_broken_socket_aborts_the_connection_from_the_finishing_task(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("first_write", ["broken", "partial"])
+async def test_a_broken_socket_aborts_the_connection_as_send_message_would(
+    monkeypatch: pytest.MonkeyPatch, first_write: str
 ) -> None:
-    """The peer is gone: the direct write fails, the task's send_all finds the broken
-    stream and aborts the WebSocket; later sends see it closed (no exception leaks
-    from send_now, the lock is free again)."""
+    """The socket is broken for writing: a direct write that fails declines (nothing
+    written, the lock free: the usual path finds out and aborts); one that took part
+    of the frame leaves the rest to the task, whose send_all finds the broken stream
+    and aborts the WebSocket. Either way no exception leaks from send_now and later
+    sends see the connection closed."""
     closed: list[Any] = []
 
-    def broken(fd: int, frame: bytes) -> int:
-        raise BrokenPipeError
+    def write(fd: int, frame: bytes) -> int:
+        if first_write == "broken":
+            raise BrokenPipeError
+        return 3
 
     async def handler(request: Any) -> None:
         ws = await request.accept()
         async with trio.open_nursery() as inner:
             assert wsfast.adopt(ws, inner)
-            monkeypatch.setattr(wsfast, "_write_fd", broken)
+            monkeypatch.setattr(wsfast, "_write_fd", write)
             ws._stream.socket.shutdown(socket.SHUT_WR)  # broken for writing (EPIPE), no checkpoint
-            assert wsfast.send_now(ws, b"lost")
+            if first_write == "broken":
+                assert not wsfast.send_now(ws, b"declined")
+                assert not ws._stream_lock.locked()
+                with pytest.raises(ConnectionClosed):
+                    await wsfast.send_message(ws, b"the usual path")
+            else:
+                assert wsfast.send_now(ws, b"begun")
         assert not ws._stream_lock.locked()
         closed.append(ws.closed)
         assert not wsfast.send_now(ws, b"after")  # closed: declined
