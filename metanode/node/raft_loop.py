@@ -1,7 +1,8 @@
 """The raft loop of a node (docs/architecture/node.md): the task that steps the
 `RaftCore` (through the `NodeDriver`; see "Stepping in the caller"). It waits for one
 event, drains the rest of its inbox without waiting, then for each `Ready`: persist
-(one WAL append, one fsync), send, hand committed entries to the apply loop, advance.
+(one WAL append, one fsync), send, hand committed entries to the apply loop, advance
+(a hard state that only moved the commit index is written after the apply).
 When the apply loop has nothing queued and a Ready committed few entries (no
 snapshot), the raft loop applies them itself: the same order, one task switch less per
 write. Requests from other tasks are
@@ -277,6 +278,7 @@ class RaftLoop:
         core = self.core
         while core.has_ready():
             ready = core.take_ready()
+            commit_only = False
             early, late = self.driver.split_messages(ready)
             written = True  # every early message is on its socket already
             for msg in early:
@@ -294,7 +296,10 @@ class RaftLoop:
                     with trio.CancelScope(shield=shield):
                         await trio.to_thread.run_sync(self._persist, ready, False)
                 else:
-                    self._persist(ready, False)  # a commit index alone: a write, no fsync, no thread hop
+                    # A commit index alone: a write, no fsync, no thread hop, after the
+                    # apply (nothing waits for it: it is not fsynced, and what it
+                    # commits is durable already), so the replies leave before it.
+                    commit_only = True
             self.driver.persisted(ready)
             if ready.snapshot is not None:  # installed from the leader: keep it from the file
                 self.driver.keep_snapshot_data(self.storage.mapped_snapshot(ready.snapshot))
@@ -308,6 +313,8 @@ class RaftLoop:
                     self.apply_idle = False
                     with trio.CancelScope(shield=shield):
                         await self._apply_send.send(applied)
+            if commit_only:
+                self._persist(ready, False)
             core.advance(ready)
         self._dispatch(self.driver.take_replies())
         self._check_watchers()

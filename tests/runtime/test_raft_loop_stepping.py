@@ -212,3 +212,27 @@ async def test_peer_messages_are_stepped_by_their_connection_task(tmp_path: Path
             assert any(name.endswith("._run_handler") for name in follower_steps), follower_steps
             assert any(name.endswith("._run_handler") for name in leader_steps), leader_steps
             assert n1.sm.get("k") == n2.sm.get("k")
+
+
+async def test_a_commit_index_alone_is_written_after_the_apply(tmp_path: Path) -> None:
+    """A Ready whose hard state only moved the commit index writes it (no fsync) after
+    applying what it commits: the write's reply need not wait for that syscall."""
+    with trio.fail_after(LIMIT):
+        async with node(tmp_path, Ports(), 1, "--single") as n:
+            await until(lambda: n.core.is_leader, "leader")
+            order: list[str] = []
+            append, apply = n.storage.append, n.driver.apply
+
+            def recording_append(**kw: Any) -> None:
+                order.append("synced append" if kw.get("sync", True) else "commit index")
+                append(**kw)
+
+            def recording_apply(snapshot: Any, committed: Any, *rest: Any) -> None:
+                order.extend("apply" for _ in committed)
+                apply(snapshot, committed, *rest)
+
+            n.storage.append = recording_append
+            n.driver.apply = recording_apply
+            await n.propose(Upsert("k", b"v"))
+            assert order == ["synced append", "apply", "commit index"], order
+            assert n.storage.hard_state.commit == n.core.commit_index
