@@ -75,8 +75,11 @@ class ClientNode(Protocol):
     sm: KVStateMachine
 
     async def client_write(self, cmd: Command) -> Any: ...
-    async def client_write_batch(
+    async def begin_client_writes(
         self, cmds: list[Command], on_settled: Callable[[list[Any]], None] | None = None
+    ) -> Any: ...
+    async def client_write_batch(
+        self, cmds: list[Command], on_settled: Callable[[list[Any]], None] | None = None, begun: Any = None
     ) -> list[Any]: ...
     async def client_read_barrier(self) -> None: ...
     def client_addresses(self) -> list[str]: ...
@@ -246,6 +249,45 @@ def _strings(values: Any, name: str) -> list[str]:
     return values
 
 
+def _all_writes(reqs: list[Any]) -> list[tuple[int, str, Command]] | None:
+    """(id, op, command) of each request when all are well-formed writes, else None."""
+    writes = []
+    for req in reqs:
+        if not isinstance(req, dict) or not _valid_id(rid := req.get("id")):
+            return None
+        name = req.get("op")
+        if not isinstance(name, str) or name not in WRITE_OPS:
+            return None
+        try:
+            writes.append((rid, name, WRITE_OPS[name](req)))
+        except ClientError:
+            return None
+    return writes
+
+
+class _WriteGroup:
+    """One message's writes; their replies leave once: from the task that applied
+    the last of them (`answer_now`, the leader's own writes), else from the serving
+    task."""
+
+    __slots__ = ("session", "writes", "started", "answered")
+
+    def __init__(self, session: ClientSession, writes: list[tuple[int, str, Command]]) -> None:
+        self.session = session
+        self.writes = writes
+        self.started = time.perf_counter()
+        self.answered = False
+
+    def answer_now(self, outcomes: list[Any]) -> None:
+        s = self.session
+        replies = s._write_replies(self.writes, outcomes)
+        data = msgpack.packb(replies[0] if len(replies) == 1 else replies, use_bin_type=True)
+        if wsfast.send_now(s.ws, data):
+            self.answered = True
+            s.metrics.sent(replies, len(data))
+            s._record_writes(self.writes, outcomes, self.started)
+
+
 # ---------------------------------------------------------------------- operations
 class ClientSession:
     """One WebSocket: concurrent requests, one reply each."""
@@ -302,7 +344,28 @@ class ClientSession:
             if self._refusal is not None:
                 return  # refused: the socket is closing (1008)
             self._check_token(message)
+        if self.authenticated:
+            try:
+                reqs = self._parse(message)
+            except ClientError:
+                pass  # answered by `serve`
+            else:
+                writes = _all_writes(reqs)
+                group = await self._begin(writes) if writes is not None else None
+                self._nursery.start_soon(self.serve, message, reqs, group)
+                return
         self._nursery.start_soon(self.serve, message)
+
+    async def _begin(self, writes: list[tuple[int, str, Command]]) -> tuple[_WriteGroup, Any]:
+        """A message of writes only: on the leader, proposed here, in the reader task
+        (a pass of the event loop before its serving task would); its serving task
+        waits for them (or, not begun, serves them as usual)."""
+        group = _WriteGroup(self, writes)
+        try:
+            return group, await self.node.begin_client_writes([cmd for _, _, cmd in writes], group.answer_now)
+        except Exception:  # not proposed (the event never reached the core): served as usual
+            log.exception("client writes: proposing them from the reader task failed")
+            return group, None
 
     def _check_token(self, message: bytes | str) -> None:
         """With a token and no valid handshake yet, the next message decides, here in
@@ -330,25 +393,32 @@ class ClientSession:
         if self.in_flight < MAX_IN_FLIGHT:
             self._room.set()
 
-    async def serve(self, message: bytes | str) -> None:
+    async def serve(
+        self, message: bytes | str, reqs: list[Any] | None = None, writes: tuple[_WriteGroup, Any] | None = None
+    ) -> None:
         """One message: a request map, or an array of them (a batch). Its writes go
         to the node as one batch (one log append), its linearizable reads share one
-        read barrier, and each group's replies leave as one message."""
+        read barrier, and each group's replies leave as one message. `reqs`: the
+        message parsed already; `writes`: all of them, as `_begin` left them."""
         with self.counter:
             self.metrics.received(len(message))
-            try:
-                reqs = self._parse(message)
-            except _AllTooLarge as e:
-                ids = [r.get("id") if isinstance(r, dict) else None for r in e.reqs] or [None]
-                await self._send_replies([{"id": rid, "error": self._error(e)} for rid in ids])
-                return
-            except ClientError as e:
-                await self._send_replies([{"id": None, "error": self._error(e)}])
-                return
+            if reqs is None:
+                try:
+                    reqs = self._parse(message)
+                except _AllTooLarge as e:
+                    ids = [r.get("id") if isinstance(r, dict) else None for r in e.reqs] or [None]
+                    await self._send_replies([{"id": rid, "error": self._error(e)} for rid in ids])
+                    return
+                except ClientError as e:
+                    await self._send_replies([{"id": None, "error": self._error(e)}])
+                    return
             self.in_flight += len(reqs)
             self.metrics.req_inflights.inc(len(reqs))
             try:
-                await self._serve_batch(reqs)
+                if writes is not None:
+                    await self._serve_writes(*writes)
+                else:
+                    await self._serve_batch(reqs)
             finally:
                 self._done(len(reqs))
 
@@ -427,38 +497,26 @@ class ClientSession:
             await self._send_replies(immediate)
         if writes and reads:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve_writes, writes)
+                nursery.start_soon(self._serve_writes, _WriteGroup(self, writes))
                 nursery.start_soon(self._serve_reads, reads)
         elif writes:
-            await self._serve_writes(writes)
+            await self._serve_writes(_WriteGroup(self, writes))
         elif reads:
             await self._serve_reads(reads)
 
-    async def _serve_writes(self, writes: list[tuple[int, str, Command]]) -> None:
-        started = time.perf_counter()
-        answered = False
-
-        def answer_now(outcomes: list[Any]) -> None:
-            # Called by the task that applied the last of them (the leader's own
-            # writes): the replies leave from there, before this task wakes.
-            nonlocal answered
-            replies = self._write_replies(writes, outcomes)
-            data = msgpack.packb(replies[0] if len(replies) == 1 else replies, use_bin_type=True)
-            if wsfast.send_now(self.ws, data):
-                answered = True
-                self.metrics.sent(replies, len(data))
-                self._record_writes(writes, outcomes, started)
-
+    async def _serve_writes(self, group: _WriteGroup, begun: Any = None) -> None:
+        writes = group.writes
         try:
-            outcomes = await self.node.client_write_batch([cmd for _, _, cmd in writes], answer_now)
+            outcomes = await self.node.client_write_batch([cmd for _, _, cmd in writes], group.answer_now, begun)
         except ClientError as e:
             outcomes = [e] * len(writes)
         except Exception:
             log.exception("client writes failed")
-            await self._send_replies([{"id": rid, "error": INTERNAL} for rid, _, _ in writes])
+            if not group.answered:
+                await self._send_replies([{"id": rid, "error": INTERNAL} for rid, _, _ in writes])
             return
-        if not answered:
-            self._record_writes(writes, outcomes, started)
+        if not group.answered:
+            self._record_writes(writes, outcomes, group.started)
             await self._send_replies(self._write_replies(writes, outcomes))
 
     def _record_writes(self, writes: list[tuple[int, str, Command]], outcomes: list[Any], started: float) -> None:

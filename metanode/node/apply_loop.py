@@ -174,11 +174,13 @@ class ApplyLoop:
         """Propose commands as one batch (one Ready: one WAL append and fsync, one
         AppendEntries per peer); each outcome is its apply result or its error.
         `on_done`: as for `request_many`."""
+        return await self.wait_many(await self.submit_proposals(cmds, on_done), timeout, "write")
+
+    async def submit_proposals(self, cmds: list[Command], on_done: Callable[[list[Any]], None] | None = None) -> Any:
+        """`propose_many` up to its wait (`submit_many`): proposed when this returns."""
         now = self.clock_ms()
         datas = [encode_command(cmd, now) for cmd in cmds]
-        return await self.request_many(
-            len(cmds), lambda ids: Propose(tuple(zip(ids, datas))), timeout, "write", on_done
-        )
+        return await self.submit_many(len(cmds), lambda ids: Propose(tuple(zip(ids, datas))), on_done)
 
     async def read_barrier(self, timeout: float | None = None) -> int:
         """ReadIndex (§6.4) on this node (the leader): returns once it is safe to read."""

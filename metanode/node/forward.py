@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from metanode.errors import BadRequest, ClientError, NotLeader, Timeout, TransportError, Unavailable
@@ -44,6 +45,28 @@ def _settled(outcome: Any) -> Any:
     if isinstance(outcome, ApplyError):
         return BadRequest(outcome.message)
     return outcome
+
+
+def _settle_early(on_settled: Callable[[list[Any]], None] | None) -> Callable[[list[Any]], None] | None:
+    """The `on_done` of a local proposal of a whole client batch: `on_settled` with
+    the outcomes when none is to be tried again."""
+    if on_settled is None:
+        return None
+
+    def settled(got: list[Any]) -> None:
+        final = [_settled(o) for o in got]
+        if not any(o is _RETRY for o in final):
+            on_settled(final)
+
+    return settled
+
+
+@attrs.frozen
+class BegunWrites:
+    """Client writes proposed by `begin_client_writes`, for `client_write_batch`."""
+
+    batch: Any  # raft_loop._Batch
+    deadline: float
 
 
 if TYPE_CHECKING:
@@ -143,8 +166,22 @@ class Forwarding:
             raise outcome
         return outcome
 
-    async def client_write_batch(
+    async def begin_client_writes(
         self, cmds: list[Command], on_settled: Callable[[list[Any]], None] | None = None
+    ) -> BegunWrites | None:
+        """When this node leads: propose `cmds` as one batch now (in this task) and
+        return them begun; `client_write_batch(cmds, on_settled, begun)` must follow,
+        in this task or one started at once, to wait for them (and retry, as it
+        does). None, having done nothing, when this node does not lead."""
+        if not self.core.is_leader:
+            return None
+        deadline = trio.current_time() + self.wait_s()
+        batch = await self.submit_proposals(cmds, _settle_early(on_settled))
+        return BegunWrites(batch, deadline)
+
+    async def client_write_batch(
+        self, cmds: list[Command], on_settled: Callable[[list[Any]], None] | None = None,
+        begun: BegunWrites | None = None,
     ) -> list[Any]:
         """Clients' writes as one batch: proposed here as one log append when leading,
         else forwarded to the leader as one call. Each outcome is the apply result or
@@ -156,26 +193,23 @@ class Forwarding:
         `on_settled(outcomes)`: when a proposal here of all of them settles them all,
         it is called with the outcomes this will return, from the task that
         applied the last of them, before this one wakes (so the replies can leave a
-        pass of the event loop earlier); not called otherwise. It must not raise."""
+        pass of the event loop earlier); not called otherwise. It must not raise.
+        `begun`: these writes as `begin_client_writes` proposed them (their first try)."""
         outcomes: list[Any] = [None] * len(cmds)
         pending = list(range(len(cmds)))
-        deadline = trio.current_time() + self.wait_s()
+        deadline = begun.deadline if begun is not None else trio.current_time() + self.wait_s()
         last: Exception | None = None
-
-        def settled_early(got: list[Any]) -> None:
-            assert on_settled is not None
-            final = [_settled(o) for o in got]
-            if not any(o is _RETRY for o in final):
-                on_settled(final)
-
         with self.calls:
             while pending and trio.current_time() < deadline:
                 retry: list[int] = []
-                if self.core.is_leader:
-                    early = settled_early if on_settled is not None and len(pending) == len(cmds) else None
-                    got = await self.propose_many(
-                        [cmds[i] for i in pending], max(0.1, deadline - trio.current_time()), early
-                    )
+                if begun is not None or self.core.is_leader:
+                    left = max(0.1, deadline - trio.current_time())
+                    if begun is not None:
+                        got = await self.wait_many(begun.batch, left, "write")
+                        begun = None
+                    else:
+                        early = _settle_early(on_settled) if len(pending) == len(cmds) else None
+                        got = await self.propose_many([cmds[i] for i in pending], left, early)
                     for i, outcome in zip(pending, got):
                         final = _settled(outcome)
                         if final is _RETRY:

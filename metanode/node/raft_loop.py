@@ -85,13 +85,14 @@ class _Batch:
     `on_done(outcomes)`, if given, is called once the last outcome came, in the task
     that dispatched it, before the waiter wakes."""
 
-    __slots__ = ("event", "outcomes", "left", "on_done")
+    __slots__ = ("event", "outcomes", "left", "on_done", "ids")
 
-    def __init__(self, n: int, on_done: Callable[[list[Any]], None] | None = None) -> None:
+    def __init__(self, ids: list[int], on_done: Callable[[list[Any]], None] | None = None) -> None:
         self.event = trio.Event()
-        self.outcomes: list[Any] = [_MISSING] * n
-        self.left = n
+        self.outcomes: list[Any] = [_MISSING] * len(ids)
+        self.left = len(ids)
         self.on_done = on_done
+        self.ids = ids
 
 
 @attrs.frozen
@@ -210,12 +211,28 @@ class RaftLoop:
         `on_done(outcomes)` is called with the outcomes this returns as soon as the
         last one is dispatched (in that task: not after a timeout or a cancel), for a
         reply that need not wait for this task to wake; it must not raise."""
-        ids = list(itertools.islice(self._req_ids, n))
-        batch = _Batch(n, on_done)
-        for pos, req_id in enumerate(ids):
+        return await self.wait_many(await self.submit_many(n, make, on_done), timeout, what)
+
+    async def submit_many(
+        self, n: int, make: Callable[[list[int]], Event], on_done: Callable[[list[Any]], None] | None = None
+    ) -> _Batch:
+        """`request_many` up to its wait: the event is delivered (stepped here when the
+        raft loop is idle) when this returns. `wait_many(batch)` must follow, in this
+        task or one started at once (its end forgets the requests)."""
+        batch = _Batch(list(itertools.islice(self._req_ids, n)), on_done)
+        for pos, req_id in enumerate(batch.ids):
             self._pending[req_id] = (batch, pos)
         try:
-            await self._deliver(make(ids))
+            await self._deliver(make(batch.ids))
+        except BaseException:
+            self._forget(batch)
+            raise
+        return batch
+
+    async def wait_many(self, batch: _Batch, timeout: float | None = None, what: str = "request") -> list[Any]:
+        """The outcomes of a `submit_many` batch (a Timeout for each that none came
+        for within `timeout`, by default `wait_s()`)."""
+        try:
             with trio.move_on_after(timeout if timeout is not None else self.wait_s()):
                 await batch.event.wait()
             if batch.left:
@@ -223,8 +240,11 @@ class RaftLoop:
                 batch.outcomes = [late if o is _MISSING else o for o in batch.outcomes]
             return batch.outcomes
         finally:
-            for req_id in ids:
-                self._pending.pop(req_id, None)
+            self._forget(batch)
+
+    def _forget(self, batch: _Batch) -> None:
+        for req_id in batch.ids:
+            self._pending.pop(req_id, None)
 
     def _dispatch(self, replies: list[Reply]) -> None:
         for reply in replies:

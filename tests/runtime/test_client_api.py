@@ -167,6 +167,41 @@ async def test_a_leaders_write_replies_once_from_the_applying_task_or_else_from_
     assert calls == [direct, direct]
 
 
+async def test_a_message_of_writes_is_proposed_by_the_reader_task_on_the_leader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the leader a message of writes only is proposed in the connection's reader
+    task (its serving task then waits); a message with anything else, or a proposal
+    there that fails, is served by its serving task as before."""
+    c = Cluster(tmp_path)
+    async with c.node(1, "--single") as n1, c.socket(1) as ws:
+        await until(lambda: n1.core.is_leader)
+        proposers: list[str] = []
+        handle = n1.driver.handle
+
+        def recording(event: Any) -> None:
+            if type(event).__name__ == "Propose":
+                proposers.append(trio.lowlevel.current_task().name)
+            handle(event)
+
+        monkeypatch.setattr(n1.driver, "handle", recording)
+        assert "ok" in await ask(ws, id=1, op="upsert", key="a", value=b"1")
+        await ws.send_message(msgpack.packb([
+            {"id": 2, "op": "upsert", "key": "b", "value": b"2"}, {"id": 3, "op": "get", "key": "a"},
+        ]))
+        replies = {r["id"]: r for r in [msgpack.unpackb(await ws.get_message()) for _ in range(2)]}
+        assert "ok" in replies[2] and replies[3]["ok"]["data"] == b"1"
+        assert len(proposers) == 2
+        assert "reader_task" in proposers[0] and "serve" in proposers[1], proposers
+
+        async def failing(*args: Any) -> Any:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(n1, "begin_client_writes", failing)
+        assert "ok" in await ask(ws, id=4, op="upsert", key="c", value=b"3")
+        assert "serve" in proposers[2] and "proposing them from the reader task failed" in caplog.text
+
+
 async def test_a_follower_forwards_writes_and_serves_linearizable_reads(tmp_path: Path) -> None:
     c = Cluster(tmp_path)
     async with c.node(1, "--single") as n1:
