@@ -31,22 +31,29 @@ async def single_errors() -> AsyncIterator[None]:
 
 class InFlight:
     """A count of requests being served, so a graceful shutdown can let them answer:
-    `with counter:` around serving one request; `await counter.wait_idle()`."""
+    `with counter:` around serving one request (or `add()`, then `done()` from the
+    task that finishes it); `await counter.wait_idle()`."""
 
     def __init__(self) -> None:
         self.count = 0
         self._idle = trio.Event()
         self._idle.set()
 
-    def __enter__(self) -> None:
+    def add(self) -> None:
         self.count += 1
         if self.count == 1:
             self._idle = trio.Event()
 
-    def __exit__(self, *exc: object) -> None:
+    def done(self) -> None:
         self.count -= 1
         if self.count == 0:
             self._idle.set()
+
+    def __enter__(self) -> None:
+        self.add()
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

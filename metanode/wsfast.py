@@ -51,7 +51,7 @@ class HandOffLock:
     __slots__ = ("_sem",)
 
     def __init__(self) -> None:
-        self._sem = trio.Semaphore(1)
+        self._sem = trio.Semaphore(1, max_value=1)  # a second release raises
 
     def locked(self) -> bool:
         return self._sem.value == 0
@@ -107,7 +107,8 @@ def send_now(ws: WebSocketConnection, data: bytes) -> bool:
         return True
     try:
         ws._metanode_nursery.start_soon(_finish, ws, lock, memoryview(frame)[n:])  # type: ignore[attr-defined]
-    except BaseException:
+    except BaseException:  # (the nursery is closed: the connection is ending)
+        _cut(ws)
         lock.release()
         raise
     return True
@@ -118,8 +119,17 @@ async def _finish(ws: WebSocketConnection, lock: HandOffLock, rest: memoryview) 
         await ws._stream.send_all(rest)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await ws._abort_web_socket()
+    except BaseException:  # cancelled with the frame half written
+        _cut(ws)
+        raise
     finally:
         lock.release()
+
+
+def _cut(ws: WebSocketConnection) -> None:
+    """A frame is half written: nothing may follow it on this stream. Close the
+    socket (the reader task then ends the connection)."""
+    ws._stream.socket.close()
 
 
 async def send_message(ws: WebSocketConnection, data: bytes) -> None:

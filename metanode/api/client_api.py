@@ -81,6 +81,7 @@ class ClientNode(Protocol):
     async def client_write_batch(
         self, cmds: list[Command], on_settled: Callable[[list[Any]], None] | None = None, begun: Any = None
     ) -> list[Any]: ...
+    def abandon_client_writes(self, begun: Any) -> None: ...
     async def client_read_barrier(self) -> None: ...
     def client_addresses(self) -> list[str]: ...
     def cluster_status(self) -> dict: ...
@@ -260,7 +261,7 @@ def _all_writes(reqs: list[Any]) -> list[tuple[int, str, Command]] | None:
             return None
         try:
             writes.append((rid, name, WRITE_OPS[name](req)))
-        except ClientError:
+        except Exception:  # answered by `_serve_batch` (bad_request, or internal)
             return None
     return writes
 
@@ -307,6 +308,7 @@ class ClientSession:
         self.token = token
         self.authenticated = token is None
         self._refusal: Unauthenticated | None = None  # why the socket is refused
+        self._closed = False  # the session ended: messages still handed over are dropped
         self.stats = stats_for(node)  # counts and latencies for the dashboard
         self.metrics = metrics_for(node)  # Prometheus counters (metanode/metrics.py)
         self.ops: dict[str, Callable[[dict], Any]] = {
@@ -322,39 +324,66 @@ class ClientSession:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            # Replies may leave from the task that applied their writes (plain TCP).
-            wsfast.adopt(self.ws, nursery)
-            # Messages come to `_received` from the connection's reader task.
-            for message in wsfast.deliver_to(self.ws, self._received):
-                await self._received(message)
-            with contextlib.suppress(ConnectionClosed):
-                while True:  # (with the sink, only the end comes here)
-                    await self._received(await self.ws.get_message())
-            nursery.cancel_scope.cancel()
+            try:
+                # Replies may leave from the task that applied their writes (plain TCP).
+                wsfast.adopt(self.ws, nursery)
+                # Messages come to `_received` from the connection's reader task.
+                for message in wsfast.deliver_to(self.ws, self._received):
+                    await self._received(message)
+                with contextlib.suppress(ConnectionClosed):
+                    while True:  # (with the sink, only the end comes here)
+                        await self._received(await self.ws.get_message())
+            finally:
+                # Before the nursery closes: the reader task may still hand over a
+                # message (one sent before the client saw our close).
+                self._closed = True
+                nursery.cancel_scope.cancel()
 
     async def _received(self, message: bytes | str) -> None:
-        """One message, in the connection's reader task."""
+        """One message, in the connection's reader task: nothing may escape into it."""
+        try:
+            await self._take(message)
+        except Exception:
+            log.exception("client message dropped: it could not be handed to a serving task")
+
+    async def _take(self, message: bytes | str) -> None:
         # Backpressure: beyond MAX_IN_FLIGHT requests in flight on this socket we stop
         # reading and the client's sends block (TCP), instead of holding unbounded
-        # work and replies.
-        while self.in_flight >= MAX_IN_FLIGHT:
+        # work and replies. Counted here, before the next message is taken.
+        while self.in_flight >= MAX_IN_FLIGHT and not self._closed:
             self._room = trio.Event()
             await self._room.wait()
-        if not self.authenticated:
-            if self._refusal is not None:
-                return  # refused: the socket is closing (1008)
-            self._check_token(message)
-        if self.authenticated:
-            try:
-                reqs = self._parse(message)
-            except ClientError:
-                pass  # answered by `serve`
-            else:
-                writes = _all_writes(reqs)
-                group = await self._begin(writes) if writes is not None else None
+        if self._closed or self._refusal is not None:
+            return  # the session ended, or the socket is refused and closing (1008)
+        try:
+            reqs: list[Any] | None = self._parse(message)
+        except ClientError:
+            reqs = None  # answered by `serve`
+        if not self.authenticated and reqs is not None:
+            self._check_token(reqs)
+        n = len(reqs) if reqs is not None else 0
+        self.in_flight += n
+        self.metrics.req_inflights.inc(n)
+        self.counter.add()
+        group: tuple[_WriteGroup, Any] | None = None
+        try:
+            writes = _all_writes(reqs) if reqs is not None and self.authenticated else None
+            if writes is not None:
+                group = await self._begin(writes)
+            if not self._closed:  # (it may have ended meanwhile: then nobody serves it)
                 self._nursery.start_soon(self.serve, message, reqs, group)
                 return
-        self._nursery.start_soon(self.serve, message)
+        except BaseException:
+            self._abandon(group, n)
+            raise
+        self._abandon(group, n)
+
+    def _abandon(self, group: tuple[_WriteGroup, Any] | None, n: int) -> None:
+        """A message counted by `_take` that no task will serve."""
+        if group is not None and group[1] is not None:
+            self.node.abandon_client_writes(group[1])  # proposed: its outcome is dropped
+        self._done(n)
+        self.counter.done()
 
     async def _begin(self, writes: list[tuple[int, str, Command]]) -> tuple[_WriteGroup, Any]:
         """A message of writes only: on the leader, proposed here, in the reader task
@@ -367,17 +396,13 @@ class ClientSession:
             log.exception("client writes: proposing them from the reader task failed")
             return group, None
 
-    def _check_token(self, message: bytes | str) -> None:
-        """With a token and no valid handshake yet, the next message decides, here in
-        the order messages come (tasks started together run in any order): a valid
-        handshake as its first request authenticates the socket; anything else
-        refuses it (its serving task answers `unauthenticated` and closes the socket;
-        later messages are dropped). A message that does not parse decides nothing
-        (it is answered `bad_request` or `too_large`)."""
-        try:
-            reqs = self._parse(message)
-        except ClientError:
-            return
+    def _check_token(self, reqs: list[Any]) -> None:
+        """With a token and no valid handshake yet, the next message (parsed: one that
+        does not parse decides nothing, it is answered `bad_request` or `too_large`)
+        decides, here in the order messages come (tasks started together run in any
+        order): a valid handshake as its first well-formed request authenticates the
+        socket; anything else refuses it (its serving task answers `unauthenticated`
+        and closes the socket; later messages are dropped)."""
         for req in reqs:
             if not isinstance(req, dict) or not _valid_id(req.get("id")):
                 continue  # answered bad_request: the next request decides
@@ -394,33 +419,31 @@ class ClientSession:
             self._room.set()
 
     async def serve(
-        self, message: bytes | str, reqs: list[Any] | None = None, writes: tuple[_WriteGroup, Any] | None = None
+        self, message: bytes | str, reqs: list[Any] | None, writes: tuple[_WriteGroup, Any] | None = None
     ) -> None:
-        """One message: a request map, or an array of them (a batch). Its writes go
-        to the node as one batch (one log append), its linearizable reads share one
-        read barrier, and each group's replies leave as one message. `reqs`: the
-        message parsed already; `writes`: all of them, as `_begin` left them."""
-        with self.counter:
+        """One message, counted by `_take` (in `in_flight` and the counter): a request
+        map, or an array of them (a batch); `reqs` the message parsed, None when it
+        did not parse. Its writes go to the node as one batch (one log append), its
+        linearizable reads share one read barrier, and each group's replies leave as
+        one message. `writes`: all of them, as `_begin` left them."""
+        try:
             self.metrics.received(len(message))
             if reqs is None:
                 try:
-                    reqs = self._parse(message)
+                    self._parse(message)
                 except _AllTooLarge as e:
                     ids = [r.get("id") if isinstance(r, dict) else None for r in e.reqs] or [None]
                     await self._send_replies([{"id": rid, "error": self._error(e)} for rid in ids])
-                    return
                 except ClientError as e:
                     await self._send_replies([{"id": None, "error": self._error(e)}])
-                    return
-            self.in_flight += len(reqs)
-            self.metrics.req_inflights.inc(len(reqs))
-            try:
-                if writes is not None:
-                    await self._serve_writes(*writes)
-                else:
-                    await self._serve_batch(reqs)
-            finally:
-                self._done(len(reqs))
+                return
+            if writes is not None:
+                await self._serve_writes(*writes)
+            else:
+                await self._serve_batch(reqs)
+        finally:
+            self._done(len(reqs) if reqs is not None else 0)
+            self.counter.done()
 
     def _parse(self, message: bytes | str) -> list[Any]:
         if isinstance(message, str):

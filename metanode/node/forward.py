@@ -179,6 +179,11 @@ class Forwarding:
         batch = await self.submit_proposals(cmds, _settle_early(on_settled))
         return BegunWrites(batch, deadline)
 
+    def abandon_client_writes(self, begun: BegunWrites) -> None:
+        """Begun writes nobody will wait for (their socket's session ended): forget
+        them; they are applied or not, and nobody is told."""
+        self._forget(begun.batch)
+
     async def client_write_batch(
         self, cmds: list[Command], on_settled: Callable[[list[Any]], None] | None = None,
         begun: BegunWrites | None = None,
@@ -200,7 +205,8 @@ class Forwarding:
         deadline = begun.deadline if begun is not None else trio.current_time() + self.wait_s()
         last: Exception | None = None
         with self.calls:
-            while pending and trio.current_time() < deadline:
+            # (a begun batch is waited for once even past the deadline: it is proposed)
+            while pending and (begun is not None or trio.current_time() < deadline):
                 retry: list[int] = []
                 if begun is not None or self.core.is_leader:
                     left = max(0.1, deadline - trio.current_time())

@@ -330,6 +330,9 @@ class RaftLoop:
                 if self.apply_idle and ready.snapshot is None and len(ready.committed) <= INLINE_APPLY_MAX:
                     self.apply_batch(applied)  # the apply loop has nothing before it: no task switch
                 else:
+                    if commit_only:  # before an await: a snapshot's save may hold the store after it
+                        self._persist(ready, False)
+                        commit_only = False
                     self.apply_idle = False
                     with trio.CancelScope(shield=shield):
                         await self._apply_send.send(applied)

@@ -19,6 +19,7 @@ from metanode.server import open_server
 from tests.net import free_port, until
 
 pytestmark = pytest.mark.runtime
+LIMIT = 20
 
 
 class Cluster:
@@ -462,3 +463,92 @@ async def test_the_python_client_sends_its_token(tmp_path: Path) -> None:
         with pytest.raises(Unauthenticated):
             async with MetaClient.connect([f"127.0.0.1:{c.grpc[1]}"], token="nope", timeout=5) as client:
                 await client.get("k")
+
+
+async def _raw_socket(port: int) -> tuple[trio.SocketStream, Any]:
+    """A bare WebSocket client (wsproto over a TCP stream the test closes itself)."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/v1")))
+    while True:
+        ws.receive_data(await stream.receive_some())
+        if any(isinstance(e, AcceptConnection) for e in ws.events()):
+            return stream, ws
+
+
+@pytest.mark.parametrize("req", [
+    {"id": 1, "op": "get", "key": "a", "consistency": "local"},
+    {"id": 1, "op": "upsert", "key": "a", "value": b"1"},
+])
+async def test_a_message_that_arrives_after_the_session_ended_is_dropped(tmp_path: Path, req: dict) -> None:
+    """Shutdown closes the socket (1001); a message the client sent before it saw the
+    close still reaches the reader task, after the session's tasks are gone: it is
+    dropped, and the node stops cleanly (it crashed the client API)."""
+    from wsproto.events import CloseConnection
+    from wsproto.frame_protocol import FrameProtocol, Opcode
+
+    c = Cluster(tmp_path)
+    got_close = trio.Event()
+
+    async def client(port: int) -> None:
+        stream, ws = await _raw_socket(port)
+        try:
+            while not got_close.is_set():
+                data = await stream.receive_some()
+                if not data:
+                    return
+                ws.receive_data(data)
+                if any(isinstance(e, CloseConnection) for e in ws.events()):
+                    got_close.set()
+            # wsproto sends nothing after a close: the frame is built by hand.
+            await stream.send_all(FrameProtocol(client=True, extensions=[])._serialize_frame(
+                Opcode.BINARY, msgpack.packb(req)))
+            await trio.sleep(0.5)
+        finally:
+            await stream.aclose()
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            async with c.node(1, "--single") as n1:
+                await until(lambda: n1.core.is_leader)
+                nursery.start_soon(client, c.grpc[1])
+                await trio.sleep(0.2)
+            # open_server returned without an error: the late message harmed nothing
+    assert got_close.is_set()
+
+
+async def test_backpressure_holds_for_a_burst_read_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small messages in one TCP read are handed over without a checkpoint
+    between them: the in-flight count is taken as each is handed over, so no more
+    than MAX_IN_FLIGHT requests are in flight on the socket."""
+    from wsproto.events import BytesMessage
+
+    from metanode.api import client_api
+
+    peak = [0]
+    serve_batch = client_api.ClientSession._serve_batch
+
+    async def slow(self: Any, reqs: list[Any]) -> None:
+        peak[0] = max(peak[0], self.in_flight)
+        await trio.sleep(0.3)  # a request that takes a while
+        await serve_batch(self, reqs)
+
+    monkeypatch.setattr(client_api.ClientSession, "_serve_batch", slow)
+    c = Cluster(tmp_path)
+    with trio.fail_after(LIMIT):
+        async with c.node(1, "--single") as n1:
+            await until(lambda: n1.core.is_leader)
+            stream, ws = await _raw_socket(c.grpc[1])
+            try:
+                n = client_api.MAX_IN_FLIGHT * 3
+                await stream.send_all(b"".join(
+                    ws.send(BytesMessage(data=msgpack.packb({"id": i, "op": "member_list"}))) for i in range(n)
+                ))
+                await until(lambda: peak[0] >= client_api.MAX_IN_FLIGHT, "a full socket")
+                await trio.sleep(0.5)
+            finally:
+                await stream.aclose()
+    assert peak[0] == client_api.MAX_IN_FLIGHT

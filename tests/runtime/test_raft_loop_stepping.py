@@ -236,3 +236,29 @@ async def test_a_commit_index_alone_is_written_after_the_apply(tmp_path: Path) -
             await n.propose(Upsert("k", b"v"))
             assert order == ["synced append", "apply", "commit index"], order
             assert n.storage.hard_state.commit == n.core.commit_index
+
+
+async def test_with_the_apply_loop_busy_the_commit_index_is_written_before_handing_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a Ready's entries go to the apply loop (an await: a snapshot's save may
+    take the store meanwhile), its commit index alone is written before that."""
+    with trio.fail_after(LIMIT):
+        async with node(tmp_path, Ports(), 1, "--single") as n:
+            await until(lambda: n.core.is_leader, "leader")
+            order: list[str] = []
+            append, send = n.storage.append, n._apply_send.send
+
+            def recording_append(**kw: Any) -> None:
+                order.append("synced append" if kw.get("sync", True) else "commit index")
+                append(**kw)
+
+            async def recording_send(applied: Any) -> None:
+                order.extend("to the apply loop" for _ in applied.committed)
+                await send(applied)
+
+            n.storage.append = recording_append
+            monkeypatch.setattr(n._apply_send, "send", recording_send)
+            n.apply_idle = False  # as if the apply loop had work queued
+            await n.propose(Upsert("k", b"v"))
+            assert order == ["synced append", "commit index", "to the apply loop"], order

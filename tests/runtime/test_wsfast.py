@@ -232,3 +232,34 @@ async def test_deliver_to_keeps_the_size_limit() -> None:
             await client._stream.aclose()  # docs/architecture/stack.md: the client leaks it otherwise
             nursery.cancel_scope.cancel()
     assert got == [b"small"] and reasons == [1009]
+
+
+async def test_a_frame_cut_short_by_a_cancel_closes_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task finishing a frame is cancelled with the frame half written: nothing
+    may follow it on the stream, so the socket is closed (and the lock released)."""
+    state: dict[str, Any] = {}
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        with trio.move_on_after(0.3):
+            async with trio.open_nursery() as inner:
+                assert wsfast.adopt(ws, inner)
+                monkeypatch.setattr(wsfast, "_write_fd", lambda fd, frame: os.write(fd, frame[:10]))
+                assert wsfast.send_now(ws, bytes(32 << 20))  # the peer does not read: the rest blocks
+                await trio.sleep_forever()
+        state["fd"] = ws._stream.socket.fileno()
+        state["locked"] = ws._stream_lock.locked()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            try:
+                await stream.send_all(UPGRADE)
+                with trio.move_on_after(3):
+                    while "fd" not in state:
+                        await trio.sleep(0.01)
+            finally:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert state == {"fd": -1, "locked": False}
