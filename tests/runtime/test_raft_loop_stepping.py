@@ -214,24 +214,32 @@ async def test_peer_messages_are_stepped_by_their_connection_task(tmp_path: Path
             assert n1.sm.get("k") == n2.sm.get("k")
 
 
+def record_appends(n: Any) -> list[str]:
+    """Each storage append, as "synced append" or "commit index" (sync=False)."""
+    order: list[str] = []
+    append = n.storage.append
+
+    def recording(**kw: Any) -> None:
+        order.append("synced append" if kw.get("sync", True) else "commit index")
+        append(**kw)
+
+    n.storage.append = recording
+    return order
+
+
 async def test_a_commit_index_alone_is_written_after_the_apply(tmp_path: Path) -> None:
     """A Ready whose hard state only moved the commit index writes it (no fsync) after
     applying what it commits: the write's reply need not wait for that syscall."""
     with trio.fail_after(LIMIT):
         async with node(tmp_path, Ports(), 1, "--single") as n:
             await until(lambda: n.core.is_leader, "leader")
-            order: list[str] = []
-            append, apply = n.storage.append, n.driver.apply
-
-            def recording_append(**kw: Any) -> None:
-                order.append("synced append" if kw.get("sync", True) else "commit index")
-                append(**kw)
+            order = record_appends(n)
+            apply = n.driver.apply
 
             def recording_apply(snapshot: Any, committed: Any, *rest: Any) -> None:
                 order.extend("apply" for _ in committed)
                 apply(snapshot, committed, *rest)
 
-            n.storage.append = recording_append
             n.driver.apply = recording_apply
             await n.propose(Upsert("k", b"v"))
             assert order == ["synced append", "apply", "commit index"], order
@@ -246,18 +254,13 @@ async def test_with_the_apply_loop_busy_the_commit_index_is_written_before_handi
     with trio.fail_after(LIMIT):
         async with node(tmp_path, Ports(), 1, "--single") as n:
             await until(lambda: n.core.is_leader, "leader")
-            order: list[str] = []
-            append, send = n.storage.append, n._apply_send.send
-
-            def recording_append(**kw: Any) -> None:
-                order.append("synced append" if kw.get("sync", True) else "commit index")
-                append(**kw)
+            order = record_appends(n)
+            send = n._apply_send.send
 
             async def recording_send(applied: Any) -> None:
                 order.extend("to the apply loop" for _ in applied.committed)
                 await send(applied)
 
-            n.storage.append = recording_append
             monkeypatch.setattr(n._apply_send, "send", recording_send)
             n.apply_idle = False  # as if the apply loop had work queued
             await n.propose(Upsert("k", b"v"))

@@ -42,6 +42,19 @@ async def _pair(nursery: trio.Nursery, body: Any) -> list[bytes]:
     return got
 
 
+async def _bare_client(port: int, done: Any, limit: float = 3.0) -> None:
+    """A bare client: the upgrade request, then nothing until `done()` (trio-websocket's
+    own client leaks its socket when the server drops it); its socket closed after."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(UPGRADE)
+        with trio.move_on_after(limit):
+            while not done():
+                await trio.sleep(0.01)
+    finally:
+        await stream.aclose()
+
+
 async def test_send_now_writes_at_once_without_a_checkpoint() -> None:
     async def body(ws: WebSocketConnection, nursery: trio.Nursery) -> None:
         assert not wsfast.send_now(ws, b"not adopted")  # declined: nothing sent
@@ -143,16 +156,7 @@ async def test_a_broken_socket_aborts_the_connection_as_send_message_would(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-            # A bare client: the upgrade request, then nothing (trio-websocket's own
-            # client leaks its socket when the server drops it).
-            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            try:
-                await stream.send_all(UPGRADE)
-                with trio.move_on_after(2):
-                    while not closed:
-                        await trio.sleep(0.01)
-            finally:
-                await stream.aclose()
+            await _bare_client(server.port, lambda: bool(closed))
             nursery.cancel_scope.cancel()
     assert closed and closed[0] is not None
 
@@ -253,13 +257,6 @@ async def test_a_frame_cut_short_by_a_cancel_closes_the_socket(monkeypatch: pyte
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            try:
-                await stream.send_all(UPGRADE)
-                with trio.move_on_after(3):
-                    while "fd" not in state:
-                        await trio.sleep(0.01)
-            finally:
-                await stream.aclose()
+            await _bare_client(server.port, lambda: "fd" in state)
             nursery.cancel_scope.cancel()
     assert state == {"fd": -1, "locked": False}
