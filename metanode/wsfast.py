@@ -102,6 +102,9 @@ def send_now(ws: WebSocketConnection, data: bytes) -> bool:
     except OSError:  # broken, nothing written: the usual path finds out (and aborts)
         lock.release()
         return False
+    except BaseException:
+        lock.release()
+        raise
     if n == len(frame):
         lock.release()
         return True

@@ -309,6 +309,7 @@ class ClientSession:
         self.authenticated = token is None
         self._refusal: Unauthenticated | None = None  # why the socket is refused
         self._closed = False  # the session ended: messages still handed over are dropped
+        self._taking = trio.StrictFIFOLock()  # one message handed over at a time, in order
         self.stats = stats_for(node)  # counts and latencies for the dashboard
         self.metrics = metrics_for(node)  # Prometheus counters (metanode/metrics.py)
         self.ops: dict[str, Callable[[dict], Any]] = {
@@ -337,21 +338,31 @@ class ClientSession:
                 # Before the nursery closes: the reader task may still hand over a
                 # message (one sent before the client saw our close).
                 self._closed = True
+                self._room.set()
                 nursery.cancel_scope.cancel()
 
     async def _received(self, message: bytes | str) -> None:
-        """One message, in the connection's reader task: nothing may escape into it."""
+        """One message, in the connection's reader task (or `run`, for those queued
+        before): one at a time, in arrival order; nothing may escape into the reader."""
+        lock = self._taking
+        try:
+            lock.acquire_nowait()  # (free but for `run` handling a queued one: no pass lost)
+        except trio.WouldBlock:
+            await lock.acquire()
         try:
             await self._take(message)
         except Exception:
             log.exception("client message dropped: it could not be handed to a serving task")
+        finally:
+            lock.release()
 
     async def _take(self, message: bytes | str) -> None:
         # Backpressure: beyond MAX_IN_FLIGHT requests in flight on this socket we stop
         # reading and the client's sends block (TCP), instead of holding unbounded
         # work and replies. Counted here, before the next message is taken.
         while self.in_flight >= MAX_IN_FLIGHT and not self._closed:
-            self._room = trio.Event()
+            if self._room.is_set():
+                self._room = trio.Event()
             await self._room.wait()
         if self._closed or self._refusal is not None:
             return  # the session ended, or the socket is refused and closing (1008)
@@ -661,8 +672,12 @@ class ClientSession:
         scope.cancel()
 
     async def _send(self, message: dict) -> None:
+        """One message of a stream (a watch, an export). Shielded: a cancel (a watch's
+        `cancel`) landing in a frame half written would corrupt the socket for every
+        later message. A peer that stops reading holds it until its socket closes."""
         data = msgpack.packb(message, use_bin_type=True)
-        await wsfast.send_message(self.ws, data)
+        with trio.CancelScope(shield=True):
+            await wsfast.send_message(self.ws, data)
         self.metrics.sent([message], len(data))
 
     async def _watch(self, rid: int, req: dict) -> None:

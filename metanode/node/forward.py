@@ -175,9 +175,8 @@ class Forwarding:
         does). None, having done nothing, when this node does not lead."""
         if not self.core.is_leader:
             return None
-        deadline = trio.current_time() + self.wait_s()
         batch = await self.submit_proposals(cmds, _settle_early(on_settled))
-        return BegunWrites(batch, deadline)
+        return BegunWrites(batch, trio.current_time() + self.wait_s())  # (as long as a proposal from the serving task)
 
     def abandon_client_writes(self, begun: BegunWrites) -> None:
         """Begun writes nobody will wait for (their socket's session ended): forget

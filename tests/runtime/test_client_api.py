@@ -181,8 +181,9 @@ async def test_a_message_of_writes_is_proposed_by_the_reader_task_on_the_leader(
         handle = n1.driver.handle
 
         def recording(event: Any) -> None:
-            if type(event).__name__ == "Propose":
-                proposers.append(trio.lowlevel.current_task().name)
+            name = trio.lowlevel.current_task().name
+            if type(event).__name__ == "Propose" and ("reader_task" in name or "client_api" in name):
+                proposers.append(name)  # (not the node's own, e.g. publishing its record)
             handle(event)
 
         monkeypatch.setattr(n1.driver, "handle", recording)
@@ -483,7 +484,9 @@ async def _raw_socket(port: int) -> tuple[trio.SocketStream, Any]:
     {"id": 1, "op": "get", "key": "a", "consistency": "local"},
     {"id": 1, "op": "upsert", "key": "a", "value": b"1"},
 ])
-async def test_a_message_that_arrives_after_the_session_ended_is_dropped(tmp_path: Path, req: dict) -> None:
+async def test_a_message_that_arrives_after_the_session_ended_is_dropped(
+    tmp_path: Path, req: dict, caplog: pytest.LogCaptureFixture
+) -> None:
     """Shutdown closes the socket (1001); a message the client sent before it saw the
     close still reaches the reader task, after the session's tasks are gone: it is
     dropped, and the node stops cleanly (it crashed the client API)."""
@@ -518,6 +521,8 @@ async def test_a_message_that_arrives_after_the_session_ended_is_dropped(tmp_pat
                 await trio.sleep(0.2)
             # open_server returned without an error: the late message harmed nothing
     assert got_close.is_set()
+    assert n1.sm.get("a") is None  # dropped before anything was done with it
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("metanode.api")]
 
 
 async def test_backpressure_holds_for_a_burst_read_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -552,3 +557,99 @@ async def test_backpressure_holds_for_a_burst_read_at_once(tmp_path: Path, monke
             finally:
                 await stream.aclose()
     assert peak[0] == client_api.MAX_IN_FLIGHT
+
+
+async def _replies(stream: trio.SocketStream, ws: Any, want: Any, limit: float = 5.0) -> list[dict]:
+    """Replies read off a bare socket (whole messages, arrays flattened) until
+    `want(replies)` or `limit` seconds."""
+    from wsproto.events import BytesMessage
+
+    out: list[dict] = []
+    parts: list[bytes] = []
+    with trio.move_on_after(limit):
+        while not want(out):
+            data = await stream.receive_some()
+            if not data:
+                break
+            ws.receive_data(data)
+            for e in ws.events():
+                if isinstance(e, BytesMessage):
+                    parts.append(e.data)
+                    if e.message_finished:
+                        m = msgpack.unpackb(b"".join(parts))
+                        parts.clear()
+                        out.extend(m if isinstance(m, list) else [m])
+    return out
+
+
+async def test_messages_queued_before_the_session_runs_are_all_answered_under_backpressure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages that came before the session took over (its own task handles those)
+    and after it (the reader task) wait for room one at a time, in order: each is
+    answered, and the session ends when the client leaves."""
+    from wsproto.events import BytesMessage
+
+    from metanode.api import client_api
+
+    run, serve_batch = client_api.ClientSession.run, client_api.ClientSession._serve_batch
+    sessions: list[Any] = []
+
+    async def late_run(self: Any) -> None:  # the handler reaches `run` a little late
+        sessions.append(self)
+        await trio.sleep(0.3)
+        await run(self)
+
+    async def slow(self: Any, reqs: list[Any]) -> None:
+        if len(reqs) > 1:
+            await trio.sleep(0.5)  # the big batch holds the socket's room for a while
+        await serve_batch(self, reqs)
+
+    monkeypatch.setattr(client_api.ClientSession, "run", late_run)
+    monkeypatch.setattr(client_api.ClientSession, "_serve_batch", slow)
+    c = Cluster(tmp_path)
+    with trio.fail_after(LIMIT):
+        async with c.node(1, "--single") as n1:
+            await until(lambda: n1.core.is_leader)
+            stream, ws = await _raw_socket(c.grpc[1])
+
+            def msg(m: Any) -> bytes:
+                return ws.send(BytesMessage(data=msgpack.packb(m)))
+
+            try:
+                big = [{"id": 1000 + i, "op": "member_list"} for i in range(client_api.MAX_IN_FLIGHT + 44)]
+                await stream.send_all(msg(big) + msg({"id": 1, "op": "member_list"}))  # before `run`
+                await trio.sleep(0.5)
+                await stream.send_all(msg({"id": 2, "op": "member_list"}))  # through the reader task
+                got = await _replies(stream, ws, lambda r: {1, 2} <= {x["id"] for x in r})
+                assert {1, 2} <= {r["id"] for r in got} and len(got) == len(big) + 2
+            finally:
+                await stream.aclose()
+            await until(lambda: sessions[0]._closed, "the session's end")
+            assert sessions[0].in_flight == 0 and sessions[0].counter.count == 0
+
+
+async def test_cancelling_a_watch_whose_send_waits_for_a_slow_reader_cuts_no_frame(tmp_path: Path) -> None:
+    """A watch's `cancel` while its event is half written (the client does not read)
+    takes effect after that frame: everything the client then reads is whole, ending
+    with the watch's last reply."""
+    from wsproto.events import BytesMessage
+
+    c = Cluster(tmp_path)
+    with trio.fail_after(LIMIT * 2):
+        async with c.node(1, "--single", max_message=8 << 20) as n1:
+            await until(lambda: n1.core.is_leader)
+            async with c.socket(1) as w:
+                for i in range(24):
+                    assert "ok" in await ask(w, id=i, op="upsert", key=f"k{i:02}", value=bytes(1 << 20))
+            stream, ws = await _raw_socket(c.grpc[1])
+            try:
+                await stream.send_all(ws.send(BytesMessage(data=msgpack.packb(
+                    {"id": 7, "op": "watch", "key": "k", "key_end": "l", "initial_flush": True}))))
+                await trio.sleep(1.0)  # the watch's sends block: nothing is read
+                await stream.send_all(ws.send(BytesMessage(data=msgpack.packb({"id": 7, "op": "cancel"}))))
+                got = await _replies(stream, ws, lambda r: any("ok" in x for x in r), limit=10)
+            finally:
+                await stream.aclose()
+    assert got and got[-1] == {"id": 7, "ok": None}, got[-1:]
+    assert all(r["id"] == 7 for r in got)
