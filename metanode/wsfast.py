@@ -110,10 +110,9 @@ def send_now(ws: WebSocketConnection, data: bytes) -> bool:
         return True
     try:
         ws._metanode_nursery.start_soon(_finish, ws, lock, memoryview(frame)[n:])  # type: ignore[attr-defined]
-    except BaseException:  # (the nursery is closed: the connection is ending)
+    except RuntimeError:  # the nursery is closed: the connection is ending; end it here
         _cut(ws)
         lock.release()
-        raise
     return True
 
 

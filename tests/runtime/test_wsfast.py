@@ -260,3 +260,27 @@ async def test_a_frame_cut_short_by_a_cancel_closes_the_socket(monkeypatch: pyte
             await _bare_client(server.port, lambda: "fd" in state)
             nursery.cancel_scope.cancel()
     assert state == {"fd": -1, "locked": False}
+
+
+async def test_a_partial_write_after_the_adopting_nursery_closed_ends_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No task can finish the frame (the nursery `adopt` was given is gone): the
+    socket is closed at once, nothing raised, the lock free."""
+    state: dict[str, Any] = {}
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        async with trio.open_nursery() as gone:
+            assert wsfast.adopt(ws, gone)
+        monkeypatch.setattr(wsfast, "_write_fd", lambda fd, frame: os.write(fd, frame[:5]))
+        state["sent"] = wsfast.send_now(ws, b"x" * 100)
+        state["fd"] = ws._stream.socket.fileno()
+        state["locked"] = ws._stream_lock.locked()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            await _bare_client(server.port, lambda: "fd" in state)
+            nursery.cancel_scope.cancel()
+    assert state == {"sent": True, "fd": -1, "locked": False}
