@@ -364,8 +364,8 @@ class ClientSession:
             if self._room.is_set():
                 self._room = trio.Event()
             await self._room.wait()
-        if self._closed or self._refusal is not None:
-            return  # the session ended, or the socket is refused and closing (1008)
+        if self._closed or self._refusal is not None or self.ws._close_reason is not None:
+            return  # the session ended, the socket is closing (1001 at shutdown), or refused (1008)
         try:
             reqs: list[Any] | None = self._parse(message)
         except ClientError:

@@ -480,6 +480,20 @@ async def _raw_socket(port: int) -> tuple[trio.SocketStream, Any]:
             return stream, ws
 
 
+@asynccontextmanager
+async def _one_node_bare_socket(tmp_path: Path) -> AsyncIterator[tuple[trio.SocketStream, Any]]:
+    """A single-node cluster and a bare WebSocket client to it (closed after)."""
+    c = Cluster(tmp_path)
+    with trio.fail_after(LIMIT):
+        async with c.node(1, "--single") as n1:
+            await until(lambda: n1.core.is_leader)
+            stream, ws = await _raw_socket(c.grpc[1])
+            try:
+                yield stream, ws
+            finally:
+                await stream.aclose()
+
+
 @pytest.mark.parametrize("req", [
     {"id": 1, "op": "get", "key": "a", "consistency": "local"},
     {"id": 1, "op": "upsert", "key": "a", "value": b"1"},
@@ -542,20 +556,13 @@ async def test_backpressure_holds_for_a_burst_read_at_once(tmp_path: Path, monke
         await serve_batch(self, reqs)
 
     monkeypatch.setattr(client_api.ClientSession, "_serve_batch", slow)
-    c = Cluster(tmp_path)
-    with trio.fail_after(LIMIT):
-        async with c.node(1, "--single") as n1:
-            await until(lambda: n1.core.is_leader)
-            stream, ws = await _raw_socket(c.grpc[1])
-            try:
-                n = client_api.MAX_IN_FLIGHT * 3
-                await stream.send_all(b"".join(
-                    ws.send(BytesMessage(data=msgpack.packb({"id": i, "op": "member_list"}))) for i in range(n)
-                ))
-                await until(lambda: peak[0] >= client_api.MAX_IN_FLIGHT, "a full socket")
-                await trio.sleep(0.5)
-            finally:
-                await stream.aclose()
+    async with _one_node_bare_socket(tmp_path) as (stream, ws):
+        n = client_api.MAX_IN_FLIGHT * 3
+        await stream.send_all(b"".join(
+            ws.send(BytesMessage(data=msgpack.packb({"id": i, "op": "member_list"}))) for i in range(n)
+        ))
+        await until(lambda: peak[0] >= client_api.MAX_IN_FLIGHT, "a full socket")
+        await trio.sleep(0.5)
     assert peak[0] == client_api.MAX_IN_FLIGHT
 
 
@@ -607,26 +614,20 @@ async def test_messages_queued_before_the_session_runs_are_all_answered_under_ba
 
     monkeypatch.setattr(client_api.ClientSession, "run", late_run)
     monkeypatch.setattr(client_api.ClientSession, "_serve_batch", slow)
-    c = Cluster(tmp_path)
-    with trio.fail_after(LIMIT):
-        async with c.node(1, "--single") as n1:
-            await until(lambda: n1.core.is_leader)
-            stream, ws = await _raw_socket(c.grpc[1])
+    async with _one_node_bare_socket(tmp_path) as (stream, ws):
 
-            def msg(m: Any) -> bytes:
-                return ws.send(BytesMessage(data=msgpack.packb(m)))
+        def msg(m: Any) -> bytes:
+            return ws.send(BytesMessage(data=msgpack.packb(m)))
 
-            try:
-                big = [{"id": 1000 + i, "op": "member_list"} for i in range(client_api.MAX_IN_FLIGHT + 44)]
-                await stream.send_all(msg(big) + msg({"id": 1, "op": "member_list"}))  # before `run`
-                await trio.sleep(0.5)
-                await stream.send_all(msg({"id": 2, "op": "member_list"}))  # through the reader task
-                got = await _replies(stream, ws, lambda r: {1, 2} <= {x["id"] for x in r})
-                assert {1, 2} <= {r["id"] for r in got} and len(got) == len(big) + 2
-            finally:
-                await stream.aclose()
-            await until(lambda: sessions[0]._closed, "the session's end")
-            assert sessions[0].in_flight == 0 and sessions[0].counter.count == 0
+        big = [{"id": 1000 + i, "op": "member_list"} for i in range(client_api.MAX_IN_FLIGHT + 44)]
+        await stream.send_all(msg(big) + msg({"id": 1, "op": "member_list"}))  # before `run`
+        await trio.sleep(0.5)
+        await stream.send_all(msg({"id": 2, "op": "member_list"}))  # through the reader task
+        got = await _replies(stream, ws, lambda r: {1, 2} <= {x["id"] for x in r})
+        assert {1, 2} <= {r["id"] for r in got} and len(got) == len(big) + 2
+        await stream.aclose()
+        await until(lambda: sessions[0]._closed, "the session's end")
+        assert sessions[0].in_flight == 0 and sessions[0].counter.count == 0
 
 
 async def test_cancelling_a_watch_whose_send_waits_for_a_slow_reader_cuts_no_frame(tmp_path: Path) -> None:

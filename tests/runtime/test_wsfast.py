@@ -55,6 +55,15 @@ async def _bare_client(port: int, done: Any, limit: float = 3.0) -> None:
         await stream.aclose()
 
 
+async def _serve_one(handler: Any, done: Any) -> None:
+    """Serve `handler` for one bare client, which waits until `done()`."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            await _bare_client(server.port, done)
+            nursery.cancel_scope.cancel()
+
+
 async def test_send_now_writes_at_once_without_a_checkpoint() -> None:
     async def body(ws: WebSocketConnection, nursery: trio.Nursery) -> None:
         assert not wsfast.send_now(ws, b"not adopted")  # declined: nothing sent
@@ -254,11 +263,7 @@ async def test_a_frame_cut_short_by_a_cancel_closes_the_socket(monkeypatch: pyte
         state["fd"] = ws._stream.socket.fileno()
         state["locked"] = ws._stream_lock.locked()
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-            await _bare_client(server.port, lambda: "fd" in state)
-            nursery.cancel_scope.cancel()
+    await _serve_one(handler, lambda: "fd" in state)
     assert state == {"fd": -1, "locked": False}
 
 
@@ -278,9 +283,5 @@ async def test_a_partial_write_after_the_adopting_nursery_closed_ends_the_connec
         state["fd"] = ws._stream.socket.fileno()
         state["locked"] = ws._stream_lock.locked()
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-            await _bare_client(server.port, lambda: "fd" in state)
-            nursery.cancel_scope.cancel()
+    await _serve_one(handler, lambda: "fd" in state)
     assert state == {"sent": True, "fd": -1, "locked": False}
