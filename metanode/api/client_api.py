@@ -250,6 +250,11 @@ def _strings(values: Any, name: str) -> list[str]:
     return values
 
 
+def _pack_replies(replies: list[dict]) -> bytes:
+    """Replies ready together, as one message: one map, or an array of them."""
+    return msgpack.packb(replies[0] if len(replies) == 1 else replies, use_bin_type=True)
+
+
 def _all_writes(reqs: list[Any]) -> list[tuple[int, str, Command]] | None:
     """(id, op, command) of each request when all are well-formed writes, else None."""
     writes = []
@@ -282,7 +287,7 @@ class _WriteGroup:
     def answer_now(self, outcomes: list[Any]) -> None:
         s = self.session
         replies = s._write_replies(self.writes, outcomes)
-        data = msgpack.packb(replies[0] if len(replies) == 1 else replies, use_bin_type=True)
+        data = _pack_replies(replies)
         if wsfast.send_now(s.ws, data):
             self.answered = True
             s.metrics.sent(replies, len(data))
@@ -366,19 +371,23 @@ class ClientSession:
             await self._room.wait()
         if self._closed or self._refusal is not None or self.ws._close_reason is not None:
             return  # the session ended, the socket is closing (1001 at shutdown), or refused (1008)
+        reqs: list[Any] | ClientError
         try:
-            reqs: list[Any] | None = self._parse(message)
-        except ClientError:
-            reqs = None  # answered by `serve`
-        if not self.authenticated and reqs is not None:
-            self._check_token(reqs)
-        n = len(reqs) if reqs is not None else 0
+            reqs = self._parse(message)
+        except ClientError as e:
+            reqs = e  # answered by `serve`
+        if isinstance(reqs, ClientError):
+            n = 0
+        else:
+            if not self.authenticated:
+                self._check_token(reqs)
+            n = len(reqs)
         self.in_flight += n
         self.metrics.req_inflights.inc(n)
         self.counter.add()
         group: tuple[_WriteGroup, Any] | None = None
         try:
-            writes = _all_writes(reqs) if reqs is not None and self.authenticated else None
+            writes = None if isinstance(reqs, ClientError) or not self.authenticated else _all_writes(reqs)
             if writes is not None:
                 group = await self._begin(writes)
             if not self._closed:  # (it may have ended meanwhile: then nobody serves it)
@@ -430,30 +439,26 @@ class ClientSession:
             self._room.set()
 
     async def serve(
-        self, message: bytes | str, reqs: list[Any] | None, writes: tuple[_WriteGroup, Any] | None = None
+        self, message: bytes | str, reqs: list[Any] | ClientError, writes: tuple[_WriteGroup, Any] | None = None
     ) -> None:
         """One message, counted by `_take` (in `in_flight` and the counter): a request
-        map, or an array of them (a batch); `reqs` the message parsed, None when it
-        did not parse. Its writes go to the node as one batch (one log append), its
+        map, or an array of them (a batch); `reqs` the message parsed, or why it did
+        not parse. Its writes go to the node as one batch (one log append), its
         linearizable reads share one read barrier, and each group's replies leave as
         one message. `writes`: all of them, as `_begin` left them."""
         try:
             self.metrics.received(len(message))
-            if reqs is None:
-                try:
-                    self._parse(message)
-                except _AllTooLarge as e:
-                    ids = [r.get("id") if isinstance(r, dict) else None for r in e.reqs] or [None]
-                    await self._send_replies([{"id": rid, "error": self._error(e)} for rid in ids])
-                except ClientError as e:
-                    await self._send_replies([{"id": None, "error": self._error(e)}])
-                return
-            if writes is not None:
+            if isinstance(reqs, _AllTooLarge):
+                ids = [r.get("id") if isinstance(r, dict) else None for r in reqs.reqs] or [None]
+                await self._send_replies([{"id": rid, "error": self._error(reqs)} for rid in ids])
+            elif isinstance(reqs, ClientError):
+                await self._send_replies([{"id": None, "error": self._error(reqs)}])
+            elif writes is not None:
                 await self._serve_writes(*writes)
             else:
                 await self._serve_batch(reqs)
         finally:
-            self._done(len(reqs) if reqs is not None else 0)
+            self._done(0 if isinstance(reqs, ClientError) else len(reqs))
             self.counter.done()
 
     def _parse(self, message: bytes | str) -> list[Any]:
@@ -646,7 +651,7 @@ class ClientSession:
     async def _send_replies(self, replies: list[dict]) -> None:
         """Replies ready together leave as one message (one map, or an array)."""
         try:
-            data = msgpack.packb(replies[0] if len(replies) == 1 else replies, use_bin_type=True)
+            data = _pack_replies(replies)
             await wsfast.send_message(self.ws, data)
             self.metrics.sent(replies, len(data))
         except ConnectionClosed:
