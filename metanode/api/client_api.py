@@ -559,8 +559,20 @@ class ClientSession:
             await self._send_replies(self._write_replies(writes, outcomes))
 
     def _record_writes(self, writes: list[tuple[int, str, Command]], outcomes: list[Any], started: float) -> None:
+        """The writes of one message, answered together: recorded by op, at once."""
+        seconds = time.perf_counter() - started
+        counts: dict[str, list[int]] = {}  # op -> [answered, failed]
         for (_, name, _), outcome in zip(writes, outcomes):
-            self._record(name, started, not isinstance(outcome, BaseException))
+            count = counts.get(name)
+            if count is None:
+                count = counts[name] = [0, 0]
+            count[0] += 1
+            if isinstance(outcome, BaseException):
+                count[1] += 1
+        for name, (n, failed) in counts.items():
+            if self.stats is not None and name in KIND_OF_OP:
+                self.stats.record_many(KIND_OF_OP[name], seconds, n, failed)
+            self.metrics.requests_done(name, seconds, n, failed)
 
     def _write_replies(self, writes: list[tuple[int, str, Command]], outcomes: list[Any]) -> list[dict]:
         replies = []

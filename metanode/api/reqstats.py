@@ -62,19 +62,24 @@ class RequestStats:
         self.totals = {kind: 0 for kind in KINDS}
 
     def record(self, kind: str, seconds: float, ok: bool) -> None:
+        self.record_many(kind, seconds, 1, 0 if ok else 1)
+
+    def record_many(self, kind: str, seconds: float, n: int, errors: int) -> None:
+        """`n` requests of `kind` that took `seconds` each, `errors` of them failed."""
         period = self._periods.get(kind)
         if period is None:
             return
-        period.count += 1
-        self.totals[kind] += 1
-        if not ok:
-            period.errors += 1
-        if len(period.samples) < MAX_SAMPLES:
-            period.samples.append(seconds)
-        else:  # reservoir sampling: every request equally likely to be kept
-            slot = self._rng.randrange(period.count)
-            if slot < MAX_SAMPLES:
-                period.samples[slot] = seconds
+        self.totals[kind] += n
+        period.errors += errors
+        samples = period.samples
+        for _ in range(n):
+            period.count += 1
+            if len(samples) < MAX_SAMPLES:
+                samples.append(seconds)
+            else:  # reservoir sampling: every request equally likely to be kept
+                slot = self._rng.randrange(period.count)
+                if slot < MAX_SAMPLES:
+                    samples[slot] = seconds
 
     def take(self) -> dict[str, dict[str, Any]]:
         """Per kind: ``count``, ``errors``, ``p50_ms``, ``p99_ms`` (None without

@@ -23,7 +23,7 @@ from metanode.node.events import (
 from metanode.sm import Command
 from metanode.sm import Tick as ExpiryTick
 from metanode.raft import Snapshot
-from metanode.sm.codec import encode_command
+from metanode.sm.codec import encode_known
 from metanode.storage.snapshots import Parts
 
 log = logging.getLogger("metanode.node")
@@ -164,8 +164,8 @@ class ApplyLoop:
     # ------------------------------------------------------------------ requests
     async def propose(self, cmd: Command, timeout: float | None = None) -> Any:
         """Propose on this node (the leader); wait until applied; the apply result."""
-        data = encode_command(cmd, self.clock_ms())
-        return await self.request(lambda req_id: Propose(((req_id, data),)), timeout, "write")
+        data, known = encode_known(cmd, self.clock_ms())
+        return await self.request(lambda req_id: Propose(((req_id, data),), (known,)), timeout, "write")
 
     async def propose_many(
         self, cmds: list[Command], timeout: float | None = None,
@@ -179,8 +179,8 @@ class ApplyLoop:
     async def submit_proposals(self, cmds: list[Command], on_done: Callable[[list[Any]], None] | None = None) -> Any:
         """`propose_many` up to its wait (`submit_many`): proposed when this returns."""
         now = self.clock_ms()
-        datas = [encode_command(cmd, now) for cmd in cmds]
-        return await self.submit_many(len(cmds), lambda ids: Propose(tuple(zip(ids, datas))), on_done)
+        datas, known = zip(*[encode_known(cmd, now) for cmd in cmds]) if cmds else ((), ())
+        return await self.submit_many(len(cmds), lambda ids: Propose(tuple(zip(ids, datas)), known), on_done)
 
     async def read_barrier(self, timeout: float | None = None) -> int:
         """ReadIndex (§6.4) on this node (the leader): returns once it is safe to read."""

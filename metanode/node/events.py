@@ -13,6 +13,7 @@ from typing import Any, Union
 import attrs
 
 from metanode.raft import Message, Snapshot
+from metanode.sm.commands import Command
 
 
 @attrs.frozen
@@ -30,9 +31,13 @@ class Receive:
 @attrs.frozen
 class Propose:
     """Commands to append, each answered once applied (or failed): `items` holds
-    (req_id, entry payload) pairs, appended in order in one Ready."""
+    (req_id, entry payload) pairs, appended in order in one Ready. `known`, when not
+    empty, holds for each item the ``(time_ms, command)`` its payload decodes to, or
+    None (`metanode.sm.codec.encode_known`): this node applies its own entry from
+    that, without decoding it again."""
 
     items: tuple[tuple[int, bytes], ...]
+    known: tuple[tuple[int, Command] | None, ...] = ()
 
 
 @attrs.frozen

@@ -79,14 +79,36 @@ def encode_command(cmd: Command, time_ms: int) -> bytes:
     return encode(LogCommand(time_ms, cmd), LogCommand)
 
 
-def _fast_upsert(doc: Any) -> LogCommand | None:
-    """The `LogCommand` of a well-formed plain upsert, or None (then the strict path)."""
-    if type(doc) is not dict or doc.keys() != {"time_ms", "cmd"}:
+def encode_known(cmd: Command, time_ms: int) -> tuple[bytes, tuple[int, Command] | None]:
+    """`encode_command(cmd, time_ms)`, and ``(time_ms, cmd)`` when decoding those bytes
+    is sure to give back exactly that (`decode_entry_command`: a plain upsert whose
+    fields have the exact types the decoder makes), else None. The leader applies
+    the entries it proposed from that, without decoding them again
+    (metanode/node/driver.py)."""
+    data = encode_command(cmd, time_ms)
+    if type(cmd) is not Upsert or cmd.match_seq is not None or type(cmd.key) is not str:
+        return data, None
+    if cmd.value is not None and type(cmd.value) is not bytes:
+        return data, None
+    for v in (cmd.ttl_ms, cmd.expire_at_ms):
+        if v is not None and (type(v) is not int or not INT64_MIN <= v <= INT64_MAX):
+            return data, None
+    return data, (time_ms, cmd)
+
+
+def _fast_upsert(doc: Any) -> tuple[int, Upsert] | None:
+    """(time_ms, command) of a well-formed plain upsert, or None (then the strict path)."""
+    if type(doc) is not dict or len(doc) != 2:
         return None
-    time_ms, body = doc["time_ms"], doc["cmd"]
+    time_ms, body = doc.get("time_ms"), doc.get("cmd")  # (with len 2: no other key)
     if type(time_ms) is not int or not 0 <= time_ms < _INT64_LIMIT or type(body) is not dict:
         return None
-    if body.get("t") != "upsert" or not body.keys() - _UPSERT_OPTIONAL == _UPSERT_KEYS:
+    if body.get("t") != "upsert":
+        return None
+    if len(body) == 3:  # the common shape, without a set made each time
+        if "key" not in body or "value" not in body:
+            return None
+    elif not body.keys() - _UPSERT_OPTIONAL == _UPSERT_KEYS:
         return None
     key, value = body["key"], body["value"]
     if type(key) is not str or not (value is None or type(value) is bytes):
@@ -95,14 +117,22 @@ def _fast_upsert(doc: Any) -> LogCommand | None:
     for v in (ttl_ms, expire_at_ms):
         if v is not None and (type(v) is not int or not INT64_MIN <= v <= INT64_MAX):
             return None
-    return LogCommand(time_ms, Upsert(key, value, None, ttl_ms, expire_at_ms))
+    return time_ms, Upsert(key, value, None, ttl_ms, expire_at_ms)
+
+
+def decode_entry_command(data: bytes) -> tuple[int, Command]:
+    """`decode_command` as ``(time_ms, cmd)``, without a `LogCommand` (the apply path)."""
+    doc = unpack(data)
+    fast = _fast_upsert(doc)
+    if fast is not None:
+        return fast
+    logged: LogCommand = structure(doc, LogCommand)
+    return logged.time_ms, logged.cmd
 
 
 def decode_command(data: bytes) -> LogCommand:
     """Raises `DecodeError` naming what is wrong (an entry from another version, say)."""
-    doc = unpack(data)
-    fast = _fast_upsert(doc)
-    return fast if fast is not None else structure(doc, LogCommand)
+    return LogCommand(*decode_entry_command(data))
 
 
-__all__ = ["DecodeError", "LogCommand", "decode_command", "encode_command"]
+__all__ = ["DecodeError", "LogCommand", "decode_command", "decode_entry_command", "encode_command", "encode_known"]

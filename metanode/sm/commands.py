@@ -76,13 +76,17 @@ class Upsert:
 
     def validate(self) -> None:
         """Raise ``ValueError`` describing the first problem, if any."""
-        validate_key(self.key)
+        key = self.key
+        if type(key) is not str or not key.isascii():  # (an ASCII str encodes: the common case, checked in O(1))
+            validate_key(key)
         if self.value is not None and not isinstance(self.value, bytes):
             raise ValueError(f"value must be bytes or None, got {type(self.value).__name__}")
         if self.match_seq is not None and not isinstance(self.match_seq, MatchSeq):
             raise ValueError(
                 f"match_seq must be a MatchSeq or None, got {type(self.match_seq).__name__}"
             )
+        if self.ttl_ms is None and self.expire_at_ms is None:
+            return
         if self.ttl_ms is not None and self.expire_at_ms is not None:
             raise ValueError("ttl_ms and expire_at_ms are mutually exclusive; give at most one")
         for name in ("ttl_ms", "expire_at_ms"):

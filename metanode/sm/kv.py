@@ -298,7 +298,7 @@ class KVStateMachine:
     @staticmethod
     def _check(cmd: object, log_time_ms: object) -> str | None:
         """The reason ``cmd`` cannot be applied at ``log_time_ms``, or ``None``."""
-        if not is_int(log_time_ms) or log_time_ms < 0:
+        if (type(log_time_ms) is not int and not is_int(log_time_ms)) or log_time_ms < 0:
             return f"log time must be a non-negative int, got {log_time_ms!r}"
         if not isinstance(cmd, COMMAND_TYPES):
             return f"unknown command type {type(cmd).__name__}"
@@ -391,25 +391,32 @@ class KVStateMachine:
         An absent key has seq 0 for ``match_seq``. On a mismatch, ``prev == result``.
         Only inserts and updates bump seq; a delete does not (databend-meta).
         """
-        prev = self.get(cmd.key)
+        key = cmd.key
+        old = self._value(key)
+        prev = None if old is None else _seqv(old)
         if cmd.match_seq is not None and not cmd.match_seq.matches(prev.seq if prev else 0):
             return Change(prev, prev)
         if cmd.value is None:
             if prev is not None:
-                self._write(cmd.key, None)
+                self._write(key, None, old, prev)
             return Change(prev, None)
         self._seq += 1
         new = SeqV(self._seq, cmd.value, cmd.expire_at(self._log_time_ms))
-        self._write(cmd.key, new)
+        self._write(key, new, old, prev)
         return Change(prev, new)
 
-    def _write(self, key: str, new: SeqV | None) -> None:
+    def _write(self, key: str, new: SeqV | None, old: _Value | None | bool = False, prev: SeqV | None = None) -> None:
         """Set (``new``) or remove (``None``) ``key``, keep the indexes, record the change.
 
         The only place that mutates the map (or, while a snapshot is built, its
         overlay, which `_end_build` folds in). Removing an absent key is a no-op.
+        `old`: the key's stored value as the caller just read it (`_value`), with
+        `prev` made from it; read here when not given (False).
         """
-        old = self._value(key)
+        if old is False:
+            old = self._value(key)
+            prev = None if old is None else _seqv(old)
+        assert old is not True
         value = None if new is None else _stored(new.seq, new.data, new.expire_at_ms)
         new_expiry = None if new is None else new.expire_at_ms
         if old is None:
@@ -445,7 +452,7 @@ class KVStateMachine:
         else:
             overlay[key] = value
         self._rev += 1
-        self._changes.append(KeyChange(key, None if old is None else _seqv(old), new, self._rev))
+        self._changes.append(KeyChange(key, prev, new, self._rev))
 
     def _expire(self) -> None:
         """Remove every key whose ``expire_at_ms <= log_time_ms``, earliest first."""
@@ -673,6 +680,7 @@ def _take_value(i: int, key: object, v: object, last_seq: int, kv: dict[str, _Va
 _DIGEST_MOD = 1 << 128
 _SEQ_MIX = 0x9E3779B97F4A7C15F39CC0605CEDC835  # an odd constant: mixes the last seq in
 _KEY_LEN = struct.Struct("<Q")
+_blake2b = hashlib.blake2b
 
 
 def _digest_bytes(digest: int) -> bytes:
@@ -685,9 +693,10 @@ def _key_hash(key: str, v: _Value | None) -> int:
     if v is None:
         return 0
     k = key.encode()
-    h = hashlib.blake2b(_KEY_LEN.pack(len(k)) + v[:_HEAD], digest_size=16)
+    h = _blake2b(_KEY_LEN.pack(len(k)), digest_size=16)  # (fewest instructions of the ways tried)
+    h.update(v[:_HEAD])
     h.update(k)
-    h.update(memoryview(v)[_HEAD:])
+    h.update(v[_HEAD:])
     return int.from_bytes(h.digest(), "little")
 
 

@@ -336,7 +336,12 @@ class SimNode:
     # client entry points (the node's API layer)
     def client_write(self, data: bytes, reply: Callable[[Any], None]) -> None:
         """Propose on this node; raises the ClientError (NotLeader, ...) it refused with."""
-        self._request("write", Propose(((next(self.cluster.ctx_ids), data),)), reply)
+        req_id = next(self.cluster.ctx_ids)
+        known = None
+        if req_id % 2:  # as the daemon's leader: the command at hand (`encode_known`), applied without a decode
+            time_ms, cmd = sm_codec.decode_entry_command(data)
+            known = sm_codec.encode_known(cmd, time_ms)[1]
+        self._request("write", Propose(((req_id, data),), (known,)), reply)
 
     def client_read(self, reply: Callable[[int], None]) -> None:
         self._request("read", ReadIndex((next(self.cluster.ctx_ids),)), reply)

@@ -13,7 +13,9 @@ import pytest
 
 from metanode.errors import Unavailable
 from metanode.raft import Role
+from metanode.node.events import Propose
 from metanode.raft.messages import AppendRequest, SnapshotRequest
+from metanode.sm import Upsert
 from tests.sim.cluster import Cluster, SimNode, encode_command
 
 pytestmark = pytest.mark.sim
@@ -259,3 +261,31 @@ def test_a_wiped_voter_is_refused_and_a_forged_term_moves_nothing() -> None:
         c.nodes[n].deliver(VoteRequest(terms[n] + 100_000, 99, n, LogId(10**5, 10**6)))
     assert {n.id: n.core.term for n in c.nodes.values()} == terms
     assert leader.core.is_leader
+
+
+def test_a_leader_applies_its_own_command_only_to_the_entry_it_proposed() -> None:
+    """A leader applies its own proposals from the command it had at hand
+    (`Propose.known`), without decoding them. When another leader's entry took that
+    index, the node applies what the log holds there, not what it had proposed, and
+    the write is answered as not applied."""
+    c = Cluster(0, voters=3, manual=True)
+    old = c.elect(1)
+    c.isolate(1)
+    answers: list[Any] = []
+    for n, value in enumerate((b"lost-1", b"lost-2")):
+        data = encode_command("put", "x", value, None, c.now)
+        req_id = 1_000 + n
+        old._request("write", Propose(((req_id, data),), ((c.now, Upsert("x", value)),)), answers.append)
+    c.drop_inflight()
+    campaign(c, 2, 3)
+    new = c.nodes[2]
+    assert write(c, new, "x", b"kept") == []  # (answered once applied)
+    c.deliver()
+    c.heal()
+    for _ in range(20):
+        c.tick_all()
+        c.deliver()
+    c.settle()
+    assert answers == [False, False]  # (the sim's answer for Unavailable: never applied)
+    assert old.sm.get("x") is not None and old.sm.get("x").data == b"kept"
+    c.check_converged()
