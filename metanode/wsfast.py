@@ -19,6 +19,8 @@ to the socket's file descriptor (non-blocking), and releases it when the socket 
 the frame whole; otherwise a task of the adopted nursery writes the rest and releases
 the lock then, so no other frame (a reply, a pong, a close) can start in between.
 Plain TCP only: over TLS the bytes go through the SSL object, and `send_now` declines.
+An adopted connection's reader task also reads with `trio_util.receive_some`, which
+waits for the socket before its one read.
 
 `deliver_to` hands a connection's messages to a function, awaited by its reader
 task, instead of queueing them for `get_message` (another task's wake-up per
@@ -34,12 +36,15 @@ an upgrade that changes them fails loudly rather than slowly.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Awaitable, Callable
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.events import BytesMessage, TextMessage
+
+from metanode import trio_util
 
 _write_fd = os.write  # send_now's direct write (tests replace it)
 
@@ -80,6 +85,9 @@ def adopt(ws: WebSocketConnection, nursery: trio.Nursery) -> bool:
         return False
     ws._stream_lock = HandOffLock()
     ws._metanode_nursery = nursery  # type: ignore[attr-defined]
+    # trio-websocket's reader task reads with `receive_some`: the leaner read
+    # (trio_util.receive_some). trio's SocketStream cannot be subclassed.
+    ws._stream.receive_some = functools.partial(trio_util.receive_some, ws._stream)  # type: ignore[method-assign]
     return True
 
 

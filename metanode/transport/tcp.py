@@ -44,6 +44,7 @@ from metanode.errors import (
     Unauthenticated,
     Unavailable,
 )
+from metanode import trio_util
 from metanode.raft.messages import MESSAGE_TYPES, AppendRequest, Message
 from metanode.transport.frames import (
     Auth,
@@ -216,7 +217,7 @@ class _Conn:
     async def receive(self) -> bytes:
         """Some bytes, or b"" at the end of the stream."""
         try:
-            return await self.stream.receive_some(_RECEIVE_SIZE)
+            return await trio_util.receive_some(self.stream, _RECEIVE_SIZE)
         except _IO_ERRORS as exc:
             raise TransportError(
                 f"{self.peer}: receive failed: {_describe_io_error(exc)}"
