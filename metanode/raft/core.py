@@ -1062,8 +1062,13 @@ class RaftCore:
             or min(lg.commit, lg.stable) > lg.applied
             or self._read_states
             or self._dropped_reads
-            or self._hard_state() != self._prev_hard_state
+            or self._hard_state_moved()
         )
+
+    def _hard_state_moved(self) -> bool:
+        """`_hard_state() != _prev_hard_state`, without making one (a few times a Ready)."""
+        prev = self._prev_hard_state
+        return self.term != prev.term or self.vote != prev.vote or self.log.commit != prev.commit
 
     def _hard_state(self) -> HardState:
         return HardState(self.term, self.vote, self.log.commit)
@@ -1080,9 +1085,8 @@ class RaftCore:
                 self._broadcast_heartbeat()
         self._need_broadcast = False
         self._round_unsent = False
-        hs = self._hard_state()
         ready = Ready(
-            hard_state=hs if hs != self._prev_hard_state else None,
+            hard_state=self._hard_state() if self._hard_state_moved() else None,
             snapshot=self._snapshot_to_install,
             entries=tuple(self.log.unstable()),
             messages=tuple(self._msgs),

@@ -354,6 +354,7 @@ class _ServerConnection:
         self.challenge: Challenge | None = None  # sent; the dialer's Auth is next
         self.authenticated = False  # hello (and proof) accepted: raft messages and calls may follow
         self.raft_checked = False
+        self._node_id = -1  # ours, once raft_checked
         self.call_slots = trio.Semaphore(MAX_CALLS_PER_CONNECTION)
 
     @property
@@ -497,8 +498,8 @@ class _ServerConnection:
     def _check_raft(self, msg: Any) -> None:
         """May this connection carry raft messages, and is `msg` for us from the dialer?"""
         assert self.hello is not None
-        ident = self.server.identity()
         if not self.raft_checked:
+            ident = self.server.identity()
             theirs = self.hello.cluster_id
             if theirs is None:
                 raise _Refuse(
@@ -512,14 +513,15 @@ class _ServerConnection:
             if ours != theirs:
                 raise _Refuse("unauthenticated", f"cluster_id {theirs!r} is not ours ({ours!r})")
             self.raft_checked = True
+            self._node_id = ident.node_id  # (a node's id never changes: one identity() a connection)
             # A raft stream (a PeerLink) started: the peer may have restarted. Calls
             # (forwarded requests, joins) do not count: they open connections freely.
             self.server.on_stream(self.hello.from_id)
-        if msg.src != self.hello.from_id or msg.dst != ident.node_id:
+        if msg.src != self.hello.from_id or msg.dst != self._node_id:
             raise _Refuse(
                 "bad_request",
                 f"message {msg.src}->{msg.dst} on a connection from node"
-                f" {self.hello.from_id} to node {ident.node_id}",
+                f" {self.hello.from_id} to node {self._node_id}",
             )
 
     async def _run_call(self, frame: Call) -> None:
