@@ -86,6 +86,8 @@ def encode_known(cmd: Command, time_ms: int) -> tuple[bytes, tuple[int, Command]
     the entries it proposed from that, without decoding them again
     (metanode/node/driver.py)."""
     data = encode_command(cmd, time_ms)
+    if type(time_ms) is not int or not 0 <= time_ms < _INT64_LIMIT:  # (the decoder refuses it)
+        return data, None
     if type(cmd) is not Upsert or cmd.match_seq is not None or type(cmd.key) is not str:
         return data, None
     if cmd.value is not None and type(cmd.value) is not bytes:

@@ -195,7 +195,7 @@ class _Bytes(bytes):
     ttl_ms=st.one_of(_ints, st.booleans()),
     expire_at_ms=_ints,
     match_seq=st.one_of(st.none(), st.just(MatchSeq(exact=1))),
-    time_ms=st.integers(0, 2**63 - 1),
+    time_ms=st.one_of(st.integers(0, 2**63 - 1), st.integers(2**63, 2**64 - 1), st.integers(-(2**63), -1)),
 )
 @settings(max_examples=300, deadline=None)
 def test_encode_known_gives_exactly_what_decoding_gives_back(key, value, ttl_ms, expire_at_ms, match_seq, time_ms):
@@ -207,6 +207,7 @@ def test_encode_known_gives_exactly_what_decoding_gives_back(key, value, ttl_ms,
     assert data == encode_command(cmd, time_ms)
     if known is None:
         return
+    assert 0 <= time_ms < 2**63  # (out of range: refused by the decoder, so never known)
     decoded = decode_entry_command(data)
     assert decoded == known
     assert [type(v) for v in attrs.astuple(decoded[1], recurse=False)] == [
@@ -220,3 +221,5 @@ def test_encode_known_declines_what_it_cannot_vouch_for():
     assert encode_known(Upsert(_Str("k"), b"v"), 5)[1] is None
     assert encode_known(Upsert("k", b"v", ttl_ms=True), 5)[1] is None
     assert encode_known(Txn(), 5)[1] is None
+    assert encode_known(Upsert("k", b"v"), 2**63)[1] is None  # encodes, but does not decode
+    assert encode_known(Upsert("k", b"v"), -1)[1] is None
