@@ -34,7 +34,7 @@ from metanode.errors import (
     ConfigError,
     FatalError,
 )
-from metanode.trio_util import InFlight, single_errors
+from metanode.trio_util import InFlight, single_errors, waiting_receivers
 from metanode.node import heap
 from metanode.node.driver import NodeDriver
 from metanode.node.events import (
@@ -103,6 +103,7 @@ class Node(RaftLoop, ApplyLoop, Forwarding, MembershipOps, Views):
         self.driver: NodeDriver  # set in _start_core
         self.watch_hub = WatchHub(0)
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[Event](INBOX_SIZE)
+        self._inbox_waiting = waiting_receivers(self._inbox_recv)  # the raft loop, when idle
         # Held by whoever steps the core: the raft loop, or a task stepping it itself
         # while the raft loop is idle (raft_loop.py).
         self._core_lock = trio.Lock()

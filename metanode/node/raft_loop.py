@@ -138,7 +138,7 @@ class RaftLoop:
         would leave it waiting forever)."""
         if not self.apply_idle or self._core_lock.locked():
             return False
-        return self._inbox_recv.statistics().tasks_waiting_receive > 0
+        return bool(self._inbox_waiting)
 
     async def _deliver(self, event: Event) -> None:
         """Give `event` to the raft core: stepped here if the raft loop is idle, else

@@ -724,6 +724,10 @@ def test_the_append_fast_path_decodes_exactly_what_the_strict_path_does():
         dict(data, term=-1), dict(data, term=True), dict(data, term=1 << 64), dict(data, extra=1),
         dict(data, prev_log_id=[1]), dict(data, entries=[dict(data["entries"][0], data="text")]),
         dict(data, entries=[dict(data["entries"][0], kind=9)]), dict(data, entries=[[1, 2]]),
+        dict(data, entries=[dict(data["entries"][0], extra=1)]),  # 5 keys
+        dict(data, entries=[{k: v for k, v in dict(data["entries"][0], other=1).items() if k != "data"}]),  # 4, one wrong
+        dict(data, entries=[dict(data["entries"][0], term=True)]), dict(data, entries=[dict(data["entries"][0], index=-1)]),
+        dict(data, entries=[dict(data["entries"][0], kind=True)]),
     ]
     for d in bad:
         assert _fast_append(d) is None, d
@@ -732,3 +736,49 @@ def test_the_append_fast_path_decodes_exactly_what_the_strict_path_does():
         with pytest.raises(DecodeError):
             decode_message(msgpack.packb(d, use_bin_type=True))
     assert converter is not None
+
+
+def test_the_append_answer_fast_paths_give_the_converters_bytes_and_objects():
+    """An AppendEntries answer is encoded and decoded by hand (one per follower per
+    AppendEntries): the converter's bytes, the converter's object, and anything the
+    strict path refuses takes the strict path (and its error)."""
+    import msgpack
+
+    from metanode.raft.messages import AppendResponse
+    from metanode.wire import DecodeError, decode_message, encode_message
+    from metanode.wire.codec import _fast_append_resp, _unstructure_message, pack
+
+    for msg in (AppendResponse(3, 2, 1, True, 105), AppendResponse(9, 3, 1, False, 40, 7, 33),
+                AppendResponse(2**63 - 1, 0, 0, False, 0, 2**63 - 1, 2**63 - 1)):
+        assert encode_message(msg) == pack(_unstructure_message(msg))
+        data = msgpack.unpackb(encode_message(msg), raw=False)
+        assert _fast_append_resp(data) == msg
+        assert decode_message(encode_message(msg)) == msg
+    good = msgpack.unpackb(encode_message(AppendResponse(3, 2, 1, True, 105)), raw=False)
+    bad = [
+        dict(good, term=-1), dict(good, term=True), dict(good, index=2**63), dict(good, extra=1),
+        dict(good, success=1), dict(good, success=None), dict(good, src="2"),
+        {k: v for k, v in dict(good, other=0).items() if k != "hint_index"},
+    ]
+    for d in bad:
+        assert _fast_append_resp(d) is None, d
+        with pytest.raises(DecodeError):
+            decode_message(msgpack.packb(d, use_bin_type=True))
+    short = {k: v for k, v in good.items() if k != "hint_index"}  # a default left out: the strict path's
+    assert _fast_append_resp(short) is None
+    assert decode_message(msgpack.packb(short, use_bin_type=True)) == AppendResponse(3, 2, 1, True, 105)
+
+
+def test_the_append_fast_path_refuses_what_does_not_fit_a_signed_64_bit_int():
+    import msgpack
+
+    from metanode.raft.messages import AppendRequest
+    from metanode.raft.types import Entry, EntryKind, LogId
+    from metanode.wire import DecodeError, decode_message, encode_message
+    from metanode.wire.codec import _fast_append
+
+    data = msgpack.unpackb(encode_message(AppendRequest(7, 1, 2, LogId(7, 99), (Entry(7, 100, EntryKind.NORMAL, b"x"),), 99)), raw=False)
+    for d in (dict(data, term=2**63), dict(data, entries=[dict(data["entries"][0], index=2**63)])):
+        assert _fast_append(d) is None
+        with pytest.raises(DecodeError):
+            decode_message(msgpack.packb(d, use_bin_type=True))
