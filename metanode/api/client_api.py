@@ -21,6 +21,7 @@ import hmac
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, Protocol
@@ -561,18 +562,10 @@ class ClientSession:
     def _record_writes(self, writes: list[tuple[int, str, Command]], outcomes: list[Any], started: float) -> None:
         """The writes of one message, answered together: recorded by op, at once."""
         seconds = time.perf_counter() - started
-        counts: dict[str, list[int]] = {}  # op -> [answered, failed]
-        for (_, name, _), outcome in zip(writes, outcomes):
-            count = counts.get(name)
-            if count is None:
-                count = counts[name] = [0, 0]
-            count[0] += 1
-            if isinstance(outcome, BaseException):
-                count[1] += 1
-        for name, (n, failed) in counts.items():
-            if self.stats is not None and name in KIND_OF_OP:
-                self.stats.record_many(KIND_OF_OP[name], seconds, n, failed)
-            self.metrics.requests_done(name, seconds, n, failed)
+        ops = Counter(name for _, name, _ in writes)
+        failed = Counter(name for (_, name, _), o in zip(writes, outcomes) if isinstance(o, BaseException))
+        for name, n in ops.items():
+            self._record_n(name, seconds, n, failed[name])
 
     def _write_replies(self, writes: list[tuple[int, str, Command]], outcomes: list[Any]) -> list[dict]:
         replies = []
@@ -655,10 +648,13 @@ class ClientSession:
         await self._send_replies([reply])
 
     def _record(self, name: str, started: float, ok: bool) -> None:
-        seconds = time.perf_counter() - started
+        self._record_n(name, time.perf_counter() - started, 1, 0 if ok else 1)
+
+    def _record_n(self, name: str, seconds: float, n: int, failed: int) -> None:
+        """`n` requests of op `name` answered after `seconds`, `failed` of them errors."""
         if self.stats is not None and name in KIND_OF_OP:
-            self.stats.record(KIND_OF_OP[name], seconds, ok)
-        self.metrics.request_done(name, seconds, ok)
+            self.stats.record_many(KIND_OF_OP[name], seconds, n, failed)
+        self.metrics.requests_done(name, seconds, n, failed)
 
     async def _send_replies(self, replies: list[dict]) -> None:
         """Replies ready together leave as one message (one map, or an array)."""

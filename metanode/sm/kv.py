@@ -380,7 +380,7 @@ class KVStateMachine:
             case TxnDeleteByPrefix():
                 keys = [key for key, _ in self.list(op.prefix)]
                 for key in keys:
-                    self._write(key, None)
+                    self._remove(key)
                 return TxnDeleteByPrefixResponse(op.prefix, len(keys))
             case _:
                 assert_never(op)
@@ -405,18 +405,19 @@ class KVStateMachine:
         self._write(key, new, old, prev)
         return Change(prev, new)
 
-    def _write(self, key: str, new: SeqV | None, old: _Value | None | bool = False, prev: SeqV | None = None) -> None:
+    def _remove(self, key: str) -> None:
+        """`_write` of a removal, for callers that have not read the key's value."""
+        old = self._value(key)
+        self._write(key, None, old, None if old is None else _seqv(old))
+
+    def _write(self, key: str, new: SeqV | None, old: _Value | None, prev: SeqV | None) -> None:
         """Set (``new``) or remove (``None``) ``key``, keep the indexes, record the change.
 
         The only place that mutates the map (or, while a snapshot is built, its
         overlay, which `_end_build` folds in). Removing an absent key is a no-op.
-        `old`: the key's stored value as the caller just read it (`_value`), with
-        `prev` made from it; read here when not given (False).
+        `old`: the key's stored value as the caller just read it (`_value`), `prev`
+        the `SeqV` made from it (read once per write).
         """
-        if old is False:
-            old = self._value(key)
-            prev = None if old is None else _seqv(old)
-        assert old is not True
         value = None if new is None else _stored(new.seq, new.data, new.expire_at_ms)
         new_expiry = None if new is None else new.expire_at_ms
         if old is None:
@@ -459,7 +460,7 @@ class KVStateMachine:
         expiry = self._expiry
         now = self._log_time_ms
         while expiry and expiry[0][0] <= now:
-            self._write(expiry[0][1], None)
+            self._remove(expiry[0][1])
 
     # ------------------------------------------------------------------ snapshot
 

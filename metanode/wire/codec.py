@@ -773,16 +773,14 @@ def _fast_append(data: dict[str, Any]) -> AppendRequest | None:
     entries: list[Entry] = []
     add = entries.append
     for e in raw:
-        if type(e) is not dict or len(e) != 4:  # 4 keys, and each of these: exactly these
+        if type(e) is not dict or len(e) != 4:  # four keys, all four of these below: no other
             return None
         try:
             et, ei, ek, ed = e["term"], e["index"], e["kind"], e["data"]
         except KeyError:
             return None
         kind = _PLAIN_KINDS.get(ek) if type(ek) is int else None
-        if kind is None or type(et) is not int or not 0 <= et < _U64 or type(ei) is not int or not 0 <= ei < _U64:
-            return None
-        if type(ed) is not bytes:
+        if kind is None or not (_u64(et) and _u64(ei)) or type(ed) is not bytes:
             return None
         add(Entry(et, ei, kind, ed))
     return AppendRequest(term, src, dst, LogId(prev[0], prev[1]), tuple(entries), commit, acked)
