@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import logging
+import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -286,10 +287,12 @@ async def _wait_any(*events: trio.Event) -> None:
 
 # ---------------------------------------------------------------------- one socket
 class _Waiter:
-    __slots__ = ("batched", "done", "lost", "reply", "solo", "unsent")
+    __slots__ = ("batched", "deadline", "done", "expired", "lost", "reply", "solo", "unsent")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float = math.inf) -> None:
         self.done = trio.Event()
+        self.deadline = deadline  # `MetaClient._expire_calls` ends the wait then
+        self.expired = False  # it did
         self.reply: dict | None = None
         self.lost: str | None = None  # why the socket ended before the reply
         self.unsent = False  # the socket ended before the request went out: retry it
@@ -344,6 +347,13 @@ class _Backoff:
         await trio.sleep(self.next_s)
         self.next_s = min(self.most, self.next_s * 2)
 
+    async def sleep_until(self, deadline: float) -> bool:
+        """`sleep`, cut short at `deadline`: False if it was."""
+        with trio.move_on_at(deadline):
+            await self.sleep()
+            return True
+        return False
+
 
 # ---------------------------------------------------------------------- the client
 class MetaClient:
@@ -374,6 +384,9 @@ class MetaClient:
         self._preferred: str | None = None  # a leader some server named
         self._connect_errors: dict[str, str] = {}  # of the attempts since the last success
         self._closed = False
+        # `_expire_calls`: no waiting request has an earlier deadline; set when lowered.
+        self._due = math.inf
+        self._due_moved = trio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -388,6 +401,7 @@ class MetaClient:
         # The background tasks never raise: a group holds the body's own error.
         async with single_errors(), trio.open_nursery() as nursery:
             client = cls(nursery, addresses, token, timeout, tls=tls)
+            nursery.start_soon(client._expire_calls)
             try:
                 await client._connect_first()
                 yield client
@@ -527,7 +541,11 @@ class MetaClient:
 
     # ------------------------------------------------------------------ requests
     async def _call(self, op: str, args: dict[str, Any], *, write: bool, what: str | None = None) -> Any:
-        """Send one request and return its `ok`, following the failover rules above."""
+        """Send one request and return its `ok`, following the failover rules above.
+
+        The deadline ends the wait for the reply through `_expire_calls`, not a
+        CancelScope around it (trio's costs more than the rest of a call's own work,
+        docs/architecture/stack.md); the rarer waits (connect, backoff) have one."""
         if self._closed:
             raise MetaError("the client is closed")
         what = what or op
@@ -540,67 +558,81 @@ class MetaClient:
         conn: _Conn | None = None
         waiter: _Waiter | None = None
         solo = False  # once a batch it was in came back too_large
-        with trio.move_on_at(deadline):
-            while True:
-                stage = "connect"
-                conn = await self._connection(errors)
-                rid = next(self._ids)
-                request["id"] = rid
-                message = msgpack.packb(request, use_bin_type=True)
-                waiter = _Waiter()
-                waiter.solo = solo
-                conn.waiters[rid] = waiter
-                stage = "reply"
-                try:
-                    conn.send_nowait(message, waiter)
-                    await waiter.done.wait()
-                finally:
-                    conn.waiters.pop(rid, None)
-                    if conn.retiring and not conn.waiters:
-                        conn.close_requested.set()
-                if waiter.unsent:
-                    # The socket ended before our message went out: the server never
-                    # saw it, so even a write may be sent again.
-                    assert waiter.lost is not None
-                    errors[conn.address] = waiter.lost
-                    stage = "connect"
-                    continue
-                if waiter.lost is not None:
-                    if write:
-                        raise Timeout(
-                            f"{what}: the connection to {conn.address} was lost after the request was sent"
-                            f" ({waiter.lost}); the outcome is unknown (it may or may not have been applied)"
-                        )
-                    errors[conn.address] = waiter.lost
-                    losses += 1
-                    if losses > 1:  # not on the first: failover should be quick
-                        stage = "backoff"
-                        await backoff.sleep()
-                    continue
-                reply = waiter.reply
-                assert reply is not None
-                if "ok" in reply:
-                    return reply["ok"]
-                exc = error_from_wire(reply.get("error"), conn.address)
-                if isinstance(exc, TooLarge) and waiter.batched and not solo:
-                    # The message it shared with others was over the server's limit;
-                    # nothing of it was done: alone, it may fit.
-                    solo = True
-                    continue
-                if isinstance(exc, NotLeader) and redirects < MAX_REDIRECTS:
-                    redirects += 1
-                    leader = exc.leader if isinstance(exc.leader, str) else None
-                    if not (leader is not None and leader != conn.address and self._redirect(conn, leader)):
-                        stage = "backoff"
-                        errors[conn.address] = str(exc)
-                        await backoff.sleep()
-                    continue
-                if isinstance(exc, Unavailable) and not write:
-                    errors[conn.address] = str(exc)
+        while True:
+            stage = "connect"
+            conn = self._conn
+            if conn is None or not conn.usable:
+                conn = None
+                with trio.move_on_at(deadline):
+                    conn = await self._connection(errors)
+                if conn is None:
+                    break
+            elif trio.current_time() >= deadline:  # (after a retry without a wait)
+                break
+            rid = next(self._ids)
+            request["id"] = rid
+            message = msgpack.packb(request, use_bin_type=True)
+            waiter = _Waiter(deadline)
+            waiter.solo = solo
+            conn.waiters[rid] = waiter
+            if deadline < self._due:
+                self._due = deadline
+                self._due_moved.set()
+            stage = "reply"
+            try:
+                conn.send_nowait(message, waiter)
+                await waiter.done.wait()
+            finally:
+                conn.waiters.pop(rid, None)
+                if conn.retiring and not conn.waiters:
+                    conn.close_requested.set()
+            if waiter.expired:
+                break
+            if waiter.unsent:
+                # The socket ended before our message went out: the server never
+                # saw it, so even a write may be sent again.
+                assert waiter.lost is not None
+                errors[conn.address] = waiter.lost
+                continue
+            if waiter.lost is not None:
+                if write:
+                    raise Timeout(
+                        f"{what}: the connection to {conn.address} was lost after the request was sent"
+                        f" ({waiter.lost}); the outcome is unknown (it may or may not have been applied)"
+                    )
+                errors[conn.address] = waiter.lost
+                losses += 1
+                if losses > 1:  # not on the first: failover should be quick
                     stage = "backoff"
-                    await backoff.sleep()
-                    continue
-                raise exc
+                    if not await backoff.sleep_until(deadline):
+                        break
+                continue
+            reply = waiter.reply
+            assert reply is not None
+            if "ok" in reply:
+                return reply["ok"]
+            exc = error_from_wire(reply.get("error"), conn.address)
+            if isinstance(exc, TooLarge) and waiter.batched and not solo:
+                # The message it shared with others was over the server's limit;
+                # nothing of it was done: alone, it may fit.
+                solo = True
+                continue
+            if isinstance(exc, NotLeader) and redirects < MAX_REDIRECTS:
+                redirects += 1
+                leader = exc.leader if isinstance(exc.leader, str) else None
+                if not (leader is not None and leader != conn.address and self._redirect(conn, leader)):
+                    stage = "backoff"
+                    errors[conn.address] = str(exc)
+                    if not await backoff.sleep_until(deadline):
+                        break
+                continue
+            if isinstance(exc, Unavailable) and not write:
+                errors[conn.address] = str(exc)
+                stage = "backoff"
+                if not await backoff.sleep_until(deadline):
+                    break
+                continue
+            raise exc
         # The deadline passed.
         if stage in ("connect", "backoff"):
             raise self._unavailable(errors, what)
@@ -622,6 +654,27 @@ class MetaClient:
                 " (it may or may not have been applied)"
             )
         raise Timeout(f"{what}: no reply from {conn.address} within {self._timeout:g} s")
+
+    async def _expire_calls(self) -> None:
+        """End the wait of every request whose deadline passed (`_call`). It sleeps
+        until `_due`, no later than the earliest deadline of a waiting request, then
+        looks at the requests waiting then: one wake-up per `timeout` or so, however
+        many requests came and went meanwhile."""
+        while True:
+            with trio.move_on_at(self._due):
+                await self._due_moved.wait()
+            self._due_moved = trio.Event()
+            now = trio.current_time()
+            due = math.inf
+            for conn in self._conns:
+                for waiter in conn.waiters.values():
+                    if waiter.deadline <= now:
+                        if not waiter.done.is_set():
+                            waiter.expired = True
+                            waiter.done.set()
+                    elif waiter.deadline < due:
+                        due = waiter.deadline
+            self._due = due
 
     def _unavailable(self, errors: dict[str, str], what: str) -> Unavailable:
         # Another request may have been the one connecting: its errors tell as much.

@@ -569,6 +569,33 @@ async def test_no_reply_by_the_deadline_is_a_timeout() -> None:
             assert fake.ops() == ["get", "upsert", "txn"]
 
 
+async def test_each_request_times_out_at_its_own_deadline() -> None:
+    # One task ends the waits of all requests (MetaClient._expire_calls): each at its
+    # own deadline, however they overlap, and none before it.
+    with trio.fail_after(10):
+        async with fakes(silent) as (fake,):
+            async with MetaClient.connect([fake.address], timeout=0.6) as cl:
+                start = trio.current_time()
+                ended: dict[str, float] = {}
+
+                async def get(key: str, after: float) -> None:
+                    await trio.sleep(after)
+                    with pytest.raises(Timeout, match="no reply"):
+                        await cl.get(key)
+                    ended[key] = trio.current_time() - start
+
+                async with trio.open_nursery() as nursery:
+                    for key, after in (("a", 0.0), ("b", 0.3), ("c", 0.35)):
+                        nursery.start_soon(get, key, after)
+                assert ended["a"] >= 0.6 and ended["b"] >= 0.9 and ended["c"] >= 0.95
+                assert ended["a"] < ended["b"] < ended["c"]
+                # After it all, a request still gets its full time.
+                t = trio.current_time()
+                with pytest.raises(Timeout, match="no reply"):
+                    await cl.get("d")
+                assert trio.current_time() - t >= 0.6
+
+
 async def test_not_leader_with_an_address_is_followed(tmp_path: Path) -> None:
     with trio.fail_after(15):
         async with cluster(tmp_path) as c:
